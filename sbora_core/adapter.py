@@ -1,0 +1,79 @@
+"""Adapters as data: what one trained adapter holds, independent of any model.
+
+A `SparseAdapter` maps module names (e.g. `model.layers.0.self_attn.q_proj`)
+to `ModuleDelta`s. For SBoRA a delta is an index set (r integers) plus one
+trainable factor; for LoRA it is the two dense factors. Files, merging and the
+inference engine all work from this form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from sbora_core.config import SBoRAConfig
+from sbora_core.region import region_delta
+
+
+@dataclass
+class ModuleDelta:
+    variant: str
+    scaling: float
+    shape: tuple[int, int]  # (d_out, d_in) of the base layer
+    indices: torch.Tensor | None = None  # (r,) int64; FA: columns I, FB: rows J; None for LoRA
+    A: torch.Tensor | None = None  # (r, d_in): trained in FB and LoRA
+    B: torch.Tensor | None = None  # (d_out, r): trained in FA and LoRA
+
+    @property
+    def r(self) -> int:
+        if self.indices is not None:
+            return int(self.indices.numel())
+        assert self.A is not None
+        return int(self.A.shape[0])
+
+    def factors(self) -> dict[str, torch.Tensor]:
+        return {k: t for k, t in (("A", self.A), ("B", self.B)) if t is not None}
+
+    def delta(self) -> torch.Tensor:
+        """The region's change; see `region.region_delta`."""
+        return region_delta(self.variant, self.scaling, self.A, self.B)
+
+    def dense_delta(self) -> torch.Tensor:
+        """The full (d_out, d_in) delta W. For tests and exports, never a hot path."""
+        d_out, d_in = self.shape
+        if self.variant == "lora":
+            return self.delta()
+        full = torch.zeros(d_out, d_in, dtype=self.delta().dtype)
+        if self.variant == "sbora_fa":
+            full[:, self.indices] = self.delta()
+        else:
+            full[self.indices, :] = self.delta()
+        return full
+
+    def trainable_params(self) -> int:
+        return sum(t.numel() for t in self.factors().values())
+
+
+@dataclass
+class SparseAdapter:
+    config: SBoRAConfig
+    modules: dict[str, ModuleDelta]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.config.base_model
+
+    def trainable_params(self) -> int:
+        return sum(m.trainable_params() for m in self.modules.values())
+
+    def nbytes(self) -> int:
+        """Bytes of tensor data (factors and index sets as stored: int32 indices)."""
+        total = 0
+        for m in self.modules.values():
+            total += sum(t.numel() * t.element_size() for t in m.factors().values())
+            if m.indices is not None:
+                total += m.indices.numel() * 4
+        return total

@@ -1,0 +1,168 @@
+"""Put adapters on a transformers model and take them off again.
+
+`inject_adapter` replaces each targeted linear layer with an `SBoRALinear`
+around it, draws the index sets reproducibly from `config.index_seed`, freezes
+everything but the adapter factors and, for full-precision bases, switches on
+the merged fast path. `remove_adapter` puts the original layers back with
+their weights restored bit for bit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from sbora_core.adapter import SparseAdapter
+from sbora_core.config import ALL_LINEAR, SBoRAConfig
+from sbora_core.layers import SBoRALinear, is_adaptable_linear
+
+# Never adapted under 'all-linear': the output head (PEFT excludes it too).
+_EXCLUDED_FROM_ALL_LINEAR = ("lm_head",)
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
+    """Every adaptable linear layer (full precision or bitsandbytes), by full name."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if is_adaptable_linear(module) and not isinstance(module, SBoRALinear)
+    }
+
+
+def select_targets(model: nn.Module, target_modules: list[str] | str) -> dict[str, nn.Linear]:
+    """The linear layers a config's `target_modules` names; ValueError if none match."""
+    linears = {
+        name: m for name, m in linear_modules(model).items() if not name.endswith(".base_layer")
+    }
+    if target_modules == ALL_LINEAR:
+        chosen = {n: m for n, m in linears.items() if n.split(".")[-1] not in _EXCLUDED_FROM_ALL_LINEAR}
+    else:
+        def matches(name: str, wanted: str) -> bool:
+            return name == wanted or name.split(".")[-1] == wanted
+
+        chosen = {n: m for n, m in linears.items() if any(matches(n, w) for w in target_modules)}
+        missing = [w for w in target_modules if not any(matches(n, w) for n in chosen)]
+        if missing:
+            raise ValueError(
+                f"target_modules: {missing} match no linear module; this model's linear modules "
+                f"are {sorted({n.split('.')[-1] for n in linears})}"
+            )
+    if not chosen:
+        raise ValueError("target_modules: the model has no linear module to adapt")
+    return chosen
+
+
+def selection_dim(variant: str, d_out: int, d_in: int) -> int:
+    """The size r selects from: FA picks columns (d_in), FB rows (d_out), LoRA min of both."""
+    if variant == "sbora_fa":
+        return d_in
+    if variant == "sbora_fb":
+        return d_out
+    return min(d_in, d_out)
+
+
+def check_rank(config: SBoRAConfig, shapes: dict[str, tuple[int, int]]) -> None:
+    """ValueError naming `r` when a targeted layer is too small for the rank."""
+    for name, (d_out, d_in) in shapes.items():
+        limit = selection_dim(config.variant, d_out, d_in)
+        if config.r > limit:
+            raise ValueError(
+                f"r: rank {config.r} is larger than {limit}, the dimension {config.variant} "
+                f"selects from in {name} (shape {d_out}x{d_in}); use r <= "
+                f"{min(selection_dim(config.variant, *s) for s in shapes.values())}"
+            )
+
+
+def draw_indices(dim: int, r: int, seed: int, module_name: str) -> torch.Tensor:
+    """r distinct indices in [0, dim), uniform without replacement, reproducible per layer.
+
+    The generator's seed mixes the adapter's `index_seed` with the module name,
+    so every layer gets its own set and the same config always gets the same sets.
+    """
+    digest = hashlib.sha256(f"{seed}:{module_name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    return torch.randperm(dim, generator=generator)[:r].sort().values  # (r,) int64
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def inject_adapter(
+    model: nn.Module,
+    config: SBoRAConfig,
+    *,
+    fast_path: bool = True,
+    indices: dict[str, torch.Tensor] | None = None,
+) -> dict[str, SBoRALinear]:
+    """Wrap the targeted layers of `model` in place; returns the new layers by name.
+
+    All base parameters are frozen; only the adapter factors train. `indices`
+    overrides the drawn index sets (used when loading a stored adapter).
+    """
+    if any(isinstance(m, SBoRALinear) for m in model.modules()):
+        raise ValueError("model already carries an adapter; remove_adapter() first")
+    targets = select_targets(model, config.target_modules)
+    check_rank(config, {n: (m.out_features, m.in_features) for n, m in targets.items()})
+    for p in model.parameters():
+        p.requires_grad_(False)
+
+    layers: dict[str, SBoRALinear] = {}
+    for name, base in targets.items():
+        layer_indices = None
+        if config.is_sbora:
+            dim = selection_dim(config.variant, base.out_features, base.in_features)
+            layer_indices = (
+                indices[name] if indices is not None else draw_indices(dim, config.r, config.index_seed, name)
+            )
+        layer = SBoRALinear(base, config.variant, config.r, config.alpha, config.dropout, layer_indices)
+        _set_submodule(model, name, layer)
+        layers[name] = layer
+    if fast_path:
+        enable_fast_path(model)
+    return layers
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, SBoRALinear]]:
+    for name, module in model.named_modules():
+        if isinstance(module, SBoRALinear):
+            yield name, module
+
+
+def enable_fast_path(model: nn.Module) -> int:
+    """Merge every full-precision SBoRA layer so training runs one matmul per layer."""
+    count = 0
+    for _, layer in adapter_layers(model):
+        if layer.variant != "lora" and not layer.quantized:
+            layer.merge()
+            count += 1
+    return count
+
+
+def disable_fast_path(model: nn.Module) -> None:
+    for _, layer in adapter_layers(model):
+        layer.unmerge()
+
+
+def remove_adapter(model: nn.Module) -> None:
+    """Put the original layers back, their weights restored bit for bit."""
+    for name, layer in list(adapter_layers(model)):
+        layer.unmerge()
+        _set_submodule(model, name, layer.base_layer)
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def adapter_from_model(model: nn.Module, config: SBoRAConfig, metadata: dict | None = None) -> SparseAdapter:
+    """A detached copy of the adapter currently on `model`."""
+    modules = {name: layer.to_delta() for name, layer in adapter_layers(model)}
+    if not modules:
+        raise ValueError("model carries no adapter")
+    return SparseAdapter(config=config, modules=modules, metadata=dict(metadata or {}))

