@@ -11,8 +11,10 @@ Two ways to compute the same function:
   (FB) of the live weight hold `W0 + (alpha/r) * factor`, so the forward is one
   ordinary matmul. A custom autograd function gives the factor its gradient
   while saving only `x[..., I]` (FA). The region is rewritten lazily, on the
-  first forward after the factor changed (an optimiser step bumps its version),
-  and the original region is kept so that unmerge is bit-exact.
+  first forward after the factor changed, and the original region is kept so
+  that unmerge is bit-exact. "Changed" is decided by comparing with a snapshot
+  of the factor: fused optimisers update parameters without bumping their
+  version counters, so those cannot be trusted.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sbora_core.adapter import ModuleDelta
-from sbora_core.region import merged_region, put_region, region_delta, take_region
+from sbora_core.region import merged_region, put_region, take_region
 
 
 def _bnb_linear_types() -> tuple[type, ...]:
@@ -143,7 +145,7 @@ class SBoRALinear(nn.Module):
                 self.sbora_A = nn.Parameter(torch.zeros(r, d_in, device=device))
         # Set while the live weight holds the adapter: the original region, for a bit-exact unmerge.
         self._original_region: torch.Tensor | None = None
-        self._merged_version = -1
+        self._merged_factors: list[torch.Tensor] = []  # factor values the merged region was built from
 
     # -- helpers -----------------------------------------------------------------
     def _weight_device(self) -> torch.device:
@@ -156,11 +158,14 @@ class SBoRALinear(nn.Module):
         assert factor is not None
         return factor
 
-    def _factor_version(self) -> int:
-        return sum(p._version for p in (self.sbora_A, self.sbora_B) if p is not None)
+    def _factors(self) -> list[torch.Tensor]:
+        return [p for p in (self.sbora_A, self.sbora_B) if p is not None]
 
-    def _delta(self) -> torch.Tensor:
-        return region_delta(self.variant, self.scaling, self.sbora_A, self.sbora_B).detach()
+    def _remember_factors(self) -> None:
+        self._merged_factors = [p.detach().clone() for p in self._factors()]
+
+    def _factors_changed(self) -> bool:
+        return any(not torch.equal(p, s) for p, s in zip(self._factors(), self._merged_factors, strict=True))
 
     @property
     def merged(self) -> bool:
@@ -204,10 +209,10 @@ class SBoRALinear(nn.Module):
             )
         weight = self.base_layer.weight.data
         original = take_region(weight, self.variant, self.sbora_indices)
-        new = merged_region(original, self._delta(), "merge")
+        new = merged_region(original, self.variant, self.scaling, self.sbora_A, self.sbora_B, "merge")
         put_region(weight, self.variant, self.sbora_indices, new)
         self._original_region = original
-        self._merged_version = self._factor_version()
+        self._remember_factors()
 
     def unmerge(self) -> None:
         """Restore the original region bit for bit."""
@@ -215,16 +220,18 @@ class SBoRALinear(nn.Module):
             return
         put_region(self.base_layer.weight.data, self.variant, self.sbora_indices, self._original_region)
         self._original_region = None
+        self._merged_factors = []
 
     def _sync_region(self, force: bool = False) -> None:
         # The factor changed since the region was written (an optimiser step): rewrite it.
-        version = self._factor_version()
-        if not force and version == self._merged_version:
+        if not force and not self._factors_changed():
             return
         assert self._original_region is not None
-        new = merged_region(self._original_region, self._delta(), "training step")
+        new = merged_region(
+            self._original_region, self.variant, self.scaling, self.sbora_A, self.sbora_B, "training step"
+        )
         put_region(self.base_layer.weight.data, self.variant, self.sbora_indices, new)
-        self._merged_version = self._factor_version()
+        self._remember_factors()
 
     # -- forward -------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from torch import nn
 
 from sbora_core.adapter import ModuleDelta, SparseAdapter
 from sbora_core.inject import linear_modules
+from sbora_core.layers import is_quantized_linear
 from sbora_core.region import merged_region, put_region, take_region
 
 
@@ -57,50 +58,80 @@ def check_disjoint(adapters: list[SparseAdapter]) -> None:
         raise AdapterOverlapError(f"{name}: adapters overlap in {detail}; compose only adapters with disjoint index sets")
 
 
+class RegionCache:
+    """Base-weight regions read once and reused by every later merge of the same index set.
+
+    Reading r strided columns is the costliest step of an FA merge on a CPU; with
+    the original region cached, a swap only writes. Adapters trained with the
+    same `index_seed` on the same base share their index sets, hence entries.
+    Valid while the weights outside merged regions stay the base model's: the
+    owner must unmerge before merging something else (the engine does).
+    """
+
+    def __init__(self) -> None:
+        self._regions: dict[tuple[str, str, bytes], torch.Tensor] = {}
+
+    def original(self, name: str, weight: torch.Tensor, variant: str, indices: torch.Tensor) -> torch.Tensor:
+        key = (name, variant, indices.cpu().numpy().tobytes())
+        region = self._regions.get(key)
+        if region is None:
+            region = self._regions[key] = take_region(weight, variant, indices)
+        return region
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._regions.values())
+
+    def clear(self) -> None:
+        self._regions.clear()
+
+
 @dataclass
 class MergeHandle:
     """What `merge_adapters` changed, and how to put it back."""
 
-    model: nn.Module
-    saved: list[tuple[str, ModuleDelta, torch.Tensor]] = field(default_factory=list)
+    saved: list[tuple[torch.Tensor, str, torch.Tensor | None, torch.Tensor]] = field(default_factory=list)
 
+    @torch.no_grad()
     def unmerge(self) -> None:
-        linears = linear_modules(self.model)
-        for name, delta, original in reversed(self.saved):
-            put_region(linears[name].weight.data, delta.variant, _indices_on(delta, original), original)
+        """Restore every merged region bit for bit (in reverse order of merging)."""
+        for weight, variant, indices, original in reversed(self.saved):
+            put_region(weight, variant, indices, original)
         self.saved.clear()
 
 
-def _indices_on(delta: ModuleDelta, like: torch.Tensor) -> torch.Tensor | None:
-    return None if delta.indices is None else delta.indices.to(like.device)
-
-
 @torch.no_grad()
-def merge_adapters(model: nn.Module, adapters: list[SparseAdapter]) -> MergeHandle:
+def merge_adapters(
+    model: nn.Module, adapters: list[SparseAdapter], regions: RegionCache | None = None
+) -> MergeHandle:
     """Merge every adapter into `model`'s full-precision weights.
 
     All regions are computed and checked (finite, disjoint) before the first
-    write, so a failure leaves the model untouched.
+    write, so a failure leaves the model untouched. With a `RegionCache`, the
+    original regions come from (and go into) the cache instead of being read.
     """
     check_disjoint(adapters)
     linears = linear_modules(model)
-    planned: list[tuple[str, ModuleDelta, torch.Tensor, torch.Tensor]] = []
+    planned: list[tuple[torch.Tensor, str, torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
     for adapter in adapters:
-        for name, delta in sorted(adapter.modules.items()):
+        for name, delta in adapter.modules.items():
             layer = linears.get(name)
             if layer is None or (layer.out_features, layer.in_features) != delta.shape:
                 raise ValueError(f"{name}: the model has no linear module of shape {delta.shape}")
             weight = layer.weight.data
-            if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-                raise ValueError(f"{name}: cannot merge into a quantised weight ({weight.dtype})")
-            indices = _indices_on(delta, weight)
-            original = take_region(weight, delta.variant, indices)
-            delta_t = delta.delta().to(weight.device)
-            planned.append((name, delta, original, merged_region(original, delta_t, name)))
-    handle = MergeHandle(model)
-    for name, delta, original, new in planned:
-        put_region(linears[name].weight.data, delta.variant, _indices_on(delta, original), new)
-        handle.saved.append((name, delta, original))
+            if not weight.is_floating_point() or is_quantized_linear(layer):
+                raise ValueError(f"{name}: cannot merge into a quantised weight; load the base in full precision")
+            indices = None if delta.indices is None else delta.indices.to(weight.device)
+            if regions is not None and indices is not None:
+                original = regions.original(name, weight, delta.variant, indices)
+            else:
+                original = take_region(weight, delta.variant, indices)
+            new = merged_region(original, delta.variant, delta.scaling, delta.A, delta.B, name)
+            planned.append((weight, delta.variant, indices, original, new))
+    handle = MergeHandle()
+    for weight, variant, indices, original, new in planned:
+        put_region(weight, variant, indices, new)
+        handle.saved.append((weight, variant, indices, original))
     return handle
 
 

@@ -3,10 +3,13 @@
 SBoRA-FA changes the r columns I of W (shape (d_out, d_in)), SBoRA-FB the r rows
 J, LoRA the whole matrix. These helpers read and write exactly that region, in
 place, so that merging costs O(d_out * r) or O(r * d_in) and unmerging can
-restore the saved region bit for bit.
+restore the saved region bit for bit. Merges run once per adapter switch for
+every adapted layer, so each helper is a handful of kernels at most.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -24,7 +27,8 @@ def take_region(weight: torch.Tensor, variant: str, indices: torch.Tensor | None
 def put_region(weight: torch.Tensor, variant: str, indices: torch.Tensor | None, values: torch.Tensor) -> None:
     """Write `values` into the region of `weight`, in place."""
     if variant == "sbora_fa":
-        weight.index_copy_(1, indices, values)
+        # scatter_ along dim 1 is markedly faster on CPU than index_copy_ for strided columns.
+        weight.scatter_(1, indices.expand(weight.shape[0], -1), values)
     elif variant == "sbora_fb":
         weight.index_copy_(0, indices, values)
     else:
@@ -45,13 +49,29 @@ def region_delta(
     return (B @ A) * scaling  # (d_out, d_in)
 
 
-def merged_region(original: torch.Tensor, delta: torch.Tensor, where: str) -> torch.Tensor:
-    """original + delta in the weight's dtype, refusing non-finite results.
+def merged_region(
+    original: torch.Tensor,
+    variant: str,
+    scaling: float,
+    A: torch.Tensor | None,
+    B: torch.Tensor | None,
+    where: str,
+) -> torch.Tensor:
+    """original + region delta in the weight's dtype, refusing non-finite results.
 
     Checked before anything is written, so a diverged adapter can never leave
     NaN or inf in a live weight.
     """
-    new = original + delta.to(dtype=original.dtype, device=original.device)
-    if not bool(torch.isfinite(new).all()):
+    like = {"dtype": original.dtype, "device": original.device}
+    if variant == "lora":
+        assert A is not None and B is not None
+        new = torch.addmm(original, B.detach().to(**like), A.detach().to(**like), alpha=scaling)
+    else:
+        factor = B if variant == "sbora_fa" else A
+        assert factor is not None
+        new = torch.add(original, factor.detach().to(**like), alpha=scaling)
+    # One reduction: the sum is finite only if every element is (inf/NaN propagate);
+    # an overflowing sum of finite values falls back to the exact check.
+    if not math.isfinite(float(new.sum())) and not bool(torch.isfinite(new).all()):
         raise ValueError(f"{where}: merging would write non-finite values (the adapter factor holds NaN/inf)")
     return new

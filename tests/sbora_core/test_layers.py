@@ -104,12 +104,16 @@ def test_fast_path_matches_unmerged_outputs_and_gradients(variant):
 
 
 @pytest.mark.parametrize("variant", ["sbora_fa", "sbora_fb"])
-def test_fast_path_follows_optimiser_steps(variant):
-    """After each step the merged region equals W0 + (alpha/r)·factor, as the unmerged layer computes."""
+@pytest.mark.parametrize("fused", [False, True], ids=["adamw", "fused-adamw"])
+def test_fast_path_follows_optimiser_steps(variant, fused):
+    """After each step the merged region equals W0 + (alpha/r)·factor, as the unmerged layer computes.
+
+    Fused AdamW updates parameters without bumping their version counter; the
+    layer must notice the change all the same."""
     fast, plain = make_layer(variant, random_factor=False), make_layer(variant, random_factor=False)
     fast.merge()
-    opt_fast = torch.optim.AdamW([fast.trainable], lr=0.05)
-    opt_plain = torch.optim.AdamW([plain.trainable], lr=0.05)
+    opt_fast = torch.optim.AdamW([fast.trainable], lr=0.05, fused=fused)
+    opt_plain = torch.optim.AdamW([plain.trainable], lr=0.05, fused=fused)
     x, target = torch.randn(8, D_IN), torch.randn(8, D_OUT)
     for _ in range(5):
         for layer, opt in ((fast, opt_fast), (plain, opt_plain)):

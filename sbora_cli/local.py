@@ -1,0 +1,196 @@
+"""Commands that run on this machine: train a job file, validate a dataset, evaluate a task file."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 1) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(code)
+
+
+def read_job_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        fail(f"{path}: no such file")
+    except yaml.YAMLError as exc:
+        fail(f"{path}: not valid YAML ({exc})")
+    if not isinstance(data, dict):
+        fail(f"{path}: expected a mapping with base_model, train_file, output_dir, method, hyperparameters")
+    # Relative data paths are relative to the job file, so a job directory can move as a whole.
+    for key in ("train_file", "val_file", "output_dir"):
+        if isinstance(data.get(key), str) and not Path(data[key]).is_absolute():
+            data[key] = str((path.parent / data[key]).resolve())
+    return data
+
+
+class ConsoleCallbacks:
+    """Training callbacks (the hooks of sbora_core.train.Callbacks) that draw a progress bar
+    and stop cleanly on Ctrl-C."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.task = bar.add_task("training", total=None, loss="-", tps="-")
+        self.cancelled = False
+
+    def interrupt(self, *_: Any) -> None:
+        if self.cancelled:
+            raise KeyboardInterrupt
+        self.cancelled = True
+        console.print("[yellow]stopping after this step (Ctrl-C again to abort without a checkpoint)[/yellow]")
+
+    def on_progress(self, p) -> None:
+        self.bar.update(self.task, completed=p.step, total=p.total_steps, loss=f"{p.loss:.4f}",
+                        tps=f"{p.tokens_per_s:,.0f}")
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        console.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        console.print(f"[dim]checkpoint {path}[/dim]")
+
+    def on_log(self, message: str) -> None:
+        console.print(f"[dim]{message}[/dim]")
+
+    def should_cancel(self) -> bool:
+        return self.cancelled
+
+
+def train_command(
+    config: Annotated[Path, typer.Option("--config", "-c", help="job file (YAML or JSON)")],
+    no_resume: Annotated[bool, typer.Option("--no-resume", help="ignore existing checkpoints")] = False,
+) -> None:
+    """Fine-tune a base model from a job file; Ctrl-C checkpoints, rerunning resumes."""
+    from sbora_core.data import DatasetError
+    from sbora_core.train import TrainJob, train
+
+    try:
+        job = TrainJob.from_dict(read_job_file(config))
+    except (TypeError, ValueError) as exc:
+        fail(f"{config}: {exc}")
+    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"), TimeRemainingColumn()]
+    with Progress(*columns, console=console) as bar:
+        callbacks = ConsoleCallbacks(bar)
+        previous = signal.signal(signal.SIGINT, callbacks.interrupt)
+        try:
+            result = train(job, callbacks, resume=not no_resume)
+        except DatasetError as exc:
+            for problem in exc.report.errors:
+                console.print(f"  {problem}")
+            fail(f"{job.train_file}: fix the problems above")
+        except ValueError as exc:
+            fail(str(exc))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    if result.status == "cancelled":
+        console.print(f"cancelled at step {result.metrics['steps']}; rerun the same command to resume "
+                      f"from {result.last_checkpoint}")
+        raise typer.Exit(130)
+    m = result.metrics
+    console.print(f"[green]done[/green]: {m['steps']} steps, train loss {m['train_loss']:.4f}"
+                  + (f", val loss {m['val_loss']:.4f}" if m["val_loss"] is not None else "")
+                  + f", {m['wall_time_s']:.0f} s")
+    typer.echo(str(result.adapter_dir))
+
+
+def validate_command(
+    dataset: Annotated[Path, typer.Argument(help="JSONL or JSON dataset")],
+    model: Annotated[str | None, typer.Option(help="base model, for token statistics")] = None,
+    max_seq_len: int = 1024,
+    batch_size: int = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Check a dataset before training: every problem with its line number, and statistics."""
+    from sbora_core.data import validate_dataset
+
+    tokenizer = None
+    if model:
+        from transformers import AutoTokenizer
+
+        from sbora_core.models import resolve_model
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
+    if not dataset.is_file():
+        fail(f"{dataset}: no such file")
+    report = validate_dataset(dataset, tokenizer, max_seq_len=max_seq_len, batch_size=batch_size)
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), default=str, indent=2))
+    else:
+        for p in report.errors:
+            console.print(f"[red]error[/red] {p}")
+        for p in report.warnings:
+            console.print(f"[yellow]warning[/yellow] {p}")
+        if report.more_problems:
+            console.print(f"... and {report.more_problems} more")
+        console.print(f"format {report.format}, {report.records} records"
+                      + (f", {report.total_tokens} tokens (mean {report.mean_tokens:.0f}, max {report.max_tokens})"
+                         if report.total_tokens is not None else "")
+                      + (f", {report.steps_per_epoch} steps per epoch at batch {batch_size}"
+                         if report.steps_per_epoch else ""))
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def eval_command(
+    task: Annotated[list[Path], typer.Option("--task", "-t", help="task file(s) in instruction format")],
+    model: Annotated[str, typer.Option(help="base model")] = "smollm2-135m-instruct",
+    adapter: Annotated[Path | None, typer.Option(help="adapter directory to apply")] = None,
+    protocol: Annotated[str, typer.Option(help="multiple choice: option_text or label")] = "option_text",
+    limit: Annotated[int | None, typer.Option(help="evaluate a fixed random subset of this size")] = None,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Accuracy of a base model, with or without an adapter, on task files."""
+    from sbora_core.adapter_io import apply_adapter, load_adapter
+    from sbora_core.evaluate import evaluate_file
+    from sbora_core.models import load_base_model
+
+    base = load_base_model(model)
+    if adapter is not None:
+        try:
+            apply_adapter(base.model, load_adapter(adapter), base.fingerprint)
+        except ValueError as exc:
+            fail(str(exc))
+    table = Table("task", "protocol", "items", "accuracy")
+    results = []
+    for path in task:
+        with Progress(TextColumn(path.stem), BarColumn(), MofNCompleteColumn(), console=console) as bar:
+            handle = bar.add_task(path.stem, total=None)
+            result = evaluate_file(base.model, base.tokenizer, path, protocol=protocol, limit=limit,
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens,
+                                   progress=lambda done, total: bar.update(handle, completed=done, total=total))
+        results.append({k: v for k, v in result.items() if k != "outcomes"})
+        table.add_row(result["task"], result["protocol"], str(result["items"]), f"{result['accuracy']:.1%}")
+    if as_json:
+        typer.echo(json.dumps(results, indent=2))
+    else:
+        Console().print(table)
+
+
+def models_command() -> None:
+    """Base models available on this machine."""
+    from sbora_core.models import available_models
+
+    for name in available_models():
+        typer.echo(name)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)
+    app.command("validate")(validate_command)
+    app.command("eval")(eval_command)
+    app.command("models")(models_command)
