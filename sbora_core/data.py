@@ -416,10 +416,7 @@ def validate_dataset(
 ) -> DatasetReport:
     """Every problem with its line number, plus token statistics when a tokenizer is given."""
     fmt, examples, problems = read_dataset(path, max_problems=max_problems)
-    if problems.errors and not examples and fmt is None:
-        return DatasetReport(format=fmt, records=0, errors=problems.errors, warnings=problems.warnings,
-                             more_problems=problems.dropped)
-    if len(examples) < min_records:
+    if len(examples) < min_records and not (problems.errors and fmt is None):
         problems.add(None, f"only {len(examples)} valid record(s); at least {min_records} needed")
     report = DatasetReport(format=fmt, records=len(examples))
     if tokenizer is not None and examples:
@@ -441,7 +438,11 @@ def validate_dataset(
         report.truncated_records = truncated
     if examples:
         report.steps_per_epoch = math.ceil(len(examples) / (batch_size * grad_accum))
-    report.errors, report.warnings, report.more_problems = problems.errors, problems.warnings, problems.dropped
+    def in_line_order(items: list[Problem]) -> list[Problem]:
+        return sorted(items, key=lambda p: (p.line is not None, p.line or 0))
+
+    report.errors, report.warnings = in_line_order(problems.errors), in_line_order(problems.warnings)
+    report.more_problems = problems.dropped
     return report
 
 

@@ -76,6 +76,16 @@ def check_rank(config: SBoRAConfig, shapes: dict[str, tuple[int, int]]) -> None:
             )
 
 
+def check_config(model: nn.Module, config: SBoRAConfig) -> dict[str, nn.Linear]:
+    """The layers `config` would adapt on `model`; ValueError naming the field if it cannot.
+
+    Works on a meta-device model too, so a service can check a job before any weights load.
+    """
+    targets = select_targets(model, config.target_modules)
+    check_rank(config, {n: (m.out_features, m.in_features) for n, m in targets.items()})
+    return targets
+
+
 def draw_indices(dim: int, r: int, seed: int, module_name: str) -> torch.Tensor:
     """r distinct indices in [0, dim), uniform without replacement, reproducible per layer.
 
@@ -107,8 +117,7 @@ def inject_adapter(
     """
     if any(isinstance(m, SBoRALinear) for m in model.modules()):
         raise ValueError("model already carries an adapter; remove_adapter() first")
-    targets = select_targets(model, config.target_modules)
-    check_rank(config, {n: (m.out_features, m.in_features) for n, m in targets.items()})
+    targets = check_config(model, config)
     for p in model.parameters():
         p.requires_grad_(False)
 

@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -158,13 +159,19 @@ def fingerprint_directory(path: Path) -> str:
     return fingerprint
 
 
-def linear_shapes(name: str) -> dict[str, tuple[int, int]]:
-    """(d_out, d_in) of every linear module, read from config.json without loading weights."""
+@lru_cache(maxsize=32)
+def meta_model(name: str) -> nn.Module:
+    """The model's architecture on the meta device: every module and shape, no weights."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(resolve_model(name))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        return AutoModelForCausalLM.from_config(config)
+
+
+def linear_shapes(name: str) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every linear module, read from config.json without loading weights."""
+    model = meta_model(name)
     return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
 
 

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, Query, Response, status
+from fastapi.responses import FileResponse
+
+from app import crud
+from app.api.deps import CurrentTenant, SessionDep, StoreDep
+from app.schemas import AdapterPublic, Page
+from app.storage import sha256_file
+
+router = APIRouter(prefix="/adapters", tags=["adapters"])
+
+
+@router.get("", response_model=Page[AdapterPublic])
+def list_adapters(session: SessionDep, tenant: CurrentTenant,
+                  base_model: Annotated[str | None, Query(max_length=500)] = None,
+                  limit: Annotated[int, Query(ge=1, le=200)] = 50,
+                  offset: Annotated[int, Query(ge=0)] = 0) -> Page[AdapterPublic]:
+    rows, total = crud.list_adapters(session, tenant, base_model, limit, offset)
+    return Page(data=[AdapterPublic.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.get("/{adapter_id}", response_class=FileResponse,
+            responses={200: {"content": {"application/zip": {}}}, 304: {"description": "not modified"}})
+def download_adapter(adapter_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep,
+                     format: Annotated[Literal["sparse", "peft"], Query()] = "sparse",
+                     if_none_match: Annotated[str | None, Header()] = None) -> Response:
+    """The adapter as a zip: the sparse format (index sets + factor), or `?format=peft` for
+    PEFT's LoRA layout. The ETag is the archive's sha256."""
+    adapter = crud.get_adapter(session, tenant, adapter_id)
+    name = "sparse.zip" if format == "sparse" else "peft.zip"
+    path = store.local_path(f"{adapter.storage_key}/{name}")
+    etag = f'"{adapter.sha256 if format == "sparse" else sha256_file(path)}"'
+    if if_none_match == etag:
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
+    suffix = "" if format == "sparse" else "-peft"
+    return FileResponse(path, media_type="application/zip", filename=f"{adapter.id}{suffix}.zip",
+                        headers={"ETag": etag})
+
+
+@router.get("/{adapter_id}/metadata", response_model=AdapterPublic)
+def adapter_metadata(adapter_id: str, session: SessionDep, tenant: CurrentTenant) -> AdapterPublic:
+    return AdapterPublic.model_validate(crud.get_adapter(session, tenant, adapter_id))
+
+
+@router.delete("/{adapter_id}", status_code=status.HTTP_204_NO_CONTENT)
+def delete_adapter(adapter_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> None:
+    crud.delete_adapter(session, tenant, adapter_id, store)

@@ -1,0 +1,64 @@
+"""The base models this service offers (`SBORA_MODELS`), and checks made against them.
+
+A model's public id is its known name (`smollm2-135m-instruct`) or, for a
+local directory, the directory's name. Everything here reads config files
+only; no weights are loaded.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from app.core.config import get_settings
+
+
+class UnknownBaseModel(ValueError):
+    pass
+
+
+@lru_cache
+def offered() -> dict[str, str]:
+    """Public model id -> what sbora_core.models resolves (a name or a directory)."""
+    catalog: dict[str, str] = {}
+    for source in get_settings().models:
+        path = Path(source).expanduser()
+        model_id = path.name if path.is_dir() else source
+        catalog[model_id] = str(path.resolve()) if path.is_dir() else source
+    return catalog
+
+
+def source_of(model_id: str) -> str:
+    catalog = offered()
+    if model_id not in catalog:
+        raise UnknownBaseModel(
+            f"base_model: unknown model {model_id!r}; available: {', '.join(sorted(catalog))}"
+        )
+    return catalog[model_id]
+
+
+@lru_cache
+def summary(model_id: str) -> dict[str, Any]:
+    from sbora_core.models import model_summary
+
+    return {**model_summary(source_of(model_id)), "name": model_id}
+
+
+@lru_cache
+def tokenizer(model_id: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from sbora_core.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(source_of(model_id)))
+
+
+def check_method(model_id: str, method: dict[str, Any]) -> None:
+    """ValueError naming the field when the adapter does not fit the model (rank, targets)."""
+    from sbora_core.config import SBoRAConfig
+    from sbora_core.inject import check_config
+    from sbora_core.models import meta_model
+
+    config = SBoRAConfig(**method)
+    check_config(meta_model(source_of(model_id)), config)

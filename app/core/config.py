@@ -1,0 +1,55 @@
+"""All service settings, read from `SBORA_*` environment variables (or a `.env` file).
+
+The API, the Celery workers and Alembic read this one object. Defaults give a
+self-contained single machine: a SQLite file, a filesystem broker and an
+artifact directory, all under `SBORA_DATA_DIR`.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SBORA_", env_file=".env", extra="ignore")
+
+    data_dir: Path = Field(Path("data"), description="where the default database, broker and artifacts live")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file in data_dir")
+    broker_url: str | None = Field(None, description="Celery broker URL; default: filesystem broker in data_dir")
+    artifact_dir: Path | None = Field(None, description="artifact store root; default: data_dir/artifacts")
+    models: list[str] = Field(
+        ["smollm2-135m-instruct"],
+        description="base models offered to users: known names or local model directories (JSON list)",
+    )
+    max_upload_bytes: int = Field(100 * 1024 * 1024, description="largest dataset upload accepted")
+    min_dataset_records: int = Field(1, description="fewest valid records a dataset may have")
+    job_lease_s: int = Field(120, description="a running job whose worker is silent this long is taken over")
+    generate_max_new_tokens: int = Field(1024, description="upper bound on max_new_tokens per request")
+    host: str = Field("127.0.0.1", description="address `sbora serve` binds")
+    port: int = Field(8000, description="port `sbora serve` binds")
+    train_queue: str = Field("train", description="Celery queue training jobs go to")
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'sbora.db').resolve()}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def broker_folder(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def resolved_artifact_dir(self) -> Path:
+        return (self.artifact_dir or self.data_dir / "artifacts").resolve()
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

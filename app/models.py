@@ -1,0 +1,115 @@
+"""Database tables. The database is the source of truth for every job; the broker only carries ids."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id(prefix: str) -> str:
+    """Opaque ids: a type prefix and 96 random bits, safe in URLs and never a path."""
+    return f"{prefix}_{secrets.token_hex(12)}"
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Timestamps:
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Tenant(Timestamps, Base):
+    __tablename__ = "tenants"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ten"))
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+
+
+class ApiKey(Timestamps, Base):
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("key"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100), default="")
+    prefix: Mapped[str] = mapped_column(String(16))  # shown in listings; the key itself is never stored
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the key
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Dataset(Timestamps, Base):
+    __tablename__ = "datasets"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ds"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    filename: Mapped[str] = mapped_column(String(255))  # as uploaded; display only, never a path
+    format: Mapped[str] = mapped_column(String(32))
+    records: Mapped[int] = mapped_column(Integer)
+    stats: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    storage_key: Mapped[str] = mapped_column(String(255))
+
+
+class Job(Timestamps, Base):
+    __tablename__ = "jobs"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str | None] = mapped_column(String(200), default=None)
+    base_model: Mapped[str] = mapped_column(String(500))
+    quantization: Mapped[str] = mapped_column(String(8), default="none")
+    method: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # Plain ids, not foreign keys: a dataset may be deleted once no unfinished job needs it.
+    train_dataset_id: Mapped[str] = mapped_column(String(40))
+    val_dataset_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    status: Mapped[str] = mapped_column(String(16), default="queued", index=True)
+    progress: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
+    error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    adapter_id: Mapped[str | None] = mapped_column(String(40), default=None)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    lease_owner: Mapped[str | None] = mapped_column(String(200), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class JobEvent(Base):
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    kind: Mapped[str] = mapped_column(String(16))  # status | log | metric | eval | checkpoint
+    message: Mapped[str] = mapped_column(Text, default="")
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Adapter(Timestamps, Base):
+    __tablename__ = "adapters"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ad"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id"), default=None)
+    name: Mapped[str | None] = mapped_column(String(200), default=None)
+    base_model: Mapped[str] = mapped_column(String(500), index=True)
+    base_fingerprint: Mapped[str] = mapped_column(String(80))
+    variant: Mapped[str] = mapped_column(String(16))
+    r: Mapped[int] = mapped_column(Integer)
+    alpha: Mapped[float]
+    target_modules: Mapped[list[Any]] = mapped_column(default=list)
+    trainable_params: Mapped[int] = mapped_column(BigInteger)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)  # the sparse archive users download
+    sha256: Mapped[str] = mapped_column(String(64))  # of the sparse archive: the download's ETag
+    weights_sha256: Mapped[str] = mapped_column(String(64))  # of adapter_model.safetensors, checked on load
+    storage_key: Mapped[str] = mapped_column(String(255))  # folder holding the adapter files
+    metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -1,0 +1,212 @@
+"""Request and response bodies. `*Public` schemas are what routes return."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+T = TypeVar("T")
+
+
+class Page(BaseModel, Generic[T]):
+    data: list[T]
+    total: int
+    limit: int
+    offset: int
+
+
+class ErrorDetail(BaseModel):
+    detail: Any
+
+
+# -- datasets ----------------------------------------------------------------------------------
+class DatasetPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    owner: str = Field(validation_alias="tenant_id")
+    filename: str
+    format: str
+    records: int
+    size_bytes: int
+    sha256: str
+    stats: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+# -- jobs --------------------------------------------------------------------------------------
+class MethodSpec(BaseModel):
+    """The adapter to train (see sbora_core.config.SBoRAConfig)."""
+
+    model_config = ConfigDict(extra="forbid")
+    variant: Literal["sbora_fa", "sbora_fb", "lora"] = "sbora_fa"
+    r: int = Field(32, ge=1, le=65536, description="rank: standard-basis vectors per layer")
+    alpha: float = Field(64.0, gt=0, le=1e6, description="update scaled by alpha/r")
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="module names to adapt, or 'all-linear'",
+    )
+    index_seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @field_validator("target_modules")
+    @classmethod
+    def _names(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list):
+            if not value or len(value) > 64 or any(not n or len(n) > 100 for n in value):
+                raise ValueError("give 1 to 64 module names")
+        return value
+
+
+class HyperparametersSpec(BaseModel):
+    """Training settings (see sbora_core.train.Hyperparameters); every field has a default."""
+
+    model_config = ConfigDict(extra="forbid")
+    epochs: int = Field(1, ge=1, le=1000)
+    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="overrides epochs")
+    learning_rate: float = Field(2e-4, gt=0, lt=1)
+    warmup_steps: int = Field(0, ge=0, le=1_000_000)
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    batch_size: int = Field(4, ge=1, le=4096)
+    grad_accum: int = Field(1, ge=1, le=4096)
+    max_seq_len: int = Field(512, ge=8, le=131072)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+    weight_decay: float = Field(0.0, ge=0, le=10)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int | None = Field(None, ge=1)
+    checkpoint_every: int | None = Field(50, ge=1, description="steps between checkpoints (for resume)")
+    val_fraction: float = Field(0.0, ge=0, lt=1)
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base_model: str = Field("smollm2-135m-instruct", min_length=1, max_length=500)
+    training_dataset_id: str = Field(..., min_length=1, max_length=64)
+    validation_dataset_id: str | None = Field(None, max_length=64)
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    hyperparameters: HyperparametersSpec = Field(default_factory=HyperparametersSpec)
+    name: str | None = Field(None, max_length=200)
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class JobProgress(BaseModel):
+    step: int = 0
+    total_steps: int | None = None
+    epoch: float | None = None
+    loss: float | None = None
+    learning_rate: float | None = None
+    tokens: int | None = None
+    tokens_per_s: float | None = None
+    elapsed_s: float | None = None
+    eta_s: float | None = None
+
+
+class JobPublic(BaseModel):
+    id: str
+    owner: str
+    name: str | None
+    base_model: str
+    quantization: str
+    method: dict[str, Any]
+    hyperparameters: dict[str, Any]
+    training_dataset_id: str
+    validation_dataset_id: str | None
+    status: str
+    progress: JobProgress
+    error: JobError | None
+    adapter_id: str | None
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, job: Any) -> JobPublic:
+        return cls(
+            id=job.id, owner=job.tenant_id, name=job.name, base_model=job.base_model,
+            quantization=job.quantization, method=job.method, hyperparameters=job.hyperparameters,
+            training_dataset_id=job.train_dataset_id, validation_dataset_id=job.val_dataset_id,
+            status=job.status, progress=JobProgress(**(job.progress or {})),
+            error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
+            adapter_id=job.adapter_id, attempts=job.attempts, created_at=job.created_at,
+            updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at,
+        )
+
+
+class JobEventPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: int
+    job_id: str
+    created_at: datetime
+    kind: str
+    message: str
+    data: dict[str, Any]
+
+
+# -- adapters and models -----------------------------------------------------------------------
+class AdapterPublic(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    owner: str = Field(validation_alias="tenant_id")
+    job_id: str | None
+    name: str | None
+    base_model: str
+    base_fingerprint: str
+    variant: str
+    r: int
+    alpha: float
+    target_modules: list[Any]
+    trainable_params: int
+    size_bytes: int
+    sha256: str
+    metrics: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime
+
+
+class ModelPublic(BaseModel):
+    id: str
+    model_type: str | None = None
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    vocab_size: int | None = None
+    max_position_embeddings: int | None = None
+    linear_modules: dict[str, dict[str, int]] = {}
+
+
+# -- generation --------------------------------------------------------------------------------
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(..., max_length=1_000_000)
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base_model: str | None = Field(None, description="defaults to the adapter's base, else the first model")
+    prompt: str | None = Field(None, max_length=1_000_000)
+    messages: list[ChatMessage] | None = Field(None, max_length=1000)
+    adapter_id: str | list[str] | None = None
+    max_new_tokens: int = Field(128, ge=1)
+    temperature: float = Field(0.0, ge=0, le=10)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] | str | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    base_model: str
+    adapter_ids: list[str]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: Literal["stop", "length"]

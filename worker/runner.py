@@ -1,0 +1,251 @@
+"""Running one job: claim it, train with callbacks that write to the database, register the adapter.
+
+A job never runs twice at once: a worker claims it with a conditional UPDATE
+(queued, or running with an expired lease) and keeps the lease alive from a
+heartbeat thread. Checkpoints live in the artifact store under `jobs/<id>/`, so
+whichever worker claims the job next resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import or_, update
+
+from app.core.config import get_settings
+from app.core.db import session_scope
+from app.crud import add_event, register_adapter
+from app.models import Dataset, Job, utcnow
+from app.storage import get_store
+
+log = logging.getLogger(__name__)
+PROGRESS_WRITE_INTERVAL_S = 1.0
+
+
+def worker_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+def claim(job_id: str, owner: str, lease_s: int) -> bool:
+    """Atomically take the job if it is queued or its lease has expired."""
+    now = utcnow()
+    with session_scope() as session:
+        result = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.cancel_requested.is_(False),
+                   or_(Job.status == "queued",
+                       (Job.status == "running") & (Job.lease_expires_at < now)))
+            .values(status="running", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_s),
+                    attempts=Job.attempts + 1, updated_at=now)
+        )
+        if result.rowcount != 1:
+            return False
+        job = session.get(Job, job_id)
+        assert job is not None
+        if job.started_at is None:
+            job.started_at = now
+        add_event(session, job_id, "status", f"running (attempt {job.attempts}) on {owner}",
+                  {"status": "running", "attempt": job.attempts, "worker": owner})
+    return True
+
+
+def renew_lease(job_id: str, owner: str, lease_s: int) -> bool:
+    with session_scope() as session:
+        result = session.execute(
+            update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
+            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        )
+        return result.rowcount == 1
+
+
+class Heartbeat(threading.Thread):
+    """Renews the lease while training runs; notes when it was lost to another worker."""
+
+    def __init__(self, job_id: str, owner: str, lease_s: int) -> None:
+        super().__init__(daemon=True, name=f"lease-{job_id}")
+        self.job_id, self.owner, self.lease_s = job_id, owner, lease_s
+        self.stop_event = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.stop_event.wait(self.lease_s / 4):
+            try:
+                if not renew_lease(self.job_id, self.owner, self.lease_s):
+                    self.lost = True
+                    return
+            except Exception:  # a database blip: try again next beat, the lease has slack
+                log.exception("lease renewal for %s failed", self.job_id)
+
+
+class DatabaseCallbacks:
+    """sbora_core.train callbacks that record progress and events on the job row."""
+
+    def __init__(self, job_id: str, heartbeat: Heartbeat) -> None:
+        self.job_id = job_id
+        self.heartbeat = heartbeat
+        self.pending: list[tuple[str, str, dict[str, Any]]] = []
+        self.progress: dict[str, Any] | None = None
+        self.last_write = 0.0
+
+    def _flush(self, force: bool = False) -> None:
+        if not force and time.monotonic() - self.last_write < PROGRESS_WRITE_INTERVAL_S:
+            return
+        with session_scope() as session:
+            for kind, message, data in self.pending:
+                add_event(session, self.job_id, kind, message, data)
+            if self.progress is not None:
+                session.execute(update(Job).where(Job.id == self.job_id).values(progress=self.progress,
+                                                                                  updated_at=utcnow()))
+        self.pending.clear()
+        self.last_write = time.monotonic()
+
+    def on_progress(self, p) -> None:
+        self.progress = {k: getattr(p, k) for k in ("step", "total_steps", "epoch", "loss", "learning_rate",
+                                                    "tokens", "tokens_per_s", "elapsed_s", "eta_s")}
+        self.pending.append(("metric", "", {"step": p.step, "loss": p.loss, "learning_rate": p.learning_rate,
+                                            "tokens_per_s": p.tokens_per_s}))
+        self._flush(force=p.step == p.total_steps)
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.pending.append(("eval", f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+                             {"step": step, **metrics}))
+        self._flush(force=True)
+
+    def on_checkpoint(self, step: int, path) -> None:
+        self.pending.append(("checkpoint", f"checkpoint at step {step}", {"step": step}))
+        self._flush(force=True)
+
+    def on_log(self, message: str) -> None:
+        self.pending.append(("log", message, {}))
+        self._flush()
+
+    def should_cancel(self) -> bool:
+        if self.heartbeat.lost:
+            return True
+        with session_scope() as session:
+            job = session.get(Job, self.job_id)
+            return job is None or job.cancel_requested
+
+    def close(self) -> None:
+        if self.pending or self.progress is not None:
+            self._flush(force=True)
+
+
+def classify_error(exc: BaseException) -> tuple[str, str]:
+    """A stable error code and a message a user can act on (no traceback)."""
+    import torch
+
+    from sbora_core.adapter_io import AdapterFormatError
+    from sbora_core.data import DatasetError
+    from sbora_core.models import UnknownModelError
+
+    if isinstance(exc, DatasetError):
+        return "invalid_dataset", str(exc)
+    if isinstance(exc, UnknownModelError):
+        return "unknown_model", str(exc)
+    if isinstance(exc, FloatingPointError):
+        return "training_diverged", str(exc)
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return "out_of_memory", "ran out of memory; lower batch_size or max_seq_len, or use quantization nf4"
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "disk_full", "the artifact store ran out of space; free space or raise the quota and retry"
+    if isinstance(exc, AdapterFormatError | ValueError):
+        return "invalid_configuration", str(exc)[:1000]
+    return "internal_error", f"{type(exc).__name__}: {str(exc)[:500]}"
+
+
+def _finish(job_id: str, owner: str, status: str, message: str, **values: Any) -> None:
+    with session_scope() as session:
+        result = session.execute(
+            update(Job).where(Job.id == job_id, Job.lease_owner == owner)
+            .values(status=status, finished_at=utcnow(), lease_expires_at=None, updated_at=utcnow(), **values)
+        )
+        if result.rowcount == 1:
+            add_event(session, job_id, "status", message, {"status": status, **{k: v for k, v in values.items()
+                                                                                if k.startswith("error")}})
+
+
+def build_train_job(job: Job, train_path: str, val_path: str | None, output_dir: str):
+    from app import catalog
+    from sbora_core.config import SBoRAConfig
+    from sbora_core.train import Hyperparameters, TrainJob
+
+    return TrainJob(base_model=catalog.source_of(job.base_model), train_file=train_path, val_file=val_path,
+                    output_dir=output_dir, sbora=SBoRAConfig(**job.method),
+                    hyperparameters=Hyperparameters(**job.hyperparameters), quantization=job.quantization)
+
+
+def run_job(job_id: str) -> str | None:
+    """Run the job if this worker can claim it; returns its final status, or None if not claimed."""
+    from sbora_core.train import train
+
+    settings, store = get_settings(), get_store()
+    owner = worker_name()
+    if not claim(job_id, owner, settings.job_lease_s):
+        _cancel_if_requested(job_id)
+        return None
+    heartbeat = Heartbeat(job_id, owner, settings.job_lease_s)
+    heartbeat.start()
+    callbacks = DatabaseCallbacks(job_id, heartbeat)
+    output_dir = store.local_path(f"jobs/{job_id}")
+    try:
+        with session_scope() as session:
+            job = session.get(Job, job_id)
+            assert job is not None
+            paths = []
+            for dataset_id in (job.train_dataset_id, job.val_dataset_id):
+                dataset = session.get(Dataset, dataset_id) if dataset_id else None
+                if dataset_id and dataset is None:
+                    raise LookupError(f"dataset {dataset_id} was deleted")
+                paths.append(str(store.local_path(dataset.storage_key)) if dataset else None)
+            spec = build_train_job(job, paths[0], paths[1], str(output_dir))
+        result = train(spec, callbacks, resume=True)
+        callbacks.close()
+        if heartbeat.lost:
+            log.warning("lease on %s lost; leaving the job to its new owner", job_id)
+            return None
+        if result.status == "cancelled":
+            _finish(job_id, owner, "cancelled", f"cancelled at step {result.metrics['steps']}")
+            return "cancelled"
+        with session_scope() as session:
+            job = session.get(Job, job_id)
+            assert job is not None and result.adapter_dir is not None
+            adapter = register_adapter(session, job, result.adapter_dir, store)
+            session.flush()
+            adapter_id = adapter.id
+        _finish(job_id, owner, "succeeded", f"succeeded: adapter {adapter_id}", adapter_id=adapter_id)
+        shutil.rmtree(output_dir, ignore_errors=True)  # checkpoints are no longer needed
+        return "succeeded"
+    except LookupError as exc:
+        callbacks.close()
+        _finish(job_id, owner, "failed", str(exc), error_code="dataset_missing",
+                error_message=f"{exc}; upload it again and create a new job")
+        return "failed"
+    except Exception as exc:
+        log.exception("job %s failed", job_id)
+        try:
+            callbacks.close()
+        except Exception:
+            log.exception("could not flush events of %s", job_id)
+        code, message = classify_error(exc)
+        _finish(job_id, owner, "failed", f"failed: {code}", error_code=code, error_message=message)
+        return "failed"
+    finally:
+        heartbeat.stop_event.set()
+
+
+def _cancel_if_requested(job_id: str) -> None:
+    """A queued job whose cancel arrived while its message waited: make sure it ends cancelled."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is not None and job.status == "queued" and job.cancel_requested:
+            job.status, job.finished_at = "cancelled", utcnow()
+            add_event(session, job_id, "status", "cancelled before it started", {"status": "cancelled"})

@@ -1,0 +1,11 @@
+"""Celery tasks: thin wrappers that hand a job id to the runner."""
+
+from __future__ import annotations
+
+from worker.celery_app import celery
+from worker.runner import run_job
+
+
+@celery.task(name="sbora.train_job", acks_late=True, ignore_result=True)
+def train_job(job_id: str) -> None:
+    run_job(job_id)
