@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: venv test lint bench clean
+.PHONY: venv run test lint bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	touch $@
 
 venv: $(VENV)/.installed
+
+# The service on this machine: migrations, a local API key, the API and one worker.
+run: venv
+	$(BIN)/sbora serve
 
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -1,16 +1,18 @@
 """`sbora`: the command-line entry point.
 
 Local commands (no server needed): `sbora train`, `sbora validate`, `sbora eval`, `sbora models`.
+Running the service: `sbora serve` (API + one worker), `sbora worker`, `sbora migrate`, `sbora keys`.
 """
 
 from __future__ import annotations
 
 import typer
 
-from sbora_cli import local
+from sbora_cli import local, server
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Fine-tune and serve SBoRA adapters.")
 local.register(app)
+server.register(app)
 
 
 def main() -> None:

@@ -67,9 +67,11 @@ class Stack:
 
     def start_worker(self) -> subprocess.Popen:
         log = open(self.worker_log, "a")
+        from sbora_cli.server import worker_command_line
+
+        # The same command line `sbora worker` runs in production.
         proc = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", self.env["SBORA_TRAIN_QUEUE"],
-             "--concurrency", "1", "--pool", "solo", "--loglevel", "INFO", "-n", f"w{len(self.workers)}@%h"],
+            worker_command_line(self.env["SBORA_TRAIN_QUEUE"], name=f"w{len(self.workers)}"),
             cwd=ROOT, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
         )
         self.workers.append(proc)

@@ -1,0 +1,145 @@
+"""Commands that run the service on this machine: serve, worker, migrate, keys."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from sbora_cli.local import console, fail
+
+keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys (run on the server).")
+LOCAL_TENANT = "local"
+
+
+def worker_command_line(queue: str | None = None, name: str = "worker") -> list[str]:
+    """One worker per GPU: one job at a time, a fresh child process per job (frees all memory)."""
+    from app.core.config import get_settings
+
+    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+            "-Q", queue or get_settings().train_queue, "--concurrency", "1", "--pool", "prefork",
+            "--max-tasks-per-child", "1", "--loglevel", "INFO", "-n", f"{name}@%h"]
+
+
+def migrate_command() -> None:
+    """Apply database migrations (the API also does this at start)."""
+    from app.migrate import upgrade_database
+
+    upgrade_database()
+    console.print("database is at the latest revision")
+
+
+def worker_command(
+    queue: Annotated[str | None, typer.Option(help="queue to consume (default SBORA_TRAIN_QUEUE)")] = None,
+) -> None:
+    """Run one training worker in the foreground (start one per GPU, with CUDA_VISIBLE_DEVICES set)."""
+    os.execv(sys.executable, worker_command_line(queue, name=f"gpu{os.environ.get('CUDA_VISIBLE_DEVICES', '')}"))
+
+
+def local_key(data_dir: Path) -> str:
+    """The key `sbora serve` prints: kept in the data directory (mode 0600) and reused while valid."""
+    from app.core.db import session_scope
+    from app.core.security import create_api_key, tenant_for_key
+
+    path = data_dir / "local-api-key"
+    with session_scope() as session:
+        if path.is_file() and tenant_for_key(session, path.read_text().strip()) is not None:
+            return path.read_text().strip()
+        _, plain = create_api_key(session, LOCAL_TENANT, name="printed by sbora serve")
+    path.write_text(plain + "\n")
+    path.chmod(0o600)
+    return plain
+
+
+def serve_command(
+    host: Annotated[str | None, typer.Option(help="bind address (default SBORA_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default SBORA_PORT)")] = None,
+    worker: Annotated[bool, typer.Option(help="also start one training worker")] = True,
+) -> None:
+    """Run the API and one worker: migrations, a local API key, then the server until Ctrl-C."""
+    import uvicorn
+
+    from app import catalog
+    from app.core.config import get_settings
+    from app.migrate import upgrade_database
+    from sbora_core.models import resolve_model
+
+    settings = get_settings()
+    host, port = host or settings.host, port or settings.port
+    upgrade_database()
+    for model_id in catalog.offered():
+        console.print(f"preparing base model {model_id} ...")
+        resolve_model(catalog.source_of(model_id))  # the default model converts once, here
+    key = local_key(settings.data_dir)
+    worker_proc = subprocess.Popen(worker_command_line(name="local")) if worker else None
+    url = f"http://{host}:{port}"
+    # Plain lines (no wrapping or markup) so they can be copied into a shell.
+    typer.echo(f"\nsbora-server at {url}  (API docs: {url}/docs)", err=True)
+    typer.echo(f"API key for tenant '{LOCAL_TENANT}': {key}", err=True)
+    typer.echo(f"  export SBORA_URL={url} SBORA_API_KEY={key}\n", err=True)
+    try:
+        uvicorn.run("app.main:app", host=host, port=port, log_level="info")
+    finally:
+        if worker_proc is not None and worker_proc.poll() is None:
+            worker_proc.send_signal(signal.SIGTERM)
+            try:
+                worker_proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker_proc.kill()
+
+
+@keys_app.command("create")
+def keys_create(tenant: Annotated[str, typer.Option(help="tenant the key belongs to (created if new)")],
+                name: Annotated[str, typer.Option(help="a label for the key")] = "") -> None:
+    """Create a key and print it (shown once; only its hash is stored)."""
+    from app.core.db import session_scope
+    from app.core.security import create_api_key
+    from app.migrate import upgrade_database
+
+    upgrade_database()
+    with session_scope() as session:
+        key, plain = create_api_key(session, tenant, name)
+        key_id = key.id
+    console.print(f"key {key_id} for tenant {tenant}")
+    typer.echo(plain)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    from sqlalchemy import select
+
+    from app.core.db import session_scope
+    from app.models import ApiKey, Tenant
+
+    table = Table("id", "tenant", "prefix", "name", "created", "revoked")
+    with session_scope() as session:
+        for key, tenant in session.execute(select(ApiKey, Tenant).join(Tenant, ApiKey.tenant_id == Tenant.id)
+                                           .order_by(ApiKey.created_at)):
+            table.add_row(key.id, tenant.name, key.prefix + "…", key.name, f"{key.created_at:%Y-%m-%d %H:%M}",
+                          f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str) -> None:
+    """Revoke a key by its id (from `sbora keys list`); requests with it then answer 401."""
+    from app.core.db import session_scope
+    from app.core.security import revoke_api_key
+
+    with session_scope() as session:
+        if not revoke_api_key(session, key_id):
+            fail(f"no active key with id {key_id}")
+    console.print(f"revoked {key_id}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_command)
+    app.command("worker")(worker_command)
+    app.command("migrate")(migrate_command)
+    app.add_typer(keys_app, name="keys")

@@ -1,0 +1,32 @@
+"""The production compose file: well-formed, and validated by `docker compose config` where the client has compose."""
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+COMPOSE = Path(__file__).resolve().parents[2] / "docker" / "compose.yaml"
+
+
+def test_compose_has_the_production_shape():
+    spec = yaml.safe_load(COMPOSE.read_text())
+    services = spec["services"]
+    assert {"postgres", "redis", "api", "worker-gpu0"} <= set(services)
+    worker = services["worker-gpu0"]
+    assert worker["environment"]["SBORA_BROKER_URL"].startswith("redis://")
+    assert worker["environment"]["SBORA_DATABASE_URL"].startswith("postgresql+psycopg://")
+    assert worker["environment"]["CUDA_VISIBLE_DEVICES"] == "0"
+    # API and workers must share the artifact store and the model cache.
+    assert set(services["api"]["volumes"]) == set(worker["volumes"])
+    for dockerfile in ("Dockerfile.api", "Dockerfile.worker"):
+        assert (COMPOSE.parent / dockerfile).is_file()
+
+
+def test_docker_compose_config_accepts_it():
+    docker = shutil.which("docker")
+    if docker is None or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("the docker client here has no compose plugin")
+    result = subprocess.run([docker, "compose", "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
