@@ -47,6 +47,16 @@ class TooLarge(ValueError):
     pass
 
 
+class QuotaExceeded(RuntimeError):
+    """A per-tenant limit; answered with 429."""
+
+
+def stored_bytes(session: Session, tenant: Tenant) -> int:
+    datasets = session.scalar(select(func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant_id == tenant.id))
+    adapters = session.scalar(select(func.coalesce(func.sum(Adapter.size_bytes), 0)).where(Adapter.tenant_id == tenant.id))
+    return int(datasets or 0) + int(adapters or 0)
+
+
 def _owned(session: Session, model: type, tenant: Tenant, object_id: str, what: str):
     row = session.get(model, object_id) if well_formed_id(object_id) else None
     if row is None or row.tenant_id != tenant.id:
@@ -72,6 +82,11 @@ def create_dataset(session: Session, tenant: Tenant, stream: BinaryIO, filename:
         stored = store.put_stream(key, stream, limit=settings.max_upload_bytes)
     except UploadTooLarge as exc:
         raise TooLarge(f"file: {exc}; split the dataset or raise SBORA_MAX_UPLOAD_BYTES") from exc
+    used = stored_bytes(session, tenant)
+    if used + stored.size > settings.max_stored_bytes:
+        store.delete(key)
+        raise TooLarge(f"file: storing {stored.size} more bytes would take tenant storage to {used + stored.size}, "
+                       f"over its {settings.max_stored_bytes} byte quota; delete datasets or adapters first")
     model_id = next(iter(catalog.offered()))
     try:
         # Steps per epoch are estimated at the default batch size; a job's own size rescales them.
@@ -132,9 +147,15 @@ def _check_dataset_ref(session: Session, tenant: Tenant, dataset_id: str | None,
         raise Invalid(field, f"{field}: {exc}; upload it with POST /datasets first") from exc
 
 
-def create_job(session: Session, tenant: Tenant, spec: Any) -> Job:
+def create_job(session: Session, tenant: Tenant, spec: Any, settings: Settings) -> Job:
     """Validate everything a worker would trip over, then record the job as queued."""
     from sbora_core.train import Hyperparameters
+
+    unfinished = session.scalar(select(func.count()).select_from(Job).where(
+        Job.tenant_id == tenant.id, Job.status.in_(("queued", "running")))) or 0
+    if unfinished >= settings.max_concurrent_jobs:
+        raise QuotaExceeded(f"{unfinished} jobs are queued or running, the limit per tenant is "
+                            f"{settings.max_concurrent_jobs}; wait for one to finish or cancel one")
 
     try:
         catalog.source_of(spec.base_model)

@@ -49,8 +49,13 @@ def build_tiny_model(
     num_heads: int = 4,
     num_kv_heads: int = 2,
     seed: int = 0,
+    initializer_range: float = 0.02,
 ) -> Path:
-    """Save a randomly initialised tiny LLaMA model and its tokenizer into `directory`."""
+    """Save a randomly initialised tiny LLaMA model and its tokenizer into `directory`.
+
+    A larger `initializer_range` gives peakier next-token distributions, so greedy
+    decoding is not decided by float rounding between near-equal logits.
+    """
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_byte_tokenizer()
@@ -66,6 +71,7 @@ def build_tiny_model(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=True,
+        initializer_range=initializer_range,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

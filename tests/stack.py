@@ -52,9 +52,9 @@ def clear_caches() -> None:
     for cached in (config.get_settings, db.get_engine, db.get_sessionmaker, catalog.offered, catalog.summary,
                    catalog.tokenizer, celery_app.get_celery):
         cached.cache_clear()
-    import app.inference as inference
+    from app.inference import reset_engines
 
-    inference._generator = None
+    reset_engines()
 
 
 @dataclass
@@ -164,3 +164,25 @@ def chat_lines(n: int, offset: int = 0) -> bytes:
                                  {"role": "assistant", "content": f"The colour is {colours[i % 4]}."}]}) + "\n"
         for i in range(offset, offset + n)
     ).encode()
+
+
+class LiveServer:
+    """The app under a real uvicorn server on a free loopback port, in a background thread."""
+
+    def __init__(self, app) -> None:
+        import threading
+
+        import uvicorn
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started, 30, 0.05, "uvicorn to start")
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)

@@ -29,9 +29,16 @@ class Settings(BaseSettings):
     min_dataset_records: int = Field(1, description="fewest valid records a dataset may have")
     job_lease_s: int = Field(120, description="a running job whose worker is silent this long is taken over")
     generate_max_new_tokens: int = Field(1024, description="upper bound on max_new_tokens per request")
+    engine_max_batch_size: int = Field(8, description="requests decoded together in one batch")
+    engine_max_queue: int = Field(64, description="requests waiting for generation before 429")
+    adapter_cache_bytes: int = Field(1 << 30, description="bytes of adapters kept loaded per base model (LRU)")
     host: str = Field("127.0.0.1", description="address `sbora serve` binds")
     port: int = Field(8000, description="port `sbora serve` binds")
     train_queue: str = Field("train", description="Celery queue training jobs go to")
+    reconcile_interval_s: float = Field(15.0, description="how often the API looks for jobs the broker lost")
+    queued_stale_s: float = Field(60.0, description="a queued job unclaimed this long is enqueued again")
+    max_concurrent_jobs: int = Field(4, description="per tenant: queued plus running jobs (429 beyond)")
+    max_stored_bytes: int = Field(10 * 1024**3, description="per tenant: datasets plus adapters (413 beyond)")
 
     @property
     def resolved_database_url(self) -> str:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.responses import StreamingResponse
 
 from app import crud
-from app.api.deps import CurrentTenant, SessionDep
+from app.api.deps import CurrentTenant, SessionDep, SettingsDep
 from app.core.db import get_sessionmaker
 from app.models import JOB_STATUSES, TERMINAL_STATUSES, Tenant
 from app.queue import enqueue_job
@@ -18,9 +18,9 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=JobPublic)
-def create_job(spec: JobCreate, session: SessionDep, tenant: CurrentTenant) -> JobPublic:
+def create_job(spec: JobCreate, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep) -> JobPublic:
     """Validate and queue a fine-tuning job."""
-    job = crud.create_job(session, tenant, spec)
+    job = crud.create_job(session, tenant, spec, settings)
     enqueue_job(job.id)
     return JobPublic.from_row(job)
 

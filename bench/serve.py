@@ -1,0 +1,260 @@
+"""Serving benchmark: the engine with and without adapters, mixed batches, swaps, and HTTP concurrency.
+
+One run on the default model, side by side, in tokens/s (greedy, EOS ignored so
+every request produces exactly --new-tokens tokens):
+- base model alone (a batch of 8 requests, no adapter);
+- one SBoRA-FA adapter merged (8 requests, the same adapter);
+- a mixed batch: 8 requests on 8 different adapters (unmerged, per-row banks);
+- PEFT with the same 8 adapters (exported as LoRA) via `generate(adapter_names=...)`;
+- adapter swap latency: load from disk + merge (ours, region cache warm) against
+  PEFT's load_adapter + set_adapter + merge_adapter;
+- 16 concurrent HTTP clients on /v1/completions against one client at a time.
+
+    .venv/bin/python bench/serve.py
+
+Writes bench/results/serve.json (top-level `ratios`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from sbora_core.adapter_io import export_peft, load_adapter, save_adapter
+from sbora_core.config import SBoRAConfig
+from sbora_core.engine import Engine, SamplingParams
+from sbora_core.inject import adapter_from_model, inject_adapter, remove_adapter
+from sbora_core.merge import RegionCache, merge_adapters
+from sbora_core.models import DEFAULT_MODEL, load_base_model
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = {
+    "merged_vs_base_tps": (">=", 0.97),
+    "mixed8_vs_base_tps": (">=", 0.75),
+    "mixed8_vs_peft_mixed8_tps": (">", 1.0),
+    "swap_speedup_vs_peft": (">=", 10.0),
+    "concurrent16_vs_sequential": (">=", 3.0),
+}
+PROMPTS = [
+    "Explain why the sky is blue.", "Write a haiku about autumn leaves.", "What is the capital of Japan?",
+    "List three uses of copper.", "Describe a cat to someone who has never seen one.",
+    "How do vaccines work?", "Give me a tip for learning to cook.", "Why do we have seasons?",
+]
+
+
+def make_adapters(base, n: int, r: int, out: Path) -> list[Path]:
+    """n SBoRA-FA adapters with distinct index sets and random (trained-looking) factors."""
+    dirs = []
+    for i in range(n):
+        config = SBoRAConfig(variant="sbora_fa", r=r, alpha=2 * r, index_seed=i, base_model=base.fingerprint)
+        layers = inject_adapter(base.model, config, fast_path=False)
+        torch.manual_seed(i)
+        with torch.no_grad():
+            for layer in layers.values():
+                layer.sbora_B.normal_(std=2e-3)
+        save_adapter(adapter_from_model(base.model, config), out / f"a{i}")
+        remove_adapter(base.model)
+        dirs.append(out / f"a{i}")
+    return dirs
+
+
+def engine_tps(engine: Engine, prompts: list[list[int]], adapter_sets: list[list], params: SamplingParams,
+               reps: int) -> float:
+    """Generated tokens per second over `reps` batches of all prompts submitted together."""
+    rates = []
+    for _ in range(reps + 1):  # the first batch warms up (and fills the region cache)
+        start = time.perf_counter()
+        with engine.cv:
+            handles = [engine.submit(p, a, params) for p, a in zip(prompts, adapter_sets, strict=True)]
+        tokens = sum(h.result().completion_tokens for h in handles)
+        rates.append(tokens / (time.perf_counter() - start))
+    return statistics.median(rates[1:])
+
+
+def peft_mixed_tps(base_dir_model, tokenizer, prompts: list[str], peft_dirs: list[Path], new_tokens: int,
+                   reps: int) -> float:
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(base_dir_model, peft_dirs[0], adapter_name="p0")
+    for i, d in enumerate(peft_dirs[1:], start=1):
+        model.load_adapter(d, adapter_name=f"p{i}")
+    model.eval()
+    tokenizer.padding_side = "left"
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    names = [f"p{i}" for i in range(len(prompts))]
+    rates = []
+    with torch.no_grad():
+        for _ in range(reps + 1):
+            start = time.perf_counter()
+            out = model.generate(**enc, adapter_names=names, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            generated = (out.shape[1] - enc["input_ids"].shape[1]) * len(prompts)
+            rates.append(generated / (time.perf_counter() - start))
+    return statistics.median(rates[1:])
+
+
+def swap_latencies(base, dirs: list[Path], peft_model_factory, peft_dirs: list[Path], reps: int) -> tuple[float, float]:
+    """Median seconds for one swap: ours (load + merge, then unmerge) vs PEFT (load + set + merge)."""
+    regions = RegionCache()
+    ours = []
+    for i in range(reps + 1):
+        start = time.perf_counter()
+        handle = merge_adapters(base.model, [load_adapter(dirs[i % len(dirs)])], regions)
+        ours.append(time.perf_counter() - start)
+        handle.unmerge()
+    peft_model = peft_model_factory()
+    theirs = []
+    for i in range(reps + 1):
+        name = f"swap{i}"
+        start = time.perf_counter()
+        peft_model.load_adapter(peft_dirs[i % len(peft_dirs)], adapter_name=name)
+        peft_model.set_adapter(name)
+        peft_model.merge_adapter()
+        theirs.append(time.perf_counter() - start)
+        peft_model.unmerge_adapter()
+        peft_model.delete_adapter(name)
+    return statistics.median(ours[1:]), statistics.median(theirs[1:])
+
+
+def http_concurrency(new_tokens: int, clients: int, per_client: int) -> tuple[float, float]:
+    """Tokens/s of `clients` concurrent /v1/completions callers vs the same calls one at a time."""
+    import httpx
+
+    from support import serve_default_model
+
+    with serve_default_model() as (url, key):
+        headers = {"Authorization": f"Bearer {key}"}
+        body = {"model": DEFAULT_MODEL, "prompt": "Tell me a story about a robot.", "max_tokens": new_tokens,
+                "temperature": 0, "ignore_eos": True}
+
+        def call(client: httpx.Client) -> int:
+            r = client.post(f"{url}/v1/completions", json=body, headers=headers, timeout=600)
+            r.raise_for_status()
+            return r.json()["usage"]["completion_tokens"]
+
+        with httpx.Client() as client:
+            call(client)  # warm-up: loads the model into the engine
+            start = time.perf_counter()
+            tokens = sum(call(client) for _ in range(per_client * 2))
+            sequential = tokens / (time.perf_counter() - start)
+        counts: list[int] = []
+
+        def worker() -> None:
+            with httpx.Client() as client:
+                for _ in range(per_client):
+                    counts.append(call(client))
+
+        threads = [threading.Thread(target=worker) for _ in range(clients)]
+        start = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        concurrent = sum(counts) / (time.perf_counter() - start)
+    return sequential, concurrent
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--r", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clients", type=int, default=16)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+    base = load_base_model(DEFAULT_MODEL, device="cpu")
+    tok = base.tokenizer
+    prompts = [tok(tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                           add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+               for p in PROMPTS]
+    params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        dirs = make_adapters(base, 8, args.r, tmp)
+        adapters = [load_adapter(d) for d in dirs]
+        peft_dirs = [export_peft(a, tmp / f"peft{i}", str(base.path)) for i, a in enumerate(adapters)]
+
+        print("engine: base / merged / mixed ...", file=sys.stderr, flush=True)
+        engine = Engine(base, max_batch_size=8)
+        rows = {}
+        for _ in range(2):  # interleave the three modes twice against drift
+            for key, sets in (("base", [[]] * 8), ("merged", [[adapters[0]]] * 8),
+                              ("mixed8", [[a] for a in adapters])):
+                rows.setdefault(key, []).append(engine_tps(engine, prompts, sets, params, args.reps))
+        engine.close()
+        tps = {k: max(v) for k, v in rows.items()}
+
+        print("PEFT mixed batch ...", file=sys.stderr, flush=True)
+        texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                 for p in PROMPTS]
+        peft_base = load_base_model(DEFAULT_MODEL, device="cpu")
+        tps["peft_mixed8"] = peft_mixed_tps(peft_base.model, peft_base.tokenizer, texts, peft_dirs,
+                                            args.new_tokens, args.reps)
+
+        print("swap latency ...", file=sys.stderr, flush=True)
+
+        def peft_factory():
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(load_base_model(DEFAULT_MODEL, device="cpu").model, peft_dirs[0],
+                                             adapter_name="first")
+
+        ours_swap, peft_swap = swap_latencies(base, dirs, peft_factory, peft_dirs, args.reps + 2)
+
+    print("HTTP concurrency ...", file=sys.stderr, flush=True)
+    sequential, concurrent = http_concurrency(args.new_tokens // 2, args.clients, 2)
+
+    ratios = {
+        "merged_vs_base_tps": tps["merged"] / tps["base"],
+        "mixed8_vs_base_tps": tps["mixed8"] / tps["base"],
+        "mixed8_vs_peft_mixed8_tps": tps["mixed8"] / tps["peft_mixed8"],
+        "swap_speedup_vs_peft": peft_swap / ours_swap,
+        "concurrent16_vs_sequential": concurrent / sequential,
+    }
+    results = {
+        "setup": {"model": DEFAULT_MODEL, "r": args.r, "variant": "sbora_fa", "batch": 8,
+                  "new_tokens": args.new_tokens, "threads": args.threads, "dtype": "float32",
+                  "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch": torch.__version__},
+        "tokens_per_s": tps,
+        "swap_s": {"ours_load_and_merge": ours_swap, "peft_load_set_merge": peft_swap},
+        "http_tokens_per_s": {"sequential": sequential, f"concurrent{args.clients}": concurrent},
+        "ratios": ratios,
+        "targets": TARGETS,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serve.json").write_text(json.dumps(results, indent=2))
+
+    print(f"\nServing, {DEFAULT_MODEL}, SBoRA-FA r={args.r}, batch 8, {args.new_tokens} new tokens, "
+          f"fp32, {args.threads} threads\n")
+    print("| measurement | value |\n|---|---:|")
+    for key, label in (("base", "base model, batch of 8 (tokens/s)"),
+                       ("merged", "one adapter merged, batch of 8 (tokens/s)"),
+                       ("mixed8", "8 different adapters, unmerged per row (tokens/s)"),
+                       ("peft_mixed8", "PEFT, 8 adapters via adapter_names (tokens/s)")):
+        print(f"| {label} | {tps[key]:.1f} |")
+    print(f"| swap: load + merge, ours (ms) | {ours_swap * 1e3:.1f} |")
+    print(f"| swap: load_adapter + set_adapter + merge_adapter, PEFT (ms) | {peft_swap * 1e3:.1f} |")
+    print(f"| /v1/completions, one client at a time (tokens/s) | {sequential:.1f} |")
+    print(f"| /v1/completions, {args.clients} concurrent clients (tokens/s) | {concurrent:.1f} |")
+    print("\n| ratio | value | target |\n|---|---:|---|")
+    for key, value in ratios.items():
+        op, bound = TARGETS[key]
+        ok = value >= bound if op == ">=" else value > bound
+        print(f"| {key} | {value:.3f} | {op} {bound} ({'met' if ok else 'missed'}) |")
+
+
+if __name__ == "__main__":
+    main()

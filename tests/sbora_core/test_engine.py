@@ -1,0 +1,213 @@
+"""The inference engine: merged vs unmerged application, mixed batches, cache, composition, queue bound."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from sbora_core.adapter_io import AdapterMismatchError, save_adapter
+from sbora_core.config import SBoRAConfig
+from sbora_core.engine import AdapterIntegrityError, Engine, QueueFull, SamplingParams
+from sbora_core.inject import adapter_from_model, inject_adapter, remove_adapter
+from sbora_core.merge import merge_adapters
+from sbora_core.models import load_base_model
+from sbora_core.testing import build_tiny_model
+
+PROMPTS = ["Once upon a time", "The capital of", "SBoRA adapters are", "x"]
+
+
+@pytest.fixture(scope="module")
+def peaky_model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("engine") / "peaky", initializer_range=0.3, seed=3)
+
+
+@pytest.fixture
+def base(peaky_model_dir):
+    return load_base_model(str(peaky_model_dir), device="cpu")
+
+
+@pytest.fixture
+def engine(base):
+    engine = Engine(base, max_batch_size=8)
+    yield engine
+    engine.close()
+
+
+def make_adapter(base, variant="sbora_fa", index_seed=0, seed=0, r=8, indices=None):
+    config = SBoRAConfig(variant=variant, r=r, alpha=2 * r, index_seed=index_seed, base_model=base.fingerprint)
+    layers = inject_adapter(base.model, config, fast_path=False, indices=indices)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers.values():
+            for p in (layer.sbora_A, layer.sbora_B):
+                if p is not None:
+                    p.normal_(std=0.3)
+    adapter = adapter_from_model(base.model, config)
+    remove_adapter(base.model)
+    return adapter
+
+
+def ids(engine, text):
+    return engine.tokenizer(text)["input_ids"]
+
+
+def greedy(n=12):
+    return SamplingParams(max_new_tokens=n)
+
+
+def run_together(engine, requests):
+    """Submit all requests before the scheduler can take any, so they share one batch."""
+    with engine.cv:
+        handles = [engine.submit(ids(engine, p), a, greedy()) for p, a in requests]
+    return [h.result() for h in handles]
+
+
+@pytest.mark.parametrize("variant", ["sbora_fa", "sbora_fb", "lora"])
+def test_merged_and_unmerged_application_give_the_same_tokens(base, variant):
+    adapter = make_adapter(base, variant)
+    merged = Engine(base, merge_single=True)
+    plain_base = base.model(input_ids=torch.tensor([ids(merged, PROMPTS[0])])).logits
+    try:
+        a = [merged.generate(ids(merged, p), [adapter], greedy()).text for p in PROMPTS]
+    finally:
+        merged.close()
+    unmerged = Engine(base, merge_single=False)
+    try:
+        b = [unmerged.generate(ids(unmerged, p), [adapter], greedy()).text for p in PROMPTS]
+        none = unmerged.generate(ids(unmerged, PROMPTS[0]), [], greedy()).text
+    finally:
+        unmerged.close()
+    assert merged.stats["merged_batches"] == 4 and unmerged.stats["mixed_batches"] == 4
+    assert a == b
+    assert a[0] != none, "the adapter must change what the model says"
+    assert torch.equal(base.model(input_ids=torch.tensor([ids(merged, PROMPTS[0])])).logits, plain_base)
+
+
+def test_mixed_batch_gives_each_request_its_solo_tokens(engine, base):
+    adapters = [make_adapter(base, "sbora_fa", index_seed=1, seed=1), make_adapter(base, "sbora_fb", index_seed=2, seed=2),
+                make_adapter(base, "lora", seed=3), None]
+    requests = [(p, [a] if a else []) for p, a in zip(PROMPTS, adapters, strict=True)]
+    alone = [engine.generate(ids(engine, p), a, greedy()).text for p, a in requests]
+    together = run_together(engine, requests)
+    assert engine.stats["mixed_batches"] == 1
+    assert [c.text for c in together] == alone
+    assert len(set(alone)) == len(alone)
+
+
+def test_swap_then_unmerge_leaves_every_weight_bit_identical(engine, base):
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    first, second = make_adapter(base, index_seed=1, seed=1), make_adapter(base, index_seed=2, seed=2)
+    for adapter in (first, second, first):
+        engine.generate(ids(engine, PROMPTS[1]), [adapter], greedy(4))
+    assert engine.stats["merged_batches"] == 3
+    engine.close()  # the last unmerge runs after the result is delivered; wait for the scheduler to stop
+    after = base.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_composition_of_disjoint_adapters_equals_merging_one_after_the_other(engine, base, peaky_model_dir):
+    first = make_adapter(base, index_seed=1, seed=1)
+    taken = {n: set(d.indices.tolist()) for n, d in first.modules.items()}
+    free = {n: torch.tensor([i for i in range(d.shape[1]) if i not in taken[n]][:8]) for n, d in first.modules.items()}
+    second = make_adapter(base, index_seed=2, seed=2, indices=free)
+    composed = [engine.generate(ids(engine, p), [first, second], greedy()).text for p in PROMPTS]
+
+    sequential = load_base_model(str(peaky_model_dir), device="cpu")
+    merge_adapters(sequential.model, [first])
+    merge_adapters(sequential.model, [second])
+    reference = Engine(sequential)
+    try:
+        assert composed == [reference.generate(ids(reference, p), [], greedy()).text for p in PROMPTS]
+    finally:
+        reference.close()
+
+
+def test_overlapping_composition_is_rejected_naming_the_layer(engine, base):
+    first, second = make_adapter(base, index_seed=1, seed=1), make_adapter(base, index_seed=1, seed=2)
+    with pytest.raises(ValueError, match=r"^model\.layers\.0\.\S+: adapters overlap in columns"):
+        engine.submit(ids(engine, "x"), [first, second])
+
+
+def test_adapter_cache_evicts_least_recently_used_by_bytes(base, tmp_path):
+    adapters = [make_adapter(base, index_seed=i, seed=i) for i in range(3)]
+    for i, adapter in enumerate(adapters):
+        save_adapter(adapter, tmp_path / f"a{i}")
+    engine = Engine(base, cache_bytes=int(adapters[0].nbytes() * 2.5))
+    try:
+        engine.adapter("a0", tmp_path / "a0")
+        engine.adapter("a1", tmp_path / "a1")
+        engine.adapter("a0", tmp_path / "a0")  # a0 is now the most recently used
+        engine.adapter("a2", tmp_path / "a2")  # over capacity: a1 goes
+        assert list(engine.cache.entries) == ["a0", "a2"]
+        assert (engine.cache.hits, engine.cache.misses, engine.cache.evictions) == (1, 3, 1)
+        assert engine.cache.bytes <= engine.cache.capacity_bytes
+    finally:
+        engine.close()
+
+
+def test_mismatched_or_corrupted_adapters_are_rejected(engine, base, tmp_path, tiny_model_dir):
+    other = load_base_model(str(tiny_model_dir), device="cpu")
+    save_adapter(make_adapter(other), tmp_path / "other")
+    with pytest.raises(AdapterMismatchError, match="was trained on base model"):
+        engine.adapter("other", tmp_path / "other")
+    save_adapter(make_adapter(base), tmp_path / "mine")
+    with pytest.raises(AdapterIntegrityError, match="do not match their sha256"):
+        engine.adapter("mine", tmp_path / "mine", weights_sha256="0" * 64)
+    assert "other" not in engine.cache and "mine" not in engine.cache
+
+
+def test_queue_bound_answers_queue_full_with_a_retry_time(base):
+    engine = Engine(base, max_queue=2)
+    try:
+        with engine.cv:  # the scheduler cannot take anything while we hold its lock
+            engine.submit(ids(engine, "a"), [], greedy(2))
+            engine.submit(ids(engine, "b"), [], greedy(2))
+            with pytest.raises(QueueFull) as info:
+                engine.submit(ids(engine, "c"), [], greedy(2))
+        assert info.value.retry_after_s >= 1
+    finally:
+        engine.close()
+
+
+def test_sampling_parameters_per_request(engine):
+    prompt = ids(engine, PROMPTS[0])
+    sampled = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    assert engine.generate(prompt, [], sampled).text == engine.generate(prompt, [], sampled).text
+    short = engine.generate(prompt, [], SamplingParams(max_new_tokens=3))
+    assert short.completion_tokens == 3 and short.finish_reason == "length"
+    full = engine.generate(prompt, [], greedy(12)).text
+    stop = full[3:5]
+    stopped = engine.generate(prompt, [], SamplingParams(max_new_tokens=12, stop=[stop]))
+    assert stopped.finish_reason == "stop" and stopped.text == full[: full.find(stop)]
+
+
+def test_streaming_and_cancellation(engine):
+    handle = engine.submit(ids(engine, PROMPTS[0]), [], greedy(200))
+    pieces = []
+    for piece in handle:
+        pieces.append(piece)
+        if len(pieces) == 2:
+            handle.cancel()
+    assert handle.completion.finish_reason == "cancelled"
+    assert handle.completion.completion_tokens < 200
+    whole = engine.generate(ids(engine, PROMPTS[0]), [], greedy(12))
+    streamed = "".join(engine.submit(ids(engine, PROMPTS[0]), [], greedy(12)))
+    assert streamed == whole.text
+
+
+def test_many_threads_share_batches(engine, base):
+    adapters = [make_adapter(base, index_seed=i, seed=i) for i in range(4)]
+    results: dict[int, str] = {}
+
+    def client(i):
+        results[i] = engine.generate(ids(engine, PROMPTS[i % 4]), [adapters[i % 4]], greedy(8)).text
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(results[i] == results[i % 4] for i in range(12))
+    assert engine.stats["batches"] < 12
