@@ -29,7 +29,7 @@ class Settings(BaseSettings):
     min_dataset_records: int = Field(1, description="fewest valid records a dataset may have")
     job_lease_s: int = Field(120, description="a running job whose worker is silent this long is taken over")
     generate_max_new_tokens: int = Field(1024, description="upper bound on max_new_tokens per request")
-    engine_max_batch_size: int = Field(8, description="requests decoded together in one batch")
+    engine_max_batch_size: int = Field(16, description="requests decoded together in one batch")
     engine_max_queue: int = Field(64, description="requests waiting for generation before 429")
     adapter_cache_bytes: int = Field(1 << 30, description="bytes of adapters kept loaded per base model (LRU)")
     host: str = Field("127.0.0.1", description="address `sbora serve` binds")
