@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,6 +58,47 @@ def clear_caches() -> None:
     reset_engines()
 
 
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class PrivateRedis:
+    """A redis-server of the test's own, which the test may kill and restart (state is not persisted)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            if os.environ.get("SBORA_REQUIRE_SERVICES") == "1":
+                pytest.fail("redis-server is not installed, and SBORA_REQUIRE_SERVICES=1 demands it")
+            pytest.skip("redis-server is not installed")
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                                      "--appendonly", "no", "--dir", str(self.workdir)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(lambda: _port_open("127.0.0.1", self.port), 10, 0.05, "redis-server to listen")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self) -> None:
+        """Kill and start again: everything the broker held is gone."""
+        self.kill()
+        self.start()
+
+
 @dataclass
 class Stack:
     flavour: str
@@ -64,18 +106,32 @@ class Stack:
     data_dir: Path
     worker_log: Path
     workers: list[subprocess.Popen] = field(default_factory=list)
+    redis: PrivateRedis | None = None
 
-    def start_worker(self) -> subprocess.Popen:
-        log = open(self.worker_log, "a")
+    def start_worker(self, rlimits: dict[int, int] | None = None, quiet: bool = False) -> subprocess.Popen:
+        """A worker in a process group of its own (so a test can kill it whole), optionally resource-limited."""
+        import resource
+
         from sbora_cli.server import worker_command_line
 
+        def limit() -> None:
+            for what, value in (rlimits or {}).items():
+                resource.setrlimit(what, (value, value))
+
+        log = subprocess.DEVNULL if quiet else open(self.worker_log, "a")
         # The same command line `sbora worker` runs in production.
         proc = subprocess.Popen(
             worker_command_line(self.env["SBORA_TRAIN_QUEUE"], name=f"w{len(self.workers)}"),
             cwd=ROOT, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=limit if rlimits else None,
         )
         self.workers.append(proc)
         return proc
+
+    def kill_worker(self, proc: subprocess.Popen) -> None:
+        """SIGKILL the worker's main process and its pool child at once, as a crash or the OOM killer would."""
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
     def stop_workers(self) -> None:
         for proc in self.workers:
@@ -85,7 +141,8 @@ class Stack:
             try:
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
         self.workers.clear()
 
     def key(self, tenant: str) -> str:
@@ -97,8 +154,11 @@ class Stack:
         return plain
 
 
-def make_stack(flavour: str, tmp: Path, models: list[str]) -> tuple[Stack, callable]:
-    """Set the environment for `flavour`, migrate, and return the stack plus its teardown."""
+def make_stack(flavour: str, tmp: Path, models: list[str], *, private_redis: bool = False,
+               extra_env: dict[str, str] | None = None) -> tuple[Stack, callable]:
+    """Set the environment for `flavour`, migrate, and return the stack plus its teardown.
+
+    `private_redis` gives the production flavour a redis-server of its own (for tests that kill it)."""
     from app.migrate import upgrade_database
 
     suffix = secrets.token_hex(4)
@@ -111,6 +171,7 @@ def make_stack(flavour: str, tmp: Path, models: list[str]) -> tuple[Stack, calla
         "SBORA_BROKER_URL": "",
     }
     cleanup = []
+    redis = None
     if flavour == "production":
         require_services()
         import psycopg
@@ -127,14 +188,20 @@ def make_stack(flavour: str, tmp: Path, models: list[str]) -> tuple[Stack, calla
         base = PG_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
         env["SBORA_DATABASE_URL"] = f"{base}/{db_name}"
         env["SBORA_BROKER_URL"] = REDIS_URL
+        if private_redis:
+            redis = PrivateRedis(tmp)
+            cleanup.append(redis.kill)
+            env["SBORA_BROKER_URL"] = redis.url
     else:
         del env["SBORA_DATABASE_URL"], env["SBORA_BROKER_URL"]
         os.environ.pop("SBORA_DATABASE_URL", None)
         os.environ.pop("SBORA_BROKER_URL", None)
+    env.update(extra_env or {})
     os.environ.update(env)
     clear_caches()
     upgrade_database()
-    stack = Stack(flavour=flavour, env=env, data_dir=tmp / "data", worker_log=tmp / "worker.log")
+    stack = Stack(flavour=flavour, env=env, data_dir=tmp / "data", worker_log=tmp / "worker.log",
+                  redis=redis if flavour == "production" and private_redis else None)
 
     def teardown() -> None:
         stack.stop_workers()

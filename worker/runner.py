@@ -153,10 +153,13 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
         return "unknown_model", str(exc)
     if isinstance(exc, FloatingPointError):
         return "training_diverged", str(exc)
-    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError) or "can't allocate memory" in str(exc):
         return "out_of_memory", "ran out of memory; lower batch_size or max_seq_len, or use quantization nf4"
-    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        return "disk_full", "the artifact store ran out of space; free space or raise the quota and retry"
+    disk_errnos = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    # Writers like safetensors report the OS error only in their message ("... (os error 28)").
+    if (isinstance(exc, OSError) and exc.errno in disk_errnos) or any(
+            f"os error {n})" in str(exc) for n in disk_errnos):
+        return "disk_full", "the artifact store ran out of space (or a file size limit); free space and retry"
     if isinstance(exc, AdapterFormatError | ValueError):
         return "invalid_configuration", str(exc)[:1000]
     return "internal_error", f"{type(exc).__name__}: {str(exc)[:500]}"
