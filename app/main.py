@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -15,9 +16,21 @@ from app import crud
 from app.api.routes import adapters, datasets, generate, health, jobs, models, openai_compat
 from app.inference import reset_engines
 from app.migrate import upgrade_database
+from app.schemas import ErrorBody, OpenAIErrorBody
 from sbora_core.engine import AdapterIntegrityError, QueueFull
 
 log = logging.getLogger("app")
+
+# Documented on every route, so clients (and schema-driven fuzzers) know every answer they can get.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody, "description": text}
+    for code, text in ((400, "malformed request body"), (401, "missing or invalid API key"), (404, "no such object for this tenant"),
+                       (409, "conflicts with the object's state"), (413, "too large for a limit or quota"),
+                       (429, "queue full or quota reached; see Retry-After"))
+}
+OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIErrorBody, "description": spec["description"]} for code, spec in ERROR_RESPONSES.items()
+} | {422: {"model": OpenAIErrorBody, "description": "invalid request"}}
 
 
 @asynccontextmanager
@@ -48,6 +61,14 @@ def error(request: Request, status: int, detail: Any, *, param: str | None = Non
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def allowed_methods(app: FastAPI, path: str) -> set[str]:
+    methods: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.path_regex.match(path):
+            methods |= route.methods
+    return methods
+
+
 def create_app() -> FastAPI:
     app = FastAPI(
         title="sbora-server",
@@ -55,13 +76,18 @@ def create_app() -> FastAPI:
         description="Fine-tune language models with SBoRA, keep the sparse adapters, generate with them.",
         lifespan=lifespan,
     )
-    for router in (health.router, models.router, datasets.router, jobs.router, adapters.router,
-                   generate.router, openai_compat.router):
-        app.include_router(router)
+    app.include_router(health.router)
+    for router in (models.router, datasets.router, jobs.router, adapters.router, generate.router):
+        app.include_router(router, responses=ERROR_RESPONSES)
+    app.include_router(openai_compat.router, responses=OPENAI_ERROR_RESPONSES)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error(request, exc.status_code, exc.detail, headers=exc.headers)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette lists the methods of the first matching route only; list every route's.
+            headers["Allow"] = ", ".join(sorted(allowed_methods(app, request.url.path)))
+        return error(request, exc.status_code, exc.detail, headers=headers)
 
     @app.exception_handler(crud.NotFound)
     async def not_found(request: Request, exc: crud.NotFound) -> JSONResponse:

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Generic, Literal, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 T = TypeVar("T")
 
@@ -17,8 +17,19 @@ class Page(BaseModel, Generic[T]):
     offset: int
 
 
-class ErrorDetail(BaseModel):
+class ErrorBody(BaseModel):
     detail: Any
+
+
+class OpenAIError(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIErrorBody(BaseModel):
+    error: OpenAIError
 
 
 # -- datasets ----------------------------------------------------------------------------------
@@ -37,6 +48,11 @@ class DatasetPublic(BaseModel):
 
 
 # -- jobs --------------------------------------------------------------------------------------
+ModuleNames = Annotated[
+    list[Annotated[str, StringConstraints(min_length=1, max_length=100)]], Field(min_length=1, max_length=64)
+]
+
+
 class MethodSpec(BaseModel):
     """The adapter to train (see sbora_core.config.SBoRAConfig)."""
 
@@ -45,19 +61,11 @@ class MethodSpec(BaseModel):
     r: int = Field(32, ge=1, le=65536, description="rank: standard-basis vectors per layer")
     alpha: float = Field(64.0, gt=0, le=1e6, description="update scaled by alpha/r")
     dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = Field(
+    target_modules: ModuleNames | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         description="module names to adapt, or 'all-linear'",
     )
     index_seed: int = Field(0, ge=0, le=2**31 - 1)
-
-    @field_validator("target_modules")
-    @classmethod
-    def _names(cls, value: list[str] | str) -> list[str] | str:
-        if isinstance(value, list):
-            if not value or len(value) > 64 or any(not n or len(n) > 100 for n in value):
-                raise ValueError("give 1 to 64 module names")
-        return value
 
 
 class HyperparametersSpec(BaseModel):

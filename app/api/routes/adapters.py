@@ -17,7 +17,7 @@ router = APIRouter(prefix="/adapters", tags=["adapters"])
 def list_adapters(session: SessionDep, tenant: CurrentTenant,
                   base_model: Annotated[str | None, Query(max_length=500)] = None,
                   limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                  offset: Annotated[int, Query(ge=0)] = 0) -> Page[AdapterPublic]:
+                  offset: Annotated[int, Query(ge=0, le=10**9)] = 0) -> Page[AdapterPublic]:
     rows, total = crud.list_adapters(session, tenant, base_model, limit, offset)
     return Page(data=[AdapterPublic.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
 

@@ -22,7 +22,7 @@ def upload_dataset(file: UploadFile, session: SessionDep, tenant: CurrentTenant,
 
 @router.get("", response_model=Page[DatasetPublic])
 def list_datasets(session: SessionDep, tenant: CurrentTenant, limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                  offset: Annotated[int, Query(ge=0)] = 0) -> Page[DatasetPublic]:
+                  offset: Annotated[int, Query(ge=0, le=10**9)] = 0) -> Page[DatasetPublic]:
     rows, total = crud.list_datasets(session, tenant, limit, offset)
     return Page(data=[DatasetPublic.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
 

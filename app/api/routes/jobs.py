@@ -29,7 +29,7 @@ def create_job(spec: JobCreate, session: SessionDep, tenant: CurrentTenant, sett
 def list_jobs(session: SessionDep, tenant: CurrentTenant,
               status: Annotated[str | None, Query(pattern=f"^({'|'.join(JOB_STATUSES)})$")] = None,
               limit: Annotated[int, Query(ge=1, le=200)] = 50,
-              offset: Annotated[int, Query(ge=0)] = 0) -> Page[JobPublic]:
+              offset: Annotated[int, Query(ge=0, le=10**9)] = 0) -> Page[JobPublic]:
     rows, total = crud.list_jobs(session, tenant, status, limit, offset)
     return Page(data=[JobPublic.from_row(r) for r in rows], total=total, limit=limit, offset=offset)
 
@@ -46,7 +46,7 @@ def cancel_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> JobPu
 
 @router.get("/{job_id}/events", response_model=Page[JobEventPublic])
 def list_events(job_id: str, session: SessionDep, tenant: CurrentTenant,
-                after: Annotated[int, Query(ge=0, description="return events with id > after")] = 0,
+                after: Annotated[int, Query(ge=0, le=2**62, description="return events with id > after")] = 0,
                 kind: Annotated[str | None, Query(pattern="^(status|log|metric|eval|checkpoint)$")] = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Page[JobEventPublic]:
     """Log and metric events in order; page with `after` = the last id seen. `kind=metric` is the loss curve."""
@@ -57,7 +57,7 @@ def list_events(job_id: str, session: SessionDep, tenant: CurrentTenant,
 @router.get("/{job_id}/events/stream", response_class=StreamingResponse,
             responses={200: {"content": {"text/event-stream": {}}}})
 async def stream_events(job_id: str, request: Request, session: SessionDep, tenant: CurrentTenant,
-                        last_event_id: Annotated[int | None, Header()] = None) -> StreamingResponse:
+                        last_event_id: Annotated[int | None, Header(ge=0, le=2**62)] = None) -> StreamingResponse:
     """Server-sent events: every event as it is written, until the job ends. Reconnects resume
     from `Last-Event-ID`."""
     crud.get_job(session, tenant, job_id)  # 404 before the stream starts
