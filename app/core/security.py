@@ -45,5 +45,8 @@ def revoke_api_key(session: Session, key_id: str) -> bool:
 
 
 def tenant_for_key(session: Session, plain: str) -> Tenant | None:
-    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_key(plain), ApiKey.revoked_at.is_(None)))
-    return None if key is None else session.get(Tenant, key.tenant_id)
+    """The tenant of an active key, in one indexed query (it runs on every request)."""
+    return session.scalar(
+        select(Tenant).join(ApiKey, ApiKey.tenant_id == Tenant.id)
+        .where(ApiKey.key_hash == hash_key(plain), ApiKey.revoked_at.is_(None))
+    )
