@@ -96,6 +96,8 @@ def create_app() -> FastAPI:
     @app.exception_handler(crud.Invalid)
     async def invalid(request: Request, exc: crud.Invalid) -> JSONResponse:
         detail = [{"loc": ["body", *exc.field.split(".")], "msg": exc.message, "type": "value_error"}]
+        if request.url.path.startswith("/v1/"):
+            detail = exc.message  # already names the field; OpenAI's body carries it in `param` too
         return error(request, 422, detail, param=exc.field,
                      extra={"errors": exc.errors} if exc.errors is not None else None)
 

@@ -197,6 +197,7 @@ def make_stack(flavour: str, tmp: Path, models: list[str], *, private_redis: boo
         os.environ.pop("SBORA_DATABASE_URL", None)
         os.environ.pop("SBORA_BROKER_URL", None)
     env.update(extra_env or {})
+    saved_environ = dict(os.environ)
     os.environ.update(env)
     clear_caches()
     upgrade_database()
@@ -210,6 +211,10 @@ def make_stack(flavour: str, tmp: Path, models: list[str], *, private_redis: boo
         get_engine().dispose()
         for fn in cleanup:
             fn()
+        # The next module's stack must not inherit this one's settings (extra_env especially).
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        clear_caches()
 
     return stack, teardown
 
