@@ -19,8 +19,8 @@ from sqlalchemy.orm import Session
 from app import catalog
 from app.api.deps import well_formed_id
 from app.core.config import Settings
-from app.schemas import HyperparametersSpec
 from app.models import TERMINAL_STATUSES, Adapter, Dataset, Job, JobEvent, Tenant, new_id, utcnow
+from app.schemas import HyperparametersSpec
 from app.storage import LocalArtifactStore, UploadTooLarge, sha256_file
 
 log = logging.getLogger(__name__)

@@ -1,72 +1,60 @@
-"""Generation for the API: one `sbora_core.engine.Engine` per base model, created on first use.
+"""Generation for the API: the engine process (`app.engine_process`), started on first use.
 
 `start_generation` is what /generate and the OpenAI-compatible routes share:
-it checks the request against the model (token budget, context length),
-loads and verifies the adapters through the engine's cache, and queues the
-request, returning a handle that streams text.
+the engine process checks the request against the model (token budget,
+context length), loads and verifies the adapters through its cache, and
+queues the request; the returned handle streams text.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
-from typing import Any
 
 from sqlalchemy.orm import Session
 
 from app import catalog, crud
 from app.core.config import get_settings
+from app.engine_process import AdapterRef, EngineLimits, EngineProcess, RemoteRequest
 from app.models import Adapter, Tenant
 from app.storage import get_store
-from sbora_core.engine import Engine, RequestHandle, SamplingParams
+from sbora_core.engine import SamplingParams
+
+log = logging.getLogger("app")
 
 
-class Engines:
-    def __init__(self) -> None:
-        self.engines: dict[str, Engine] = {}
-        self.lock = threading.Lock()
-
-    def get(self, model_id: str) -> Engine:
-        with self.lock:
-            engine = self.engines.get(model_id)
-            if engine is None:
-                from sbora_core.models import load_base_model
-
-                settings = get_settings()
-                base = load_base_model(catalog.source_of(model_id))
-                engine = self.engines[model_id] = Engine(
-                    base, max_batch_size=settings.engine_max_batch_size, max_queue=settings.engine_max_queue,
-                    cache_bytes=settings.adapter_cache_bytes,
-                )
-            return engine
-
-    def close(self) -> None:
-        with self.lock:
-            for engine in self.engines.values():
-                engine.close()
-            self.engines.clear()
+_engine: EngineProcess | None = None
+_engine_lock = threading.Lock()
 
 
-_engines: Engines | None = None
-
-
-def get_engines() -> Engines:
-    global _engines
-    if _engines is None:
-        _engines = Engines()
-    return _engines
+def get_engine_process() -> EngineProcess:
+    """The engine process, started on first use and again after it died."""
+    global _engine
+    with _engine_lock:
+        if _engine is None or not _engine.alive():
+            if _engine is not None:
+                log.error("the generation engine process exited (code %s); starting a new one",
+                          _engine.process.exitcode)
+                _engine.close()
+            settings = get_settings()
+            _engine = EngineProcess(EngineLimits(settings.engine_max_batch_size, settings.engine_max_queue,
+                                                 settings.adapter_cache_bytes))
+        return _engine
 
 
 def reset_engines() -> None:
-    global _engines
-    if _engines is not None:
-        _engines.close()
-    _engines = None
+    """Stop the engine process (tests and shutdown); the next generation starts a fresh one."""
+    global _engine
+    with _engine_lock:
+        if _engine is not None:
+            _engine.close()
+        _engine = None
 
 
 @dataclass
 class Generation:
-    handle: RequestHandle
+    handle: RemoteRequest
     model_id: str
     adapter_ids: list[str]
 
@@ -89,34 +77,12 @@ def resolve_target(session: Session, tenant: Tenant, model: str | None, adapter_
 
 def start_generation(model_id: str, adapters: list[Adapter], prompt: str | None,
                      messages: list[dict[str, str]] | None, params: SamplingParams) -> Generation:
-    """Validate against the model, load adapters, and queue the request (blocking: call in a thread)."""
-    from sbora_core.data import render_chat
-
+    """Queue the request in the engine process; Invalid, QueueFull or AdapterIntegrityError when it is
+    refused (blocking: call in a thread)."""
     settings = get_settings()
     if params.max_new_tokens > settings.generate_max_new_tokens:
         raise crud.Invalid("max_new_tokens", f"max_new_tokens: at most {settings.generate_max_new_tokens}")
-    engine = get_engines().get(model_id)
-    tokenizer = engine.tokenizer
-    if messages is not None:
-        ids = tokenizer(render_chat(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(prompt or "")["input_ids"]
-    if not ids:
-        raise crud.Invalid("prompt", "prompt: empty")
-    context = catalog.summary(model_id).get("max_position_embeddings") or 2048
-    if len(ids) + params.max_new_tokens > context:
-        raise crud.Invalid("prompt", f"prompt: {len(ids)} tokens + max_new_tokens {params.max_new_tokens} exceed "
-                                     f"the model's context of {context} tokens")
     store = get_store()
-    loaded = [engine.adapter(a.id, store.local_path(a.storage_key), a.weights_sha256) for a in adapters]
-    try:
-        handle = engine.submit(ids, loaded, params)
-    except ValueError as exc:  # adapters whose index sets overlap
-        raise crud.Invalid("adapter_id", f"adapter_id: {exc}") from exc
+    refs = [AdapterRef(a.id, str(store.local_path(a.storage_key)), a.weights_sha256) for a in adapters]
+    handle = get_engine_process().submit(model_id, refs, prompt, messages, params)
     return Generation(handle, model_id, [a.id for a in adapters])
-
-
-def engine_stats() -> dict[str, Any]:
-    engines = get_engines().engines
-    return {name: {**e.stats, "queue_depth": e.queue_depth(), "cache_hits": e.cache.hits,
-                   "cache_misses": e.cache.misses, "cache_evictions": e.cache.evictions} for name, e in engines.items()}

@@ -8,14 +8,15 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import crud
 from app.api.routes import adapters, datasets, generate, health, jobs, models, openai_compat
 from app.inference import reset_engines
 from app.migrate import upgrade_database
+from app.engine_process import EngineStopped
 from app.schemas import ErrorBody, OpenAIErrorBody
 from sbora_core.engine import AdapterIntegrityError, QueueFull
 
@@ -116,6 +117,10 @@ def create_app() -> FastAPI:
     @app.exception_handler(QueueFull)
     async def queue_full(request: Request, exc: QueueFull) -> JSONResponse:
         return error(request, 429, str(exc), headers={"Retry-After": str(exc.retry_after_s)})
+
+    @app.exception_handler(EngineStopped)
+    async def engine_stopped(request: Request, exc: EngineStopped) -> JSONResponse:
+        return error(request, 503, str(exc), headers={"Retry-After": "1"})
 
     @app.exception_handler(AdapterIntegrityError)
     async def corrupted(request: Request, exc: AdapterIntegrityError) -> JSONResponse:

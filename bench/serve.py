@@ -139,7 +139,6 @@ def swap_latencies(base, dirs: list[Path], peft_model_factory, peft_dirs: list[P
 def http_concurrency(new_tokens: int, clients: int, per_client: int) -> tuple[float, float]:
     """Tokens/s of `clients` concurrent /v1/completions callers vs the same calls one at a time."""
     import httpx
-
     from support import serve_default_model
 
     with serve_default_model() as (url, key):

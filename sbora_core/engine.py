@@ -63,19 +63,32 @@ class Completion:
     finish_reason: str  # "stop", "length" or "cancelled"
 
 
-class RequestHandle:
-    """A submitted request: iterate it for text pieces; `result()` waits for the whole completion."""
+class EventStream:
+    """What a request produces, in order: text pieces (str), then one Completion, or an exception.
 
-    def __init__(self, prompt_ids: list[int], adapters: list[SparseAdapter], params: SamplingParams) -> None:
-        self.prompt_ids = prompt_ids
-        self.adapters = adapters
-        self.params = params
+    Read it by iterating (blocking), or hand it a callback with `listen` (for an
+    event loop or another process), which first receives what is already queued."""
+
+    def __init__(self) -> None:
         self.events: queue.Queue = queue.Queue()
-        self.cancelled = threading.Event()
-        self.submitted_at = time.monotonic()
+        self._listener: Callable[[object], None] | None = None
+        self._listen_lock = threading.Lock()
 
-    def cancel(self) -> None:
-        self.cancelled.set()
+    def emit(self, item: object) -> None:
+        with self._listen_lock:
+            if self._listener is None:
+                self.events.put(item)
+                return
+        self._listener(item)
+
+    def listen(self, callback: Callable[[object], None]) -> None:
+        with self._listen_lock:
+            while True:
+                try:
+                    callback(self.events.get_nowait())
+                except queue.Empty:
+                    break
+            self._listener = callback
 
     def __iter__(self) -> Iterator[str]:
         while True:
@@ -91,6 +104,21 @@ class RequestHandle:
         for _ in self:
             pass
         return self.completion
+
+
+class RequestHandle(EventStream):
+    """A request submitted to an Engine."""
+
+    def __init__(self, prompt_ids: list[int], adapters: list[SparseAdapter], params: SamplingParams) -> None:
+        super().__init__()
+        self.prompt_ids = prompt_ids
+        self.adapters = adapters
+        self.params = params
+        self.cancelled = threading.Event()
+        self.submitted_at = time.monotonic()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
 
 
 class AdapterCache:
@@ -180,14 +208,14 @@ class _Row:
         if self.text.endswith("\ufffd"):
             safe = min(safe, len(self.text) - 1)
         if safe > self.emitted:
-            self.handle.events.put(self.text[self.emitted:safe])
+            self.handle.emit(self.text[self.emitted:safe])
             self.emitted = safe
 
     def close(self, reason: str | None = None) -> None:
         finish = reason or self.finish or "length"
         if len(self.text) > self.emitted and finish != "cancelled":
-            self.handle.events.put(self.text[self.emitted:])
-        self.handle.events.put(Completion(self.text, len(self.handle.prompt_ids), len(self.produced), finish))
+            self.handle.emit(self.text[self.emitted:])
+        self.handle.emit(Completion(self.text, len(self.handle.prompt_ids), len(self.produced), finish))
 
 
 class Engine:
@@ -276,7 +304,7 @@ class Engine:
                 while self.pending and len(batch) < self.max_batch_size:
                     handle = self.pending.popleft()
                     if handle.cancelled.is_set():
-                        handle.events.put(Completion("", len(handle.prompt_ids), 0, "cancelled"))
+                        handle.emit(Completion("", len(handle.prompt_ids), 0, "cancelled"))
                     else:
                         batch.append(handle)
             if not batch:
@@ -285,7 +313,7 @@ class Engine:
                 self._run(batch)
             except Exception as exc:  # the batch fails, the engine keeps serving
                 for handle in batch:
-                    handle.events.put(exc)
+                    handle.emit(exc)
 
     def _run(self, batch: list[RequestHandle]) -> None:
         self.stats["batches"] += 1

@@ -28,9 +28,20 @@ import torch.nn.functional as F
 
 from sbora_core.adapter_io import load_adapter, save_adapter
 from sbora_core.config import SBoRAConfig
-from sbora_core.data import IGNORE_INDEX, TokenizedExample, collate, load_examples, tokenize_examples
+from sbora_core.data import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    collate,
+    load_examples,
+    tokenize_examples,
+)
 from sbora_core.evaluate import validation_loss
-from sbora_core.inject import adapter_from_model, adapter_layers, inject_adapter, trainable_parameters
+from sbora_core.inject import (
+    adapter_from_model,
+    adapter_layers,
+    inject_adapter,
+    trainable_parameters,
+)
 from sbora_core.models import QUANTIZATIONS, load_base_model
 
 SCHEDULES = ("cosine", "linear", "constant")

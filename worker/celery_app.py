@@ -21,10 +21,12 @@ def make_celery(settings: Settings) -> Celery:
         # The embedded default: messages are files in the data directory, no server needed.
         queue_dir = settings.broker_folder / "queue"
         processed = settings.broker_folder / "processed"
-        for folder in (queue_dir, processed):
+        control = settings.broker_folder / "control"  # exchange tables; kombu's default is ./control
+        for folder in (queue_dir, processed, control):
             folder.mkdir(parents=True, exist_ok=True)
         transport_options = {"data_folder_in": str(queue_dir), "data_folder_out": str(queue_dir),
-                             "processed_folder": str(processed), "store_processed": False}
+                             "processed_folder": str(processed), "control_folder": str(control),
+                             "store_processed": False}
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
-
 from stack import make_stack
 
 MAX_EXAMPLES = 12

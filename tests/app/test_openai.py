@@ -7,7 +7,6 @@ import threading
 import httpx
 import openai
 import pytest
-
 from stack import LiveServer, wait_for
 
 TINY = "tiny-llama"

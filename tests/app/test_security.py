@@ -7,7 +7,6 @@ import json
 import zipfile
 
 import pytest
-
 from stack import chat_lines, wait_for
 
 TINY = "tiny-llama"

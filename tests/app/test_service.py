@@ -6,11 +6,12 @@ import io
 import json
 import zipfile
 
+import pytest
 import torch
+from stack import chat_lines, wait_for
 
 from sbora_core.adapter_io import apply_adapter, load_adapter
 from sbora_core.models import load_base_model
-from stack import chat_lines, wait_for
 
 TINY = "tiny-llama"
 
@@ -162,3 +163,43 @@ def test_cancel_a_running_job(client, alice, dataset):
 def test_path_like_and_unknown_ids_are_404(client, alice):
     for path in ("/jobs/..%2F..%2Fetc%2Fpasswd", "/adapters/ad_000000000000000000000000", "/datasets/ds_x"):
         assert client.get(path, headers=alice).status_code == 404, path
+
+
+def test_generation_survives_a_crashed_engine_process(client, alice):
+    """The engine runs in a child process: if it dies, requests in flight get 503 with Retry-After,
+    and the next request starts a new engine that answers as before."""
+    import os
+    import signal
+    import threading
+
+    from app.inference import get_engine_process
+
+    body = {"prompt": "The colour is", "max_new_tokens": 6}
+    before = client.post("/generate", headers=alice, json=body)
+    assert before.status_code == 200, before.text
+    engine = get_engine_process()
+    answers = []
+    caller = threading.Thread(target=lambda: answers.append(client.post(
+        "/generate", headers=alice, json={"prompt": "A long story:", "max_new_tokens": 480})))
+    caller.start()
+    wait_for(lambda: engine.inflight or answers, 30, 0.005, "the long request to reach the engine")
+    assert not answers, answers[0].text
+    os.kill(engine.process.pid, signal.SIGKILL)
+    caller.join(timeout=60)
+    assert answers and answers[0].status_code == 503, answers and answers[0].text
+    assert answers[0].headers["retry-after"] == "1" and "retry" in answers[0].json()["detail"]
+
+    after = client.post("/generate", headers=alice, json=body)
+    assert after.status_code == 200, after.text
+    assert get_engine_process().process.pid != engine.process.pid
+    assert after.json()["text"] == before.json()["text"]
+
+
+def test_embedded_broker_keeps_its_files_in_the_data_directory(stack):
+    """kombu's filesystem transport writes exchange tables to ./control unless told otherwise."""
+    from stack import ROOT
+
+    if stack.flavour != "embedded":
+        pytest.skip("only the embedded broker keeps files")
+    assert any((stack.data_dir / "broker" / "control").iterdir())
+    assert not (ROOT / "control").exists()

@@ -5,7 +5,13 @@ import torch
 
 from sbora_core.config import SBoRAConfig
 from sbora_core.inject import inject_adapter, trainable_parameters
-from sbora_core.models import DEFAULT_MODEL, UnknownModelError, load_base_model, model_summary, resolve_model
+from sbora_core.models import (
+    DEFAULT_MODEL,
+    UnknownModelError,
+    load_base_model,
+    model_summary,
+    resolve_model,
+)
 
 pytestmark = pytest.mark.default_model
 

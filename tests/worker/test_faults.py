@@ -10,7 +10,6 @@ import zipfile
 
 import pytest
 from fastapi.testclient import TestClient
-
 from stack import make_stack, wait_for
 
 TINY = "tiny-llama"

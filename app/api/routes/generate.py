@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 
@@ -19,9 +20,14 @@ router = APIRouter(tags=["generate"])
 async def stream_pieces(generation: Generation) -> AsyncIterator[str | Completion]:
     """Text pieces, then the Completion; the request is cancelled if the client goes away."""
     handle = generation.handle
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue = asyncio.Queue()
+    # Pieces arrive on the engine client's thread; hand them to this event loop without holding a
+    # worker thread per waiting request.
+    handle.listen(lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item))
     try:
         while True:
-            item = await run_in_threadpool(handle.events.get)
+            item = await inbox.get()
             if isinstance(item, BaseException):
                 raise item
             yield item
@@ -39,7 +45,8 @@ async def complete(generation: Generation) -> Completion:
 
 
 @router.post("/generate", response_model=GenerateResponse,
-             responses={200: {"content": {"text/event-stream": {}}}, 429: {"description": "queue full"}})
+             responses={200: {"content": {"text/event-stream": {}}}, 429: {"description": "queue full"},
+                        503: {"description": "the generation engine restarted; retry"}})
 async def generate(req: GenerateRequest, session: SessionDep, tenant: CurrentTenant):
     """Generate from `prompt` (raw text) or `messages` (chat template), optionally with one or more
     adapters (`adapter_id`; a list composes adapters with disjoint index sets). `stream: true`
@@ -62,10 +69,13 @@ async def generate(req: GenerateRequest, session: SessionDep, tenant: CurrentTen
         return response(await complete(generation))
 
     async def events():
-        async for item in stream_pieces(generation):
-            if isinstance(item, Completion):
-                yield f"event: done\ndata: {response(item).model_dump_json()}\n\n"
-            else:
-                yield f"event: token\ndata: {json.dumps({'text': item})}\n\n"
+        try:
+            async for item in stream_pieces(generation):
+                if isinstance(item, Completion):
+                    yield f"event: done\ndata: {response(item).model_dump_json()}\n\n"
+                else:
+                    yield f"event: token\ndata: {json.dumps({'text': item})}\n\n"
+        except Exception as exc:  # the status line is sent already: the stream ends with an error event
+            yield f"event: error\ndata: {json.dumps({'detail': str(exc)})}\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -76,12 +76,16 @@ def _usage(done: Completion) -> dict[str, int]:
 def _sse(generation: Generation, chunk) -> StreamingResponse:
     async def events():
         first = True
-        async for item in stream_pieces(generation):
-            if isinstance(item, Completion):
-                yield f"data: {chunk(None, _finish(item), first)}\n\n"
-                break
-            yield f"data: {chunk(item, None, first)}\n\n"
-            first = False
+        try:
+            async for item in stream_pieces(generation):
+                if isinstance(item, Completion):
+                    yield f"data: {chunk(None, _finish(item), first)}\n\n"
+                    break
+                yield f"data: {chunk(item, None, first)}\n\n"
+                first = False
+        except Exception as exc:  # the status line is sent already: report in the stream, as OpenAI does
+            yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
+            return
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -98,7 +102,7 @@ def list_models(session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-@router.post("/completions")
+@router.post("/completions", responses={503: {"description": "the generation engine restarted; retry"}})
 async def completions(req: CompletionRequest, session: SessionDep, tenant: CurrentTenant):
     model_id, adapters = _target(session, tenant, req.model)
     generation = await run_in_threadpool(start_generation, model_id, adapters, req.prompt, None,
@@ -117,7 +121,7 @@ async def completions(req: CompletionRequest, session: SessionDep, tenant: Curre
     return body({"text": done.text, "index": 0, "logprobs": None, "finish_reason": _finish(done)}, usage=_usage(done))
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses={503: {"description": "the generation engine restarted; retry"}})
 async def chat_completions(req: ChatCompletionRequest, session: SessionDep, tenant: CurrentTenant):
     model_id, adapters = _target(session, tenant, req.model)
     max_tokens = req.max_completion_tokens or req.max_tokens or 256

@@ -1,0 +1,264 @@
+"""The generation engines in a process of their own, and the API's handle on it.
+
+Decoding a small model is Python-bound: in the API process it would hold the
+GIL for most of every step and stall every other request (under load, p99 of
+plain GETs rose from milliseconds to seconds). So one child process holds the
+base models and their `sbora_core.engine.Engine`s; the API sends it requests
+and receives text pieces over two multiprocessing queues:
+
+    API -> engine  ("submit", rid, model_id, adapters, prompt, messages, params)
+                   ("cancel", rid) | ("stop",)
+    engine -> API  (rid, "accepted")  then  (rid, "text", str)...  (rid, "done", Completion)
+                   or (rid, "invalid", field, message) | (rid, "queue_full", seconds)
+                   | (rid, "integrity", message) | (rid, "failed", message)
+
+A child that dies fails the requests in flight with an error, and the next
+request starts a new one.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import queue
+import secrets
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from sbora_core.engine import (
+    AdapterIntegrityError,
+    Completion,
+    EventStream,
+    QueueFull,
+    SamplingParams,
+)
+
+log = logging.getLogger("app.engine")
+
+
+class EngineStopped(RuntimeError):
+    """The engine process ended while a request was in flight."""
+
+
+@dataclass
+class EngineLimits:
+    """What the child needs from the settings (passed explicitly: tests change settings in memory)."""
+
+    max_batch_size: int
+    max_queue: int
+    cache_bytes: int
+
+
+@dataclass
+class AdapterRef:
+    id: str
+    path: str
+    weights_sha256: str | None
+
+
+class RemoteRequest(EventStream):
+    """A request in the engine process, as seen from the API: the same events as a local one."""
+
+    def __init__(self, client: EngineProcess, rid: str) -> None:
+        super().__init__()
+        self.client, self.rid = client, rid
+        self.reply: queue.Queue = queue.Queue(maxsize=1)  # None once accepted, or the refusal
+        self.accepted = False
+
+    def cancel(self) -> None:
+        self.client.send(("cancel", self.rid))
+
+
+class EngineProcess:
+    """The API's client for one engine child process."""
+
+    def __init__(self, limits: EngineLimits) -> None:
+        context = multiprocessing.get_context("spawn")  # never fork a process that holds threads
+        self.requests = context.Queue()
+        self.replies = context.Queue()
+        self.process = context.Process(target=serve, args=(self.requests, self.replies, limits),
+                                       name="sbora-engine", daemon=True)
+        self.process.start()
+        self.inflight: dict[str, RemoteRequest] = {}
+        self.lock = threading.Lock()
+        self.reader = threading.Thread(target=self._read_replies, name="engine-replies", daemon=True)
+        self.reader.start()
+
+    def alive(self) -> bool:
+        return self.process.is_alive()
+
+    def send(self, message: tuple) -> None:
+        self.requests.put(message)
+
+    def submit(self, model_id: str, adapters: list[AdapterRef], prompt: str | None,
+               messages: list[dict[str, str]] | None, params: SamplingParams) -> RemoteRequest:
+        """Queue a request; raises what the engine refused it for (blocking: call in a thread)."""
+        request = RemoteRequest(self, secrets.token_hex(8))
+        with self.lock:
+            self.inflight[request.rid] = request
+        self.send(("submit", request.rid, model_id, adapters, prompt, messages, params))
+        while True:  # the first request also waits for the child to start and load the model
+            try:
+                outcome = request.reply.get(timeout=1.0)
+                break
+            except queue.Empty:
+                if not self.alive():
+                    raise EngineStopped("the generation engine stopped; retry the request") from None
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return request
+
+    def close(self) -> None:
+        if self.alive():
+            self.send(("stop",))
+            self.process.join(timeout=30)
+        if self.alive():
+            self.process.kill()
+            self.process.join()
+        self._fail_all()
+
+    def _read_replies(self) -> None:
+        while True:
+            try:
+                rid, kind, *rest = self.replies.get(timeout=1.0)
+            except queue.Empty:
+                if not self.alive():
+                    self._fail_all()
+                    return
+                continue
+            except (EOFError, OSError):
+                self._fail_all()
+                return
+            with self.lock:
+                request = self.inflight.get(rid)
+                if request is not None and kind not in ("accepted", "text"):
+                    del self.inflight[rid]
+            if request is not None:
+                self._deliver(request, kind, rest)
+
+    @staticmethod
+    def _deliver(request: RemoteRequest, kind: str, rest: list) -> None:
+        if kind == "accepted":
+            request.accepted = True
+            request.reply.put(None)
+        elif kind in ("text", "done"):
+            request.emit(rest[0])
+        elif request.accepted:  # failed while decoding
+            request.emit(RuntimeError(rest[0]))
+        else:
+            request.reply.put(_refusal(kind, rest))
+
+    def _fail_all(self) -> None:
+        with self.lock:
+            requests, self.inflight = list(self.inflight.values()), {}
+        for request in requests:
+            stopped = EngineStopped("the generation engine stopped; retry the request")
+            if request.accepted:
+                request.emit(stopped)
+            else:
+                request.reply.put(stopped)
+
+
+def _refusal(kind: str, rest: list) -> BaseException:
+    from app import crud
+
+    if kind == "invalid":
+        return crud.Invalid(rest[0], rest[1])
+    if kind == "queue_full":
+        return QueueFull(rest[0])
+    if kind == "integrity":
+        return AdapterIntegrityError(rest[0])
+    return RuntimeError(rest[0])
+
+
+# -- the child process ---------------------------------------------------------------------------
+
+def serve(requests: multiprocessing.Queue, replies: multiprocessing.Queue, limits: EngineLimits) -> None:
+    """The engine process: one Engine per base model, created on first use."""
+    import torch
+
+    torch.set_grad_enabled(False)
+    engines: dict[str, Any] = {}
+    handles: dict[str, Any] = {}
+    while True:
+        message = requests.get()
+        if message[0] == "stop":
+            break
+        if message[0] == "cancel":
+            handle = handles.get(message[1])
+            if handle is not None:
+                handle.cancel()
+            continue
+        _, rid, model_id, adapters, prompt, messages, params = message
+        try:
+            engine = engines.get(model_id) or engines.setdefault(model_id, _new_engine(model_id, limits))
+            handle = _submit(engine, model_id, adapters, prompt, messages, params)
+        except Exception as exc:  # refused: the API turns it into the matching HTTP error
+            replies.put((rid, *_classify(exc)))
+            continue
+        handles[rid] = handle
+        replies.put((rid, "accepted"))
+        handle.listen(lambda item, rid=rid: _forward(replies, handles, rid, item))
+    for engine in engines.values():
+        engine.close()
+
+
+def _forward(replies: multiprocessing.Queue, handles: dict, rid: str, item: object) -> None:
+    if isinstance(item, str):
+        replies.put((rid, "text", item))
+        return
+    handles.pop(rid, None)
+    if isinstance(item, Completion):
+        replies.put((rid, "done", item))
+    else:
+        replies.put((rid, "failed", f"generation failed: {item}"))
+
+
+def _new_engine(model_id: str, limits: EngineLimits):
+    from app import catalog
+    from sbora_core.engine import Engine
+    from sbora_core.models import load_base_model
+
+    return Engine(load_base_model(catalog.source_of(model_id)), max_batch_size=limits.max_batch_size,
+                  max_queue=limits.max_queue, cache_bytes=limits.cache_bytes)
+
+
+def _submit(engine, model_id: str, adapters: list[AdapterRef], prompt: str | None,
+            messages: list[dict[str, str]] | None, params: SamplingParams):
+    """Tokenise, check the context length, load and verify the adapters, queue."""
+    from pathlib import Path
+
+    from app import catalog, crud
+    from sbora_core.data import render_chat
+
+    tokenizer = engine.tokenizer
+    if messages is not None:
+        ids = tokenizer(render_chat(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt or "")["input_ids"]
+    if not ids:
+        raise crud.Invalid("prompt", "prompt: empty")
+    context = catalog.summary(model_id).get("max_position_embeddings") or 2048
+    if len(ids) + params.max_new_tokens > context:
+        raise crud.Invalid("prompt", f"prompt: {len(ids)} tokens + max_new_tokens {params.max_new_tokens} exceed "
+                                     f"the model's context of {context} tokens")
+    loaded = [engine.adapter(a.id, Path(a.path), a.weights_sha256) for a in adapters]
+    try:
+        return engine.submit(ids, loaded, params)
+    except ValueError as exc:  # adapters whose index sets overlap
+        raise crud.Invalid("adapter_id", f"adapter_id: {exc}") from exc
+
+
+def _classify(exc: Exception) -> tuple:
+    from app import crud
+    from sbora_core.adapter_io import AdapterMismatchError
+
+    if isinstance(exc, crud.Invalid):
+        return "invalid", exc.field, exc.message
+    if isinstance(exc, QueueFull):
+        return "queue_full", exc.retry_after_s
+    if isinstance(exc, (AdapterIntegrityError, AdapterMismatchError)):
+        return "integrity", str(exc)
+    log.exception("generation request failed")
+    return "failed", f"generation failed: {type(exc).__name__}: {exc}"
