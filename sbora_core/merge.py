@@ -15,9 +15,8 @@ import torch
 from torch import nn
 
 from sbora_core.adapter import ModuleDelta, SparseAdapter
-from sbora_core.inject import linear_modules
-from sbora_core.layers import is_quantized_linear
-from sbora_core.region import merged_region, put_region, take_region
+from sbora_core.layers import SBoRALinear, is_adaptable_linear, is_quantized_linear
+from sbora_core.region import add_to_region, check_factor, merged_region, put_region, take_region
 
 
 class AdapterOverlapError(ValueError):
@@ -100,6 +99,19 @@ class MergeHandle:
         self.saved.clear()
 
 
+def _named_linears(model: nn.Module, names: set[str]) -> dict[str, nn.Module]:
+    """The adaptable linear modules called `names` (a lookup per name: walking the model costs more)."""
+    found = {}
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if is_adaptable_linear(module) and not isinstance(module, SBoRALinear):
+            found[name] = module
+    return found
+
+
 @torch.no_grad()
 def merge_adapters(
     model: nn.Module, adapters: list[SparseAdapter], regions: RegionCache | None = None
@@ -111,8 +123,8 @@ def merge_adapters(
     original regions come from (and go into) the cache instead of being read.
     """
     check_disjoint(adapters)
-    linears = linear_modules(model)
-    planned: list[tuple[torch.Tensor, str, torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
+    linears = _named_linears(model, {name for adapter in adapters for name in adapter.modules})
+    planned: list[tuple[torch.Tensor, ModuleDelta, torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = []
     for adapter in adapters:
         for name, delta in adapter.modules.items():
             layer = linears.get(name)
@@ -126,12 +138,20 @@ def merge_adapters(
                 original = regions.original(name, weight, delta.variant, indices)
             else:
                 original = take_region(weight, delta.variant, indices)
-            new = merged_region(original, delta.variant, delta.scaling, delta.A, delta.B, name)
-            planned.append((weight, delta.variant, indices, original, new))
+            if delta.variant == "lora":
+                new = merged_region(original, delta.variant, delta.scaling, delta.A, delta.B, name)
+            else:
+                check_factor(delta.B if delta.variant == "sbora_fa" else delta.A, delta.scaling, weight.dtype, name)
+                new = None
+            planned.append((weight, delta, indices, original, new))
     handle = MergeHandle()
-    for weight, variant, indices, original, new in planned:
-        put_region(weight, variant, indices, new)
-        handle.saved.append((weight, variant, indices, original))
+    for weight, delta, indices, original, new in planned:
+        if new is not None:
+            put_region(weight, delta.variant, indices, new)
+        else:
+            factor = delta.B if delta.variant == "sbora_fa" else delta.A
+            add_to_region(weight, delta.variant, indices, original, factor, delta.scaling)
+        handle.saved.append((weight, delta.variant, indices, original))
     return handle
 
 

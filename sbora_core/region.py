@@ -23,9 +23,8 @@ def take_region(weight: torch.Tensor, variant: str, indices: torch.Tensor | None
     return weight.detach().clone()  # (d_out, d_in)
 
 
-@torch.no_grad()
 def put_region(weight: torch.Tensor, variant: str, indices: torch.Tensor | None, values: torch.Tensor) -> None:
-    """Write `values` into the region of `weight`, in place."""
+    """Write `values` into the region of `weight`, in place (`weight` is a `.data` tensor: no autograd)."""
     if variant == "sbora_fa":
         # scatter_ along dim 1 is markedly faster on CPU than index_copy_ for strided columns.
         weight.scatter_(1, indices.expand(weight.shape[0], -1), values)
@@ -75,3 +74,32 @@ def merged_region(
     if not math.isfinite(float(new.sum())) and not bool(torch.isfinite(new).all()):
         raise ValueError(f"{where}: merging would write non-finite values (the adapter factor holds NaN/inf)")
     return new
+
+
+def check_factor(factor: torch.Tensor, scaling: float, dtype: torch.dtype, where: str) -> None:
+    """Refuse a factor whose merge could write non-finite values into a weight of `dtype`.
+
+    Checking the factor rather than the merged region lets the merge write in one
+    kernel; the verdict is kept on the tensor until its version counter moves, so
+    swapping a loaded adapter in and out again skips this pass.
+    """
+    key = (factor._version, dtype)
+    if getattr(factor, "_sbora_checked", None) == key:
+        return
+    peak = float(factor.detach().abs().max()) * abs(scaling)
+    # Half the dtype's range leaves the other half to the base weight; NaN fails the comparison.
+    if not peak < torch.finfo(dtype).max / 2:
+        raise ValueError(f"{where}: merging would write non-finite values (the adapter factor holds NaN/inf "
+                         f"or values too large for {dtype})")
+    factor._sbora_checked = key  # type: ignore[attr-defined]
+
+
+def add_to_region(weight: torch.Tensor, variant: str, indices: torch.Tensor, original: torch.Tensor,
+                  factor: torch.Tensor, scaling: float) -> None:
+    """Write `original + scaling * factor` into an SBoRA region (factor already checked)."""
+    factor = factor.detach().to(dtype=weight.dtype, device=weight.device)
+    if variant == "sbora_fb":
+        # The rows hold `original` now: one accumulate is cheaper than building the sum and copying it.
+        weight.index_add_(0, indices, factor, alpha=scaling)
+    else:
+        put_region(weight, variant, indices, torch.add(original, factor, alpha=scaling))

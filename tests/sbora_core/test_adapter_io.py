@@ -142,3 +142,28 @@ def test_overlapping_adapters_are_rejected_naming_layer_and_indices(tiny):
     with pytest.raises(AdapterOverlapError, match=rf"^{name}: adapters overlap in columns {shared}"):
         merge_adapters(tiny.model, [first, second])
     assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
+
+
+@pytest.mark.parametrize("variant", ["sbora_fa", "sbora_fb"])
+def test_merge_writes_the_region_and_refuses_a_factor_turned_non_finite(tiny, variant):
+    adapter = trained_adapter(tiny, variant, targets=["q_proj", "down_proj"])
+    before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
+    name, delta = sorted(adapter.modules.items())[0]
+    weight = tiny.model.get_submodule(name).weight
+    merge_adapters(tiny.model, [adapter]).unmerge()  # a first merge passes (and remembers it checked)
+
+    handle = merge_adapters(tiny.model, [adapter])
+    if variant == "sbora_fa":
+        torch.testing.assert_close(weight[:, delta.indices], before[f"{name}.weight"][:, delta.indices] + delta.scaling * delta.B)
+    else:
+        torch.testing.assert_close(weight[delta.indices], before[f"{name}.weight"][delta.indices] + delta.scaling * delta.A)
+    handle.unmerge()
+
+    factor = delta.B if variant == "sbora_fa" else delta.A
+    factor[0, 0] = float("nan")  # changed in place after the checked merge
+    with pytest.raises(ValueError, match=f"{name}: merging would write non-finite values"):
+        merge_adapters(tiny.model, [adapter])
+    factor[0, 0] = 1e38
+    with pytest.raises(ValueError, match="non-finite"):
+        merge_adapters(tiny.model, [adapter])
+    assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
