@@ -14,9 +14,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import crud
 from app.api.routes import adapters, datasets, generate, health, jobs, models, openai_compat
+from app.engine_process import EngineStopped
 from app.inference import reset_engines
 from app.migrate import upgrade_database
-from app.engine_process import EngineStopped
 from app.schemas import ErrorBody, OpenAIErrorBody
 from sbora_core.engine import AdapterIntegrityError, QueueFull
 
