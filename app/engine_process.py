@@ -48,6 +48,7 @@ class EngineLimits:
     max_batch_size: int
     max_queue: int
     cache_bytes: int
+    torch_threads: int
 
 
 @dataclass
@@ -179,6 +180,7 @@ def serve(requests: multiprocessing.Queue, replies: multiprocessing.Queue, limit
     import torch
 
     torch.set_grad_enabled(False)
+    torch.set_num_threads(limits.torch_threads)
     engines: dict[str, Any] = {}
     handles: dict[str, Any] = {}
     while True:

@@ -39,7 +39,7 @@ def get_engine_process() -> EngineProcess:
                 _engine.close()
             settings = get_settings()
             _engine = EngineProcess(EngineLimits(settings.engine_max_batch_size, settings.engine_max_queue,
-                                                 settings.adapter_cache_bytes))
+                                                 settings.adapter_cache_bytes, settings.resolved_torch_threads))
         return _engine
 
 

@@ -182,6 +182,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    os.environ["SBORA_TORCH_THREADS"] = str(args.threads)  # the HTTP rows' engine process, alike
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 
     base = load_base_model(DEFAULT_MODEL, device="cpu")

@@ -188,9 +188,14 @@ def build_train_job(job: Job, train_path: str, val_path: str | None, output_dir:
 
 def run_job(job_id: str) -> str | None:
     """Run the job if this worker can claim it; returns its final status, or None if not claimed."""
+    import torch
+
     from sbora_core.train import train
 
     settings, store = get_settings(), get_store()
+    torch.set_num_threads(settings.resolved_torch_threads)
+    if os.getpriority(os.PRIO_PROCESS, 0) < settings.worker_nice:  # only ever lower our priority
+        os.setpriority(os.PRIO_PROCESS, 0, settings.worker_nice)
     owner = worker_name()
     if not claim(job_id, owner, settings.job_lease_s):
         _cancel_if_requested(job_id)

@@ -7,6 +7,7 @@ artifact directory, all under `SBORA_DATA_DIR`.
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -32,6 +33,10 @@ class Settings(BaseSettings):
     engine_max_batch_size: int = Field(16, description="requests decoded together in one batch")
     engine_max_queue: int = Field(64, description="requests waiting for generation before 429")
     adapter_cache_bytes: int = Field(1 << 30, description="bytes of adapters kept loaded per base model (LRU)")
+    torch_threads: int = Field(0, ge=0, description="CPU threads torch uses in each worker and in the generation "
+                                                   "engine; 0: half the cores each")
+    worker_nice: int = Field(10, ge=0, le=19, description="nice value of training processes: on a shared "
+                                                          "machine the API and the engine answer first")
     host: str = Field("127.0.0.1", description="address `sbora serve` binds")
     port: int = Field(8000, description="port `sbora serve` binds")
     train_queue: str = Field("train", description="Celery queue training jobs go to")
@@ -47,6 +52,12 @@ class Settings(BaseSettings):
     @property
     def resolved_broker_url(self) -> str:
         return self.broker_url or "filesystem://"
+
+    @property
+    def resolved_torch_threads(self) -> int:
+        # The worker and the engine share the machine with each other and with the API: torch's
+        # default (every core each, OpenMP threads spinning while they wait) starves the API.
+        return self.torch_threads or max(1, (os.cpu_count() or 2) // 2)
 
     @property
     def broker_folder(self) -> Path:
