@@ -118,6 +118,10 @@ class EngineProcess:
             self.process.kill()
             self.process.join()
         self._fail_all()
+        self.reader.join(timeout=5)  # it sees the process gone within a second
+        for channel in (self.requests, self.replies):
+            channel.close()
+            channel.join_thread()
 
     def _read_replies(self) -> None:
         while True:
