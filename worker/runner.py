@@ -203,6 +203,7 @@ def run_job(job_id: str) -> str | None:
     heartbeat = Heartbeat(job_id, owner, settings.job_lease_s)
     heartbeat.start()
     callbacks = DatabaseCallbacks(job_id, heartbeat)
+    callbacks.on_log(f"{torch.get_num_threads()} torch threads at nice {os.getpriority(os.PRIO_PROCESS, 0)}")
     output_dir = store.local_path(f"jobs/{job_id}")
     try:
         with session_scope() as session:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import zipfile
 
 import pytest
@@ -100,6 +101,10 @@ def test_train_download_generate(client, alice, bob, dataset, tiny_model_dir, tm
 
     events = client.get(f"/jobs/{job['id']}/events", headers=alice, params={"kind": "metric"}).json()["data"]
     assert [e["data"]["step"] for e in events] == [1, 2, 3, 4, 5, 6]
+    # Training shares the machine politely: half the cores for torch, below the API's CPU priority.
+    logs = [e["message"] for e in client.get(f"/jobs/{job['id']}/events", headers=alice,
+                                              params={"kind": "log"}).json()["data"]]
+    assert f"{max(1, (os.cpu_count() or 2) // 2)} torch threads at nice 10" in logs
     stream = client.get(f"/jobs/{job['id']}/events/stream", headers=alice)
     assert stream.headers["content-type"].startswith("text/event-stream")
     assert "event: metric" in stream.text and 'event: end\ndata: {"status": "succeeded"}' in stream.text
