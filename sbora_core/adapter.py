@@ -33,6 +33,13 @@ class ModuleDelta:
         assert self.A is not None
         return int(self.A.shape[0])
 
+    @property
+    def sbora_factor(self) -> torch.Tensor:
+        """The one trained factor of an SBoRA delta: B (FA) or A (FB)."""
+        factor = self.B if self.variant == "sbora_fa" else self.A
+        assert self.variant != "lora" and factor is not None
+        return factor
+
     def factors(self) -> dict[str, torch.Tensor]:
         return {k: t for k, t in (("A", self.A), ("B", self.B)) if t is not None}
 

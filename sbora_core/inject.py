@@ -10,7 +10,8 @@ their weights restored bit for bit.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from typing import cast
 
 import torch
 from torch import nn
@@ -23,13 +24,24 @@ from sbora_core.layers import SBoRALinear, is_adaptable_linear
 _EXCLUDED_FROM_ALL_LINEAR = ("lm_head",)
 
 
-def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every adaptable linear layer (full precision or bitsandbytes), by full name."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if is_adaptable_linear(module) and not isinstance(module, SBoRALinear)
-    }
+def _adaptable(module: nn.Module) -> bool:
+    return is_adaptable_linear(module) and not isinstance(module, SBoRALinear)
+
+
+def linear_modules(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, nn.Linear]:
+    """Every adaptable linear layer (full precision or bitsandbytes), by full name; with `names`,
+    only those (looked up one by one: cheaper than walking the model on every merge)."""
+    if names is None:
+        return {name: module for name, module in model.named_modules() if _adaptable(module)}
+    found: dict[str, nn.Linear] = {}
+    for name in names:
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            continue
+        if _adaptable(module):
+            found[name] = cast(nn.Linear, module)  # nn.Linear or one of bitsandbytes' subclasses
+    return found
 
 
 def select_targets(model: nn.Module, target_modules: list[str] | str) -> dict[str, nn.Linear]:

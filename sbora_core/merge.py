@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from sbora_core.adapter import ModuleDelta, SparseAdapter
-from sbora_core.layers import SBoRALinear, is_adaptable_linear, is_quantized_linear
+from sbora_core.inject import linear_modules
+from sbora_core.layers import is_quantized_linear
 from sbora_core.region import add_to_region, check_factor, merged_region, put_region, take_region
 
 
@@ -99,19 +100,6 @@ class MergeHandle:
         self.saved.clear()
 
 
-def _named_linears(model: nn.Module, names: set[str]) -> dict[str, nn.Module]:
-    """The adaptable linear modules called `names` (a lookup per name: walking the model costs more)."""
-    found = {}
-    for name in names:
-        try:
-            module = model.get_submodule(name)
-        except AttributeError:
-            continue
-        if is_adaptable_linear(module) and not isinstance(module, SBoRALinear):
-            found[name] = module
-    return found
-
-
 @torch.no_grad()
 def merge_adapters(
     model: nn.Module, adapters: list[SparseAdapter], regions: RegionCache | None = None
@@ -123,7 +111,7 @@ def merge_adapters(
     original regions come from (and go into) the cache instead of being read.
     """
     check_disjoint(adapters)
-    linears = _named_linears(model, {name for adapter in adapters for name in adapter.modules})
+    linears = linear_modules(model, {name for adapter in adapters for name in adapter.modules})
     planned: list[tuple[torch.Tensor, ModuleDelta, torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = []
     for adapter in adapters:
         for name, delta in adapter.modules.items():
@@ -141,7 +129,7 @@ def merge_adapters(
             if delta.variant == "lora":
                 new = merged_region(original, delta.variant, delta.scaling, delta.A, delta.B, name)
             else:
-                check_factor(delta.B if delta.variant == "sbora_fa" else delta.A, delta.scaling, weight.dtype, name)
+                check_factor(delta.sbora_factor, delta.scaling, weight.dtype, name)
                 new = None
             planned.append((weight, delta, indices, original, new))
     handle = MergeHandle()
@@ -149,8 +137,8 @@ def merge_adapters(
         if new is not None:
             put_region(weight, delta.variant, indices, new)
         else:
-            factor = delta.B if delta.variant == "sbora_fa" else delta.A
-            add_to_region(weight, delta.variant, indices, original, factor, delta.scaling)
+            assert indices is not None  # every SBoRA delta has its index set
+            add_to_region(weight, delta.variant, indices, original, delta.sbora_factor, delta.scaling)
         handle.saved.append((weight, delta.variant, indices, original))
     return handle
 

@@ -15,6 +15,8 @@ from app.schemas import GenerateRequest, GenerateResponse
 from sbora_core.engine import Completion, SamplingParams
 
 router = APIRouter(tags=["generate"])
+# Every generation route can meet a restarted engine process (app.main maps EngineStopped to it).
+ENGINE_RESTARTED = {503: {"description": "the generation engine restarted; retry"}}
 
 
 async def stream_pieces(generation: Generation) -> AsyncIterator[str | Completion]:
@@ -46,7 +48,7 @@ async def complete(generation: Generation) -> Completion:
 
 @router.post("/generate", response_model=GenerateResponse,
              responses={200: {"content": {"text/event-stream": {}}}, 429: {"description": "queue full"},
-                        503: {"description": "the generation engine restarted; retry"}})
+                        **ENGINE_RESTARTED})
 async def generate(req: GenerateRequest, session: SessionDep, tenant: CurrentTenant):
     """Generate from `prompt` (raw text) or `messages` (chat template), optionally with one or more
     adapters (`adapter_id`; a list composes adapters with disjoint index sets). `stream: true`

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app import catalog, crud
 from app.api.deps import CurrentTenant, SessionDep
-from app.api.routes.generate import complete, stream_pieces
+from app.api.routes.generate import ENGINE_RESTARTED, complete, stream_pieces
 from app.inference import Generation, resolve_target, start_generation
 from app.schemas import ChatMessage
 from sbora_core.engine import Completion, SamplingParams
@@ -102,7 +102,7 @@ def list_models(session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
-@router.post("/completions", responses={503: {"description": "the generation engine restarted; retry"}})
+@router.post("/completions", responses=ENGINE_RESTARTED)
 async def completions(req: CompletionRequest, session: SessionDep, tenant: CurrentTenant):
     model_id, adapters = _target(session, tenant, req.model)
     generation = await run_in_threadpool(start_generation, model_id, adapters, req.prompt, None,
@@ -121,7 +121,7 @@ async def completions(req: CompletionRequest, session: SessionDep, tenant: Curre
     return body({"text": done.text, "index": 0, "logprobs": None, "finish_reason": _finish(done)}, usage=_usage(done))
 
 
-@router.post("/chat/completions", responses={503: {"description": "the generation engine restarted; retry"}})
+@router.post("/chat/completions", responses=ENGINE_RESTARTED)
 async def chat_completions(req: ChatCompletionRequest, session: SessionDep, tenant: CurrentTenant):
     model_id, adapters = _target(session, tenant, req.model)
     max_tokens = req.max_completion_tokens or req.max_tokens or 256
