@@ -13,7 +13,16 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import crud
-from app.api.routes import adapters, datasets, generate, health, jobs, models, openai_compat
+from app.api.routes import (
+    adapters,
+    datasets,
+    generate,
+    health,
+    jobs,
+    models,
+    openai_compat,
+    openai_finetune,
+)
 from app.engine_process import EngineStopped
 from app.inference import reset_engines
 from app.migrate import upgrade_database
@@ -81,6 +90,7 @@ def create_app() -> FastAPI:
     for router in (models.router, datasets.router, jobs.router, adapters.router, generate.router):
         app.include_router(router, responses=ERROR_RESPONSES)
     app.include_router(openai_compat.router, responses=OPENAI_ERROR_RESPONSES)
+    app.include_router(openai_finetune.router, responses=OPENAI_ERROR_RESPONSES)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -98,7 +108,11 @@ def create_app() -> FastAPI:
     async def invalid(request: Request, exc: crud.Invalid) -> JSONResponse:
         detail = [{"loc": ["body", *exc.field.split(".")], "msg": exc.message, "type": "value_error"}]
         if request.url.path.startswith("/v1/"):
-            detail = exc.message  # already names the field; OpenAI's body carries it in `param` too
+            # Already names the field (OpenAI's body carries it in `param` too); its body has no list, so
+            # line-numbered problems go into the message.
+            detail = exc.message + "".join(
+                f"\n{'line ' + str(e['line']) + ': ' if e.get('line') else ''}{e.get('message', '')}"
+                for e in exc.errors or [])
         return error(request, 422, detail, param=exc.field,
                      extra={"errors": exc.errors} if exc.errors is not None else None)
 
@@ -129,7 +143,9 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error(request, 422, [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()])
+        errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+        first = ".".join(str(p) for p in errors[0]["loc"][1:]) if errors else None
+        return error(request, 422, errors, param=first or None)
 
     return app
 

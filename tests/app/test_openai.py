@@ -7,7 +7,7 @@ import threading
 import httpx
 import openai
 import pytest
-from stack import LiveServer, wait_for
+from stack import LiveServer, chat_lines, wait_for
 
 TINY = "tiny-llama"
 
@@ -107,3 +107,85 @@ def test_full_queue_answers_429_with_retry_after(live, alice):
     assert any(code == 200 for code, _ in statuses)
     limited = [retry for code, retry in statuses if code == 429]
     assert limited and all(retry is not None and int(retry) >= 1 for retry in limited)
+
+
+# -- fine-tuning: files, jobs, events, checkpoints, cancel -------------------------------------
+def sbora_method(**hyperparameters) -> dict:
+    return {"type": "sbora", "sbora": {"variant": "sbora_fb", "r": 4, "alpha": 8, "hyperparameters": {
+        "n_epochs": 1, "batch_size": 4, "learning_rate_multiplier": 50, "max_seq_len": 128, **hyperparameters}}}
+
+
+def test_fine_tuning_flow_ends_in_a_model_chat_can_use(oai, client, alice):
+    upload = oai.files.create(file=("colours.jsonl", chat_lines(24)), purpose="fine-tune")
+    assert upload.object == "file" and upload.purpose == "fine-tune" and upload.bytes == len(chat_lines(24))
+    job = oai.fine_tuning.jobs.create(model=TINY, training_file=upload.id, suffix="colours", seed=3,
+                                      method=sbora_method(max_steps=4, checkpoint_every=2))
+    assert job.status == "queued" and job.training_file == upload.id and job.seed == 3
+    assert job.hyperparameters.batch_size == 4 and job.hyperparameters.learning_rate_multiplier == pytest.approx(50)
+    done = wait_for(lambda: (j := oai.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
+                    180, 0.5, "fine-tuning")
+    assert done.status == "succeeded", done.error
+    assert done.fine_tuned_model.startswith(f"ft:{TINY}:colours:ad_") and done.trained_tokens > 0
+
+    native = client.get(f"/jobs/{job.id}", headers=alice).json()
+    assert done.fine_tuned_model.endswith(native["adapter_id"])
+    assert client.get(f"/adapters/{native['adapter_id']}/metadata", headers=alice).json()["variant"] == "sbora_fb"
+
+    events = oai.fine_tuning.jobs.list_events(job.id, limit=100).data
+    assert [e.created_at for e in events] == sorted((e.created_at for e in events), reverse=True)
+    steps = sorted(e.data["step"] for e in events if e.type == "metrics")
+    assert steps == [1, 2, 3, 4]
+    first_page = oai.fine_tuning.jobs.list_events(job.id, limit=2)
+    assert first_page.has_more and len(first_page.data) == 2
+    assert oai.fine_tuning.jobs.list_events(job.id, limit=1, after=first_page.data[0].id).data[0].id == first_page.data[1].id
+
+    checkpoints = oai.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert sorted(c.step_number for c in checkpoints) == [2, 4]
+    assert all(c.fine_tuning_job_id == job.id and c.metrics.train_loss is not None for c in checkpoints)
+
+    chat = oai.chat.completions.create(model=done.fine_tuned_model, messages=MESSAGES, max_tokens=8, temperature=0)
+    same = client.post("/generate", headers=alice, json={"messages": MESSAGES, "adapter_id": native["adapter_id"],
+                                                         "max_new_tokens": 8}).json()
+    assert chat.choices[0].message.content == same["text"]
+
+
+def test_supervised_method_maps_openai_hyperparameters_and_cancels(oai):
+    upload = oai.files.create(file=("colours.jsonl", chat_lines(24, offset=50)), purpose="fine-tune")
+    job = oai.fine_tuning.jobs.create(model=TINY, training_file=upload.id, method={
+        "type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 900, "batch_size": 2,
+                                                                 "learning_rate_multiplier": 0.5}}})
+    assert (job.hyperparameters.n_epochs, job.hyperparameters.batch_size) == (900, 2)
+    assert job.hyperparameters.learning_rate_multiplier == pytest.approx(0.5)
+    assert job.method.type == "sbora" and job.method.model_extra["sbora"]["variant"] == "sbora_fa"
+    assert [j.id for j in oai.fine_tuning.jobs.list(limit=1).data] == [job.id]
+    oai.fine_tuning.jobs.cancel(job.id)
+    ended = wait_for(lambda: (j := oai.fine_tuning.jobs.retrieve(job.id)).status in ("cancelled", "failed", "succeeded")
+                     and j, 60, 0.5, "cancellation")
+    assert ended.status == "cancelled" and ended.fine_tuned_model is None
+
+
+def test_fine_tuning_errors_name_the_openai_field(oai, live, bob):
+    with pytest.raises(openai.UnprocessableEntityError) as bad_purpose:
+        oai.files.create(file=("x.jsonl", chat_lines(4)), purpose="assistants")
+    assert bad_purpose.value.body["param"] == "purpose"
+    with pytest.raises(openai.UnprocessableEntityError) as bad_lines:
+        oai.files.create(file=("x.jsonl", b'{"messages": []}\nnot json\n'), purpose="fine-tune")
+    assert "line 2" in bad_lines.value.message
+    with pytest.raises(openai.UnprocessableEntityError) as missing:
+        oai.fine_tuning.jobs.create(model=TINY, training_file="ds_000000000000000000000000")
+    assert missing.value.body["param"] == "training_file" and "/v1/files" in missing.value.message
+    upload = oai.files.create(file=("c.jsonl", chat_lines(8)), purpose="fine-tune")
+    with pytest.raises(openai.UnprocessableEntityError) as rank:
+        oai.fine_tuning.jobs.create(model=TINY, training_file=upload.id, method={
+            "type": "sbora", "sbora": {"r": 100000}})
+    assert rank.value.body["param"] == "method.sbora.r"
+    with pytest.raises(openai.UnprocessableEntityError) as model:
+        oai.fine_tuning.jobs.create(model="no-such-model", training_file=upload.id)
+    assert model.value.body["param"] == "model"
+
+    foreign = openai.OpenAI(base_url=f"{live.url}/v1", api_key=bob["Authorization"].split()[1], max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        foreign.files.retrieve(upload.id)
+    with pytest.raises(openai.UnprocessableEntityError):
+        foreign.fine_tuning.jobs.create(model=TINY, training_file=upload.id)
+    assert upload.id not in [f.id for f in foreign.files.list().data]

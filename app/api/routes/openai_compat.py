@@ -1,7 +1,8 @@
 """OpenAI-compatible inference: /v1/models, /v1/completions, /v1/chat/completions (streaming too).
 
 `model` is a base model id or one of the tenant's adapter ids; an adapter's
-`parent` in /v1/models is its base. Several adapters with disjoint index sets
+`parent` in /v1/models is its base; a fine-tuned model name
+(`ft:<base>:<suffix>:<adapter id>`) names its adapter. Several adapters with disjoint index sets
 compose when joined with '+' (`ad_...+ad_...`).
 """
 
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from app import catalog, crud
 from app.api.deps import CurrentTenant, SessionDep
 from app.api.routes.generate import ENGINE_RESTARTED, complete, stream_pieces
+from app.api.routes.openai_finetune import adapter_of_model
 from app.inference import Generation, resolve_target, start_generation
 from app.schemas import ChatMessage
 from sbora_core.engine import Completion, SamplingParams
@@ -54,7 +56,7 @@ def _target(session, tenant, model: str) -> tuple[str, list]:
     if model in catalog.offered():
         return resolve_target(session, tenant, model, [])
     try:
-        return resolve_target(session, tenant, None, model.split("+"))
+        return resolve_target(session, tenant, None, [adapter_of_model(m) for m in model.split("+")])
     except crud.NotFound as exc:
         raise crud.NotFound(f"model {model!r} is neither a base model nor one of your adapters") from exc
 

@@ -1,0 +1,247 @@
+"""OpenAI-style fine-tuning: /v1/files and /v1/fine_tuning/jobs, so the `openai` client drives the flow unchanged.
+
+Files are this service's datasets (validated on upload; `purpose` must be
+`fine-tune`), fine-tuning jobs are its jobs. The resolved hyperparameters map
+as: n_epochs -> epochs, batch_size -> batch_size, learning_rate_multiplier ->
+a multiple of the server's default learning rate. A plain `supervised` method
+trains SBoRA-FA with the server's defaults; `method.type = "sbora"` takes the
+adapter settings (variant, r, alpha, ...) and any native hyperparameter
+(max_steps, max_seq_len, ...) under `method.sbora`. The returned
+`fine_tuned_model` (`ft:<base>:<suffix>:<adapter id>`) works as `model` in
+/v1/chat/completions and /v1/completions.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Form, Query, UploadFile
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from app import crud
+from app.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
+from app.models import Dataset, Job
+from app.queue import enqueue_job
+from app.schemas import HyperparametersSpec, JobCreate, MethodSpec
+
+router = APIRouter(prefix="/v1", tags=["openai fine-tuning"])
+DEFAULT_LEARNING_RATE = HyperparametersSpec().learning_rate
+# Our field names, as the OpenAI request spells them (for error messages' `param`).
+_OPENAI_FIELD = {"base_model": "model", "training_dataset_id": "training_file",
+                 "validation_dataset_id": "validation_file", "method": "method.sbora",
+                 "hyperparameters": "method.sbora.hyperparameters"}
+
+
+# -- files -------------------------------------------------------------------------------------
+def file_object(ds: Dataset) -> dict[str, Any]:
+    return {"id": ds.id, "object": "file", "bytes": ds.size_bytes, "created_at": int(ds.created_at.timestamp()),
+            "filename": ds.filename, "purpose": "fine-tune", "status": "processed", "status_details": None}
+
+
+@router.post("/files")
+def upload_file(file: UploadFile, purpose: Annotated[str, Form(max_length=50)], session: SessionDep,
+                tenant: CurrentTenant, settings: SettingsDep, store: StoreDep) -> dict[str, Any]:
+    """A training or validation file (JSONL of {"messages": [...]} records, or any dataset shape)."""
+    if purpose != "fine-tune":
+        raise crud.Invalid("purpose", f"purpose: only 'fine-tune' files are kept here, not {purpose!r}")
+    return file_object(crud.create_dataset(session, tenant, file.file, file.filename or "file.jsonl", settings, store))
+
+
+@router.get("/files")
+def list_files(session: SessionDep, tenant: CurrentTenant,
+               limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000) -> dict[str, Any]:
+    rows, _ = crud.list_datasets(session, tenant, limit, 0)
+    return {"object": "list", "data": [file_object(r) for r in rows], "has_more": False}
+
+
+@router.get("/files/{file_id}")
+def get_file(file_id: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
+    return file_object(crud.get_dataset(session, tenant, file_id))
+
+
+@router.delete("/files/{file_id}")
+def delete_file(file_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> dict[str, Any]:
+    crud.delete_dataset(session, tenant, file_id, store)
+    return {"id": file_id, "object": "file", "deleted": True}
+
+
+# -- jobs --------------------------------------------------------------------------------------
+Auto = Literal["auto"]
+
+
+class OpenAIHyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_epochs: Annotated[int, Field(ge=1, le=1000)] | Auto = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = "auto"
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=1000)] | Auto = "auto"
+
+
+class SBoRAHyperparameters(OpenAIHyperparameters):
+    """OpenAI's three plus any native hyperparameter (see HyperparametersSpec)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class SBoRASettings(MethodSpec):
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    hyperparameters: SBoRAHyperparameters = Field(default_factory=SBoRAHyperparameters)
+
+
+class Supervised(BaseModel):
+    hyperparameters: OpenAIHyperparameters = Field(default_factory=OpenAIHyperparameters)
+
+
+class FineTuneMethod(BaseModel):
+    type: Literal["supervised", "sbora"] = "supervised"
+    supervised: Supervised | None = None
+    sbora: SBoRASettings | None = None
+
+
+class FineTuningJobCreate(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # integrations, metadata, ... are accepted and ignored
+    model: str = Field(..., min_length=1, max_length=500)
+    training_file: str = Field(..., min_length=1, max_length=64)
+    validation_file: str | None = Field(None, max_length=64)
+    hyperparameters: OpenAIHyperparameters | None = Field(None, description="deprecated by OpenAI; use method")
+    method: FineTuneMethod = Field(default_factory=FineTuneMethod)
+    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+
+
+def to_job_create(req: FineTuningJobCreate) -> JobCreate:
+    """Our job spec for an OpenAI request; crud.Invalid names the OpenAI field at fault."""
+    sbora = req.method.sbora if req.method.type == "sbora" else None
+    if req.method.type == "sbora" and sbora is None:
+        raise crud.Invalid("method.sbora", "method.sbora: required when method.type is 'sbora'")
+    openai_hp = (sbora.hyperparameters if sbora else
+                 req.method.supervised.hyperparameters if req.method.supervised else
+                 req.hyperparameters or OpenAIHyperparameters())
+    hp: dict[str, Any] = dict(sbora.hyperparameters.model_extra or {}) if sbora else {}
+    if openai_hp.n_epochs != "auto":
+        hp["epochs"] = openai_hp.n_epochs
+    if openai_hp.batch_size != "auto":
+        hp["batch_size"] = openai_hp.batch_size
+    if openai_hp.learning_rate_multiplier != "auto":
+        hp["learning_rate"] = DEFAULT_LEARNING_RATE * openai_hp.learning_rate_multiplier
+    if req.seed is not None:
+        hp["seed"] = req.seed
+    where = "method.sbora.hyperparameters"
+    try:
+        hyperparameters = HyperparametersSpec(**hp)
+        method = MethodSpec(**sbora.model_dump(exclude={"quantization", "hyperparameters"})) if sbora else MethodSpec()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise crud.Invalid(f"{where}.{field}", f"{where}.{field}: {first['msg']}") from exc
+    return JobCreate(base_model=req.model, training_dataset_id=req.training_file,
+                     validation_dataset_id=req.validation_file, method=method, hyperparameters=hyperparameters,
+                     quantization=sbora.quantization if sbora else "none", name=req.suffix)
+
+
+def fine_tuned_model(job: Job) -> str | None:
+    return f"ft:{job.base_model}:{job.name or ''}:{job.adapter_id}" if job.adapter_id else None
+
+
+def adapter_of_model(model: str) -> str:
+    """The adapter id in a fine-tuned model name (`ft:<base>:<suffix>:<adapter id>`), else the name itself."""
+    return model.rsplit(":", 1)[-1] if model.startswith("ft:") else model
+
+
+def job_object(job: Job) -> dict[str, Any]:
+    hp = job.hyperparameters
+    progress = job.progress or {}
+    error = {"code": job.error_code, "message": job.error_message or "", "param": None} if job.error_code else None
+    return {
+        "id": job.id, "object": "fine_tuning.job", "created_at": int(job.created_at.timestamp()),
+        "finished_at": int(job.finished_at.timestamp()) if job.finished_at else None,
+        "model": job.base_model, "fine_tuned_model": fine_tuned_model(job), "organization_id": job.tenant_id,
+        "status": job.status, "training_file": job.train_dataset_id, "validation_file": job.val_dataset_id,
+        "hyperparameters": {"n_epochs": hp.get("epochs"), "batch_size": hp.get("batch_size"),
+                            "learning_rate_multiplier": hp.get("learning_rate", 0) / DEFAULT_LEARNING_RATE},
+        "method": {"type": "sbora", "sbora": {**job.method, "quantization": job.quantization, "hyperparameters": hp}},
+        "result_files": [], "trained_tokens": progress.get("tokens"), "error": error, "seed": hp.get("seed"),
+        "estimated_finish": int(time.time() + progress["eta_s"]) if job.status == "running" and progress.get("eta_s")
+        else None,
+        "integrations": [], "user_provided_suffix": job.name, "metadata": None,
+    }
+
+
+@router.post("/fine_tuning/jobs")
+def create_fine_tuning_job(req: FineTuningJobCreate, session: SessionDep, tenant: CurrentTenant,
+                           settings: SettingsDep) -> dict[str, Any]:
+    spec = to_job_create(req)
+    try:
+        job = crud.create_job(session, tenant, spec, settings)
+    except crud.Invalid as exc:
+        head, _, rest = exc.field.partition(".")
+        field = _OPENAI_FIELD.get(head, head) + (f".{rest}" if rest else "")
+        message = exc.message.replace(head, _OPENAI_FIELD.get(head, head), 1).replace("POST /datasets", "POST /v1/files")
+        raise crud.Invalid(field, message, exc.errors) from exc
+    enqueue_job(job.id)
+    return job_object(job)
+
+
+def _after(items: list, after: str | None, key) -> list:
+    """Cursor pagination as OpenAI does it: the items after the one whose id is `after`."""
+    if after is None:
+        return items
+    ids = [key(i) for i in items]
+    return items[ids.index(after) + 1:] if after in ids else []
+
+
+@router.get("/fine_tuning/jobs")
+def list_fine_tuning_jobs(session: SessionDep, tenant: CurrentTenant, after: str | None = Query(None, max_length=64),
+                          limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
+    rows, _ = crud.list_jobs(session, tenant, None, 10_000, 0)
+    rest = _after(rows, after, lambda j: j.id)
+    return {"object": "list", "data": [job_object(j) for j in rest[:limit]], "has_more": len(rest) > limit}
+
+
+@router.get("/fine_tuning/jobs/{job_id}")
+def get_fine_tuning_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
+    return job_object(crud.get_job(session, tenant, job_id))
+
+
+@router.post("/fine_tuning/jobs/{job_id}/cancel")
+def cancel_fine_tuning_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
+    return job_object(crud.cancel_job(session, tenant, job_id))
+
+
+def _all_events(session, tenant, job_id: str, kind: str | None = None) -> list:
+    rows, _ = crud.list_events(session, tenant, job_id, 0, 1_000_000, kind)
+    return rows[::-1]  # newest first, as OpenAI lists them
+
+
+@router.get("/fine_tuning/jobs/{job_id}/events")
+def list_fine_tuning_events(job_id: str, session: SessionDep, tenant: CurrentTenant,
+                            after: str | None = Query(None, max_length=64),
+                            limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict[str, Any]:
+    rest = _after(_all_events(session, tenant, job_id), after, lambda e: f"ftevent-{e.id}")
+    data = []
+    for e in rest[:limit]:
+        failed = e.kind == "status" and e.data.get("status") == "failed"
+        message = e.message or (f"step {e.data.get('step')}: training loss {e.data.get('loss', 0):.4f}"
+                                if e.kind == "metric" else e.kind)
+        data.append({"id": f"ftevent-{e.id}", "object": "fine_tuning.job.event", "created_at": int(e.created_at.timestamp()),
+                     "level": "error" if failed else "info", "message": message,
+                     "type": "metrics" if e.kind in ("metric", "eval") else "message", "data": e.data})
+    return {"object": "list", "data": data, "has_more": len(rest) > limit}
+
+
+@router.get("/fine_tuning/jobs/{job_id}/checkpoints")
+def list_fine_tuning_checkpoints(job_id: str, session: SessionDep, tenant: CurrentTenant,
+                                 after: str | None = Query(None, max_length=64),
+                                 limit: Annotated[int, Query(ge=1, le=100)] = 10) -> dict[str, Any]:
+    """Resume points the worker saved (the newest few are kept on disk); only the final adapter is served."""
+    job = crud.get_job(session, tenant, job_id)
+    losses = {e.data.get("step"): e.data.get("loss") for e in _all_events(session, tenant, job_id, "metric")}
+    checkpoints = _all_events(session, tenant, job_id, "checkpoint")
+    rest = _after(checkpoints, after, lambda e: f"ftckpt-{e.id}")
+    data = [{"id": f"ftckpt-{e.id}", "object": "fine_tuning.job.checkpoint", "created_at": int(e.created_at.timestamp()),
+             "fine_tuned_model_checkpoint": f"{job.id}:step-{e.data.get('step')}", "fine_tuning_job_id": job.id,
+             "step_number": e.data.get("step"), "metrics": {"step": e.data.get("step"),
+                                                             "train_loss": losses.get(e.data.get("step"))}}
+            for e in rest[:limit]]
+    return {"object": "list", "data": data, "has_more": len(rest) > limit,
+            "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
