@@ -82,6 +82,7 @@ class EngineProcess:
                                        name="sbora-engine", daemon=True)
         self.process.start()
         self.inflight: dict[str, RemoteRequest] = {}
+        self.cache_stats: dict[str, int] = {}  # the child's adapter cache counters, sent after each submit
         self.lock = threading.Lock()
         self.reader = threading.Thread(target=self._read_replies, name="engine-replies", daemon=True)
         self.reader.start()
@@ -135,6 +136,9 @@ class EngineProcess:
             except (EOFError, OSError):
                 self._fail_all()
                 return
+            if kind == "cache_stats":
+                self.cache_stats = rest[0]
+                continue
             with self.lock:
                 request = self.inflight.get(rid)
                 if request is not None and kind not in ("accepted", "text"):
@@ -203,11 +207,19 @@ def serve(requests: multiprocessing.Queue, replies: multiprocessing.Queue, limit
         except Exception as exc:  # refused: the API turns it into the matching HTTP error
             replies.put((rid, *_classify(exc)))
             continue
+        finally:
+            replies.put(("", "cache_stats", _cache_stats(engines)))  # for /metrics
         handles[rid] = handle
         replies.put((rid, "accepted"))
         handle.listen(lambda item, rid=rid: _forward(replies, handles, rid, item))
     for engine in engines.values():
         engine.close()
+
+
+def _cache_stats(engines: dict[str, Any]) -> dict[str, int]:
+    caches = [e.cache for e in engines.values()]
+    return {"hits": sum(c.hits for c in caches), "misses": sum(c.misses for c in caches),
+            "evictions": sum(c.evictions for c in caches), "bytes": sum(c.bytes for c in caches)}
 
 
 def _forward(replies: multiprocessing.Queue, handles: dict, rid: str, item: object) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
 
@@ -52,11 +53,18 @@ def reset_engines() -> None:
         _engine = None
 
 
+def engine_cache_stats() -> dict[str, int]:
+    """The running engine's adapter cache counters (empty before the first generation)."""
+    engine = _engine
+    return dict(engine.cache_stats) if engine is not None else {}
+
+
 @dataclass
 class Generation:
     handle: RemoteRequest
     model_id: str
     adapter_ids: list[str]
+    started: float = field(default_factory=time.perf_counter)
 
 
 def resolve_target(session: Session, tenant: Tenant, model: str | None, adapter_ids: list[str]) -> tuple[str, list[Adapter]]:

@@ -25,6 +25,7 @@ from app.api.routes import (
 )
 from app.engine_process import EngineStopped
 from app.inference import reset_engines
+from app.metrics import ObservedRequests
 from app.migrate import upgrade_database
 from app.schemas import ErrorBody, OpenAIErrorBody
 from sbora_core.engine import AdapterIntegrityError, QueueFull
@@ -86,6 +87,7 @@ def create_app() -> FastAPI:
         description="Fine-tune language models with SBoRA, keep the sparse adapters, generate with them.",
         lifespan=lifespan,
     )
+    app.add_middleware(ObservedRequests)
     app.include_router(health.router)
     for router in (models.router, datasets.router, jobs.router, adapters.router, generate.router):
         app.include_router(router, responses=ERROR_RESPONSES)

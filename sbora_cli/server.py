@@ -67,6 +67,7 @@ def serve_command(
 
     from app import catalog
     from app.core.config import get_settings
+    from app.logs import configure_logging
     from app.migrate import upgrade_database
     from sbora_core.models import resolve_model
 
@@ -84,7 +85,8 @@ def serve_command(
     typer.echo(f"API key for tenant '{LOCAL_TENANT}': {key}", err=True)
     typer.echo(f"  export SBORA_URL={url} SBORA_API_KEY={key}\n", err=True)
     try:
-        uvicorn.run("app.main:app", host=host, port=port, log_level="info")
+        configure_logging()
+        uvicorn.run("app.main:app", host=host, port=port, log_config=None)
     finally:
         if worker_proc is not None and worker_proc.poll() is None:
             worker_proc.send_signal(signal.SIGTERM)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 from celery import Celery
+from celery.signals import setup_logging
 
 from app.core.config import Settings, get_settings
 
@@ -45,6 +46,14 @@ def make_celery(settings: Settings) -> Celery:
 def get_celery() -> Celery:
     """The application for the current settings (tests switch settings and clear this cache)."""
     return make_celery(get_settings())
+
+
+@setup_logging.connect
+def _structured_logs(**_) -> None:
+    """Celery leaves logging alone when this signal has a receiver: ours writes JSON lines."""
+    from app.logs import configure_logging
+
+    configure_logging()
 
 
 # `celery -A worker.celery_app worker` looks for this name.

@@ -124,6 +124,7 @@ class DatabaseCallbacks:
         self._flush(force=True)
 
     def on_log(self, message: str) -> None:
+        log.info("%s", message)  # also in the worker's own log, tagged with the job id
         self.pending.append(("log", message, {}))
         self._flush()
 
@@ -231,6 +232,7 @@ def run_job(job_id: str) -> str | None:
             session.flush()
             adapter_id = adapter.id
         _finish(job_id, owner, "succeeded", f"succeeded: adapter {adapter_id}", adapter_id=adapter_id)
+        log.info("succeeded", extra={"adapter_id": adapter_id, "steps": result.metrics.get("steps")})
         shutil.rmtree(output_dir, ignore_errors=True)  # checkpoints are no longer needed
         return "succeeded"
     except LookupError as exc:

@@ -11,6 +11,7 @@ from fastapi.responses import StreamingResponse
 from app import crud
 from app.api.deps import CurrentTenant, SessionDep
 from app.inference import Generation, resolve_target, start_generation
+from app.metrics import observe_generation
 from app.schemas import GenerateRequest, GenerateResponse
 from sbora_core.engine import Completion, SamplingParams
 
@@ -32,6 +33,8 @@ async def stream_pieces(generation: Generation) -> AsyncIterator[str | Completio
             item = await inbox.get()
             if isinstance(item, BaseException):
                 raise item
+            if isinstance(item, Completion):
+                observe_generation(generation.started, item.completion_tokens)
             yield item
             if isinstance(item, Completion):
                 return

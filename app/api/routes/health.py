@@ -1,9 +1,10 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
+from app import metrics
 from app.core.db import get_engine
 from app.queue import broker_reachable
 from app.storage import get_store
@@ -39,3 +40,10 @@ def readyz() -> JSONResponse:
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
                         status_code=200 if ready else 503)
+
+
+@router.get("/metrics", include_in_schema=False)
+def prometheus_metrics() -> Response:
+    """Prometheus text format; service-wide figures only (no tenant's data), so no key is needed."""
+    body, content_type = metrics.render()
+    return Response(body, media_type=content_type)
