@@ -147,3 +147,25 @@ def test_full_disk_fails_the_job_clearly_and_the_worker_takes_the_next(stack, ap
     small = api["client"].post("/jobs", headers=headers, json=job_body(dataset_id, max_steps=2)).json()
     assert wait_terminal(api, headers, small["id"])["status"] == "succeeded"
     stack.stop_workers()
+
+
+def test_out_of_memory_fails_the_job_clearly_and_the_worker_takes_the_next(stack, api, headers, dataset_id):
+    if stack.flavour != "embedded":
+        pytest.skip("memory is the flavour-independent part; the embedded run covers it")
+    # The worker (and its pool child) may map at most 2 GB of data: a small job needs about 0.6 GB,
+    # a batch of 1024 sequences of ~450 tokens needs several GB, so its allocations really fail.
+    stack.start_worker(rlimits={resource.RLIMIT_DATA: 2 * 1024**3}, quiet=True)
+    story = "The quick brown fox jumps over the lazy dog. " * 4
+    lines = "".join(json.dumps({"messages": [{"role": "user", "content": f"Story {i}: {story}"},
+                                             {"role": "assistant", "content": story}]}) + "\n" for i in range(1024))
+    wide = api["client"].post("/datasets", headers=headers, files={"file": ("wide.jsonl", lines.encode())}).json()
+    big = api["client"].post("/jobs", headers=headers, json=job_body(wide["id"], max_steps=1, batch_size=1024,
+                                                                     max_seq_len=512)).json()
+    failed = wait_terminal(api, headers, big["id"])
+    assert failed["status"] == "failed" and failed["error"]["code"] == "out_of_memory", failed["error"]
+    assert "batch_size" in failed["error"]["message"]
+    worker = stack.workers[-1]
+    small = api["client"].post("/jobs", headers=headers, json=job_body(dataset_id, max_steps=2)).json()
+    assert wait_terminal(api, headers, small["id"])["status"] == "succeeded"
+    assert worker.poll() is None  # the same worker process, still up
+    stack.stop_workers()
