@@ -172,7 +172,8 @@ def eval_command(
             handle = bar.add_task(path.stem, total=None)
             result = evaluate_file(base.model, base.tokenizer, path, protocol=protocol, limit=limit,
                                    batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                   progress=lambda done, total: bar.update(handle, completed=done, total=total))
+                                   progress=lambda done, total, bar=bar, handle=handle: bar.update(handle, completed=done,
+                                                                                        total=total))
         results.append({k: v for k, v in result.items() if k != "outcomes"})
         table.add_row(result["task"], result["protocol"], str(result["items"]), f"{result['accuracy']:.1%}")
     if as_json:

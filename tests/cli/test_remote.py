@@ -1,0 +1,152 @@
+"""The `sbora` remote commands, run as real subprocesses against a live server and a real worker."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import zipfile
+
+import httpx
+import pytest
+from stack import LiveServer, chat_lines, free_port, make_stack
+
+TINY = "tiny-llama"
+TRAIN_ARGS = ["--model", TINY, "--r", "4", "--alpha", "8", "--max-steps", "4", "--batch-size", "4",
+              "--max-seq-len", "128", "--learning-rate", "0.01"]
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory, tiny_model_dir):
+    """The embedded stack (SQLite + filesystem broker) with one worker, behind a real uvicorn server."""
+    stack, teardown = make_stack("embedded", tmp_path_factory.mktemp("cli"), [str(tiny_model_dir)])
+    stack.start_worker()
+    from app.main import create_app
+
+    server = LiveServer(create_app())
+    server.key = stack.key("alice")
+    yield server
+    server.stop()
+    teardown()
+
+
+def sbora(live, *args: str, key: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SBORA_URL": live.url, "SBORA_API_KEY": key or live.key, "COLUMNS": "200"}
+    return subprocess.run([sys.executable, "-m", "sbora_cli.main", *args], env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def no_traceback(result: subprocess.CompletedProcess) -> None:
+    assert "Traceback" not in result.stdout + result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def dataset_id(live, tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "colours.jsonl"
+    path.write_bytes(chat_lines(24))
+    result = sbora(live, "datasets", "upload", str(path))
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+@pytest.fixture(scope="module")
+def trained(live, dataset_id):
+    """(job id, adapter id) of a job created with --watch."""
+    result = sbora(live, "jobs", "create", "--dataset", dataset_id, *TRAIN_ARGS, "--name", "cli", "--watch",
+                   timeout=180)
+    assert result.returncode == 0, result.stderr
+    job_id = re.search(r"job (job_\w+) queued", result.stderr).group(1)
+    return job_id, result.stdout.strip().splitlines()[-1]
+
+
+def api_get(live, path: str) -> dict:
+    return httpx.get(live.url + path, headers={"Authorization": f"Bearer {live.key}"}).json()
+
+
+def test_upload_returns_an_id_and_lists_it(live, dataset_id):
+    assert dataset_id.startswith("ds_")
+    listed = sbora(live, "datasets", "list")
+    assert listed.returncode == 0 and dataset_id in listed.stdout and "colours.jsonl" in listed.stdout
+    as_json = json.loads(sbora(live, "datasets", "list", "--json").stdout)
+    assert [d["id"] for d in as_json["data"]] == [dataset_id]
+
+
+def test_upload_of_a_bad_file_names_the_line(live, tmp_path):
+    lines = chat_lines(24).decode().splitlines(keepends=True)
+    lines[2] = "this is not JSON\n"
+    path = tmp_path / "broken.jsonl"
+    path.write_text("".join(lines))
+    result = sbora(live, "datasets", "upload", str(path))
+    assert result.returncode == 1
+    assert "line 3:" in result.stderr and "422" in result.stderr
+    no_traceback(result)
+
+
+def test_create_watch_ends_with_the_adapter_of_a_succeeded_job(live, trained):
+    job_id, adapter_id = trained
+    job = api_get(live, f"/jobs/{job_id}")
+    assert job["status"] == "succeeded" and job["adapter_id"] == adapter_id
+    assert job["progress"]["step"] == 4 and job["method"]["r"] == 4
+
+    shown = json.loads(sbora(live, "jobs", "show", job_id, "--json").stdout)
+    assert shown["id"] == job_id and shown["adapter_id"] == adapter_id
+    human = sbora(live, "jobs", "show", job_id).stdout
+    assert "succeeded" in human and adapter_id in human
+    listed = sbora(live, "jobs", "list", "--status", "succeeded")
+    assert job_id in listed.stdout and "4/4" in listed.stdout
+    # Watching a finished job reports its outcome again.
+    watched = sbora(live, "jobs", "watch", job_id)
+    assert watched.returncode == 0 and watched.stdout.strip() == adapter_id
+
+
+def test_download_writes_the_adapter_zip(live, trained, tmp_path):
+    _, adapter_id = trained
+    assert adapter_id in sbora(live, "adapters", "list", "--base-model", TINY).stdout
+    for fmt in ("sparse", "peft"):
+        result = sbora(live, "adapters", "download", adapter_id, "--format", fmt, "-o", str(tmp_path))
+        assert result.returncode == 0, result.stderr
+        path = result.stdout.strip()
+        assert path.startswith(str(tmp_path)) and path.endswith(".zip")
+        assert "adapter_model.safetensors" in zipfile.ZipFile(path).namelist()
+    target = tmp_path / "mine.zip"
+    assert sbora(live, "adapters", "download", adapter_id, "-o", str(target)).returncode == 0
+    assert zipfile.is_zipfile(target)
+
+
+def test_generate_streams_text_with_the_adapter(live, trained):
+    _, adapter_id = trained
+    result = sbora(live, "generate", "--adapter", adapter_id, "--max-new-tokens", "8", "--temperature", "1",
+                   "--seed", "1", "--raw", "Item 2: which colour?")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()
+    assert "8 tokens" in result.stderr or "stop" in result.stderr
+
+
+def test_a_running_job_cancelled_makes_watch_fail(live, dataset_id):
+    created = sbora(live, "jobs", "create", "--dataset", dataset_id, *TRAIN_ARGS[:-4], "--max-steps", "5000")
+    job_id = created.stdout.strip()
+    assert created.returncode == 0 and job_id.startswith("job_"), created.stderr
+    assert sbora(live, "jobs", "cancel", job_id).returncode == 0
+    watched = sbora(live, "jobs", "watch", job_id)
+    assert watched.returncode == 1 and f"job {job_id} cancelled" in watched.stderr
+    no_traceback(watched)
+
+
+def test_http_errors_are_one_readable_line(live, dataset_id):
+    wrong_key = sbora(live, "jobs", "list", key="sbora-wrong")
+    assert wrong_key.returncode == 1 and "401" in wrong_key.stderr and "API key" in wrong_key.stderr
+    no_traceback(wrong_key)
+
+    unknown = sbora(live, "jobs", "show", "job_000000000000000000000000")
+    assert unknown.returncode == 1 and "not found" in unknown.stderr.lower()
+    no_traceback(unknown)
+
+    too_big = sbora(live, "jobs", "create", "--dataset", dataset_id, "--model", TINY, "--r", "100000")
+    assert too_big.returncode == 1 and "method.r" in too_big.stderr
+    no_traceback(too_big)
+
+    refused = sbora(live, "datasets", "list", "--url", f"http://127.0.0.1:{free_port()}")
+    assert refused.returncode == 1 and "cannot connect" in refused.stderr
+    no_traceback(refused)
