@@ -28,6 +28,7 @@ from app.inference import reset_engines
 from app.metrics import ObservedRequests
 from app.migrate import upgrade_database
 from app.schemas import ErrorBody, OpenAIErrorBody
+from app.web import install_dashboard
 from sbora_core.engine import AdapterIntegrityError, QueueFull
 
 log = logging.getLogger("app")
@@ -89,6 +90,7 @@ def create_app() -> FastAPI:
     )
     app.add_middleware(ObservedRequests)
     app.include_router(health.router)
+    install_dashboard(app)  # GET / and /static/...: the web dashboard
     for router in (models.router, datasets.router, jobs.router, adapters.router, generate.router):
         app.include_router(router, responses=ERROR_RESPONSES)
     app.include_router(openai_compat.router, responses=OPENAI_ERROR_RESPONSES)

@@ -218,3 +218,27 @@ class GenerateResponse(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: Literal["stop", "length"]
+
+
+# -- adapter update map (the dashboard's picture of an adapter) --------------------------------
+class UpdateMapModule(BaseModel):
+    """One adapted layer: which columns (FA, LoRA) or rows (FB) of W change, and by how much."""
+
+    name: str
+    variant: str
+    axis: Literal["columns", "rows"]
+    dimension: int = Field(description="in_features for columns, out_features for rows")
+    in_features: int
+    out_features: int
+    indices: list[int] = Field(description="the changed columns/rows; all of them for LoRA")
+    norms: list[float] = Field(description="L2 norm of each changed column/row of (alpha/r)·factor")
+
+
+class UpdateMapPublic(BaseModel):
+    adapter_id: str
+    variant: str
+    r: int
+    alpha: float
+    scaling: float
+    max_norm: float
+    modules: list[UpdateMapModule]

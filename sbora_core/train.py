@@ -421,7 +421,8 @@ def train(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool = T
         cb.on_log(f"cancelled after step {pos.step} of {total_steps}")
         return TrainResult("cancelled", None, {"steps": pos.step, "total_steps": total_steps}, last_checkpoint)
 
-    val_loss = evaluate_now() if val_tok else None
+    evaluated_last_step = bool(history["val_loss"]) and history["val_loss"][-1][0] == pos.step
+    val_loss = (history["val_loss"][-1][1] if evaluated_last_step else evaluate_now()) if val_tok else None
     recent = [loss for _, loss in history["train_loss"][-10:]]
     metrics = {
         "train_loss": sum(recent) / len(recent) if recent else None,

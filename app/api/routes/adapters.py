@@ -7,8 +7,9 @@ from fastapi.responses import FileResponse
 
 from app import crud
 from app.api.deps import CurrentTenant, SessionDep, StoreDep
-from app.schemas import AdapterPublic, Page
+from app.schemas import AdapterPublic, Page, UpdateMapPublic
 from app.storage import sha256_file
+from app.update_map import update_map
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -43,6 +44,15 @@ def download_adapter(adapter_id: str, session: SessionDep, tenant: CurrentTenant
 @router.get("/{adapter_id}/metadata", response_model=AdapterPublic)
 def adapter_metadata(adapter_id: str, session: SessionDep, tenant: CurrentTenant) -> AdapterPublic:
     return AdapterPublic.model_validate(crud.get_adapter(session, tenant, adapter_id))
+
+
+@router.get("/{adapter_id}/update-map", response_model=UpdateMapPublic)
+def adapter_update_map(adapter_id: str, session: SessionDep, tenant: CurrentTenant,
+                       store: StoreDep) -> UpdateMapPublic:
+    """Per adapted layer: the columns (FA, LoRA) or rows (FB) the adapter changes, with the L2 norm of
+    each one's change (alpha/r)·factor. The dashboard draws it as one heat strip per layer."""
+    adapter = crud.get_adapter(session, tenant, adapter_id)
+    return update_map(adapter.id, store.local_path(adapter.storage_key))
 
 
 @router.delete("/{adapter_id}", status_code=status.HTTP_204_NO_CONTENT)
