@@ -80,7 +80,7 @@ def test_short_run_lowers_validation_loss_and_reports(tiny_model_dir, files, tmp
     result = train(make_job(tiny_model_dir, files, tmp_path / "out", max_steps=30, eval_every=10), rec)
     assert result.status == "succeeded"
     assert result.metrics["val_loss"] < before - 0.3, (before, result.metrics["val_loss"])
-    assert [s for s, _ in rec.evals] == [10, 20, 30, 30]
+    assert [s for s, _ in rec.evals] == [10, 20, 30]  # the last step was an eval step: not evaluated twice
     assert [p.step for p in rec.progress] == list(range(1, 31))
     last = rec.progress[-1]
     assert last.total_steps == 30 and last.tokens_per_s > 0 and last.eta_s == 0 and last.tokens > 0
