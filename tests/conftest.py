@@ -26,3 +26,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def other_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Same architecture as tiny_model_dir, different weights (so a different fingerprint)."""
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama-other", seed=1)
+
+
+@pytest.fixture(scope="module")
+def live(stack):
+    """The app under a real uvicorn server on a free port, over the module's `stack`."""
+    from stack import LiveServer
+
+    from app.main import create_app
+
+    server = LiveServer(create_app())
+    yield server
+    server.stop()

@@ -16,6 +16,8 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -216,6 +218,29 @@ def make_stack(flavour: str, tmp: Path, models: list[str], *, private_redis: boo
         clear_caches()
 
     return stack, teardown
+
+
+@contextmanager
+def embedded_stack_with_worker(tmp: Path, tiny_model_dir: Path) -> Iterator[Stack]:
+    """The embedded stack on the tiny model, with one worker running, torn down on exit."""
+    stack, teardown = make_stack("embedded", tmp, [str(tiny_model_dir)])
+    stack.start_worker()
+    try:
+        yield stack
+    finally:
+        teardown()
+
+
+def train_tiny_adapter(client, headers: dict, dataset_id: str, variant: str = "sbora_fa", timeout: float = 180) -> dict:
+    """A few quick steps on the tiny model through the API (a TestClient or an httpx.Client); the finished job."""
+    body = {"base_model": "tiny-llama", "training_dataset_id": dataset_id,
+            "method": {"variant": variant, "r": 4, "alpha": 8},
+            "hyperparameters": {"max_steps": 4, "batch_size": 4, "learning_rate": 0.01, "max_seq_len": 128}}
+    job = client.post("/jobs", headers=headers, json=body).json()
+    done = wait_for(lambda: (j := client.get(f"/jobs/{job['id']}", headers=headers).json())["status"]
+                    in ("succeeded", "failed") and j, timeout, 0.3, "training")
+    assert done["status"] == "succeeded", done["error"]
+    return done
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.2, what: str = "condition"):

@@ -7,32 +7,16 @@ import json
 import logging
 
 import pytest
-from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
-from stack import chat_lines, make_stack, wait_for
+from stack import chat_lines, embedded_stack_with_worker, train_tiny_adapter
 
 TINY = "tiny-llama"
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model_dir):
-    stack, teardown = make_stack("embedded", tmp_path_factory.mktemp("observed"), [str(tiny_model_dir)])
-    stack.start_worker()
-    yield stack
-    teardown()
-
-
-@pytest.fixture(scope="module")
-def client(stack):
-    from app.main import create_app
-
-    with TestClient(create_app()) as test_client:
-        yield test_client
-
-
-@pytest.fixture(scope="module")
-def alice(stack):
-    return {"Authorization": f"Bearer {stack.key('alice')}"}
+    with embedded_stack_with_worker(tmp_path_factory.mktemp("observed"), tiny_model_dir) as stack:
+        yield stack
 
 
 def scrape(client) -> dict[tuple[str, tuple], float]:
@@ -49,13 +33,8 @@ def value(samples, name: str, **labels) -> float:
 
 def train_adapter(client, alice) -> tuple[str, str]:
     dataset = client.post("/datasets", headers=alice, files={"file": ("c.jsonl", chat_lines(16))}).json()
-    body = {"base_model": TINY, "training_dataset_id": dataset["id"], "method": {"variant": "sbora_fa", "r": 4, "alpha": 8},
-            "hyperparameters": {"max_steps": 3, "batch_size": 4, "learning_rate": 0.01, "max_seq_len": 128}}
-    job = client.post("/jobs", headers=alice, json=body).json()
-    done = wait_for(lambda: (j := client.get(f"/jobs/{job['id']}", headers=alice).json())["status"]
-                    in ("succeeded", "failed") and j, 180, 0.3, "training")
-    assert done["status"] == "succeeded", done["error"]
-    return job["id"], done["adapter_id"]
+    done = train_tiny_adapter(client, alice, dataset["id"])
+    return done["id"], done["adapter_id"]
 
 
 def test_metrics_count_requests_jobs_generations_and_the_adapter_cache(stack, client, alice):

@@ -7,29 +7,14 @@ import threading
 import httpx
 import openai
 import pytest
-from stack import LiveServer, chat_lines, wait_for
+from stack import chat_lines, train_tiny_adapter, wait_for
 
 TINY = "tiny-llama"
 
 
 @pytest.fixture(scope="module")
-def live(stack):
-    from app.main import create_app
-
-    server = LiveServer(create_app())
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def adapter_id(client, alice, dataset):
-    body = {"base_model": TINY, "training_dataset_id": dataset["id"], "method": {"variant": "sbora_fa", "r": 4, "alpha": 8},
-            "hyperparameters": {"max_steps": 4, "batch_size": 4, "learning_rate": 0.01, "max_seq_len": 128}}
-    job = client.post("/jobs", headers=alice, json=body).json()
-    done = wait_for(lambda: (j := client.get(f"/jobs/{job['id']}", headers=alice).json())["status"]
-                    in ("succeeded", "failed") and j, 180, 0.5, "training")
-    assert done["status"] == "succeeded", done["error"]
-    return done["adapter_id"]
+    return train_tiny_adapter(client, alice, dataset["id"])["adapter_id"]
 
 
 @pytest.fixture(scope="module")

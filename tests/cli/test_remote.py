@@ -11,7 +11,7 @@ import zipfile
 
 import httpx
 import pytest
-from stack import LiveServer, chat_lines, free_port, make_stack
+from stack import LiveServer, chat_lines, embedded_stack_with_worker, free_port
 
 TINY = "tiny-llama"
 TRAIN_ARGS = ["--model", TINY, "--r", "4", "--alpha", "8", "--max-steps", "4", "--batch-size", "4",
@@ -21,15 +21,13 @@ TRAIN_ARGS = ["--model", TINY, "--r", "4", "--alpha", "8", "--max-steps", "4", "
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, tiny_model_dir):
     """The embedded stack (SQLite + filesystem broker) with one worker, behind a real uvicorn server."""
-    stack, teardown = make_stack("embedded", tmp_path_factory.mktemp("cli"), [str(tiny_model_dir)])
-    stack.start_worker()
-    from app.main import create_app
+    with embedded_stack_with_worker(tmp_path_factory.mktemp("cli"), tiny_model_dir) as stack:
+        from app.main import create_app
 
-    server = LiveServer(create_app())
-    server.key = stack.key("alice")
-    yield server
-    server.stop()
-    teardown()
+        server = LiveServer(create_app())
+        server.key = stack.key("alice")
+        yield server
+        server.stop()
 
 
 def sbora(live, *args: str, key: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from stack import LiveServer, chat_lines, make_stack, wait_for
+from stack import chat_lines, embedded_stack_with_worker, train_tiny_adapter
 
 from app.update_map import module_map
 from sbora_core.adapter import ModuleDelta
@@ -30,19 +30,8 @@ CHROME_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-de
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tiny_model_dir):
-    stack, teardown = make_stack("embedded", tmp_path_factory.mktemp("web"), [str(tiny_model_dir)])
-    stack.start_worker()
-    yield stack
-    teardown()
-
-
-@pytest.fixture(scope="module")
-def live(stack):
-    from app.main import create_app
-
-    server = LiveServer(create_app())
-    yield server
-    server.stop()
+    with embedded_stack_with_worker(tmp_path_factory.mktemp("web"), tiny_model_dir) as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +42,7 @@ def alice(stack):
 def train(client: httpx.Client, key: str, variant: str) -> str:
     auth = {"Authorization": f"Bearer {key}"}
     dataset = client.post("/datasets", headers=auth, files={"file": ("c.jsonl", chat_lines(24))}).json()
-    body = {"base_model": TINY, "training_dataset_id": dataset["id"], "method": {"variant": variant, "r": 4, "alpha": 8},
-            "hyperparameters": {"max_steps": 4, "batch_size": 4, "learning_rate": 0.01, "max_seq_len": 128}}
-    job = client.post("/jobs", headers=auth, json=body).json()
-    done = wait_for(lambda: (j := client.get(f"/jobs/{job['id']}", headers=auth).json())["status"]
-                    in ("succeeded", "failed") and j, 120, 0.3, "training")
-    assert done["status"] == "succeeded", done["error"]
-    return done["adapter_id"]
+    return train_tiny_adapter(client, auth, dataset["id"], variant)["adapter_id"]
 
 
 # -- the update-map route --------------------------------------------------------------------------
