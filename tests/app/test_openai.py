@@ -128,6 +128,8 @@ def test_fine_tuning_flow_ends_in_a_model_chat_can_use(oai, client, alice):
     assert sorted(c.step_number for c in checkpoints) == [2, 4]
     assert all(c.fine_tuning_job_id == job.id and c.metrics.train_loss is not None for c in checkpoints)
 
+    assert oai.models.retrieve(done.fine_tuned_model).model_extra["parent"] == TINY
+    assert oai.models.retrieve(TINY).id == TINY
     chat = oai.chat.completions.create(model=done.fine_tuned_model, messages=MESSAGES, max_tokens=8, temperature=0)
     same = client.post("/generate", headers=alice, json={"messages": MESSAGES, "adapter_id": native["adapter_id"],
                                                          "max_new_tokens": 8}).json()
@@ -171,6 +173,8 @@ def test_fine_tuning_errors_name_the_openai_field(oai, live, bob):
     foreign = openai.OpenAI(base_url=f"{live.url}/v1", api_key=bob["Authorization"].split()[1], max_retries=0)
     with pytest.raises(openai.NotFoundError):
         foreign.files.retrieve(upload.id)
+    with pytest.raises(openai.NotFoundError):
+        foreign.models.retrieve(f"ft:{TINY}::ad_000000000000000000000000")
     with pytest.raises(openai.UnprocessableEntityError):
         foreign.fine_tuning.jobs.create(model=TINY, training_file=upload.id)
     assert upload.id not in [f.id for f in foreign.files.list().data]

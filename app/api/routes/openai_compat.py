@@ -104,6 +104,19 @@ def list_models(session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
+@router.get("/models/{model:path}")
+def retrieve_model(model: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
+    """A base model, one of the tenant's adapters, or a fine-tuned model name (`ft:...`)."""
+    if model in catalog.offered():
+        return {"id": model, "object": "model", "created": int(time.time()), "owned_by": "sbora-server"}
+    try:
+        adapter = crud.get_adapter(session, tenant, adapter_of_model(model))
+    except crud.NotFound as exc:
+        raise crud.NotFound(f"model {model!r} is neither a base model nor one of your adapters") from exc
+    return {"id": model, "object": "model", "created": int(adapter.created_at.timestamp()), "owned_by": tenant.id,
+            "parent": adapter.base_model, "root": adapter.base_model}
+
+
 @router.post("/completions", responses=ENGINE_RESTARTED)
 async def completions(req: CompletionRequest, session: SessionDep, tenant: CurrentTenant):
     model_id, adapters = _target(session, tenant, req.model)
