@@ -10,6 +10,7 @@ same few methods.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -92,6 +93,17 @@ def sha256_file(path: Path) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=1024)
+def _sha256_of_version(path: Path, _mtime_ns: int, _size: int) -> str:
+    return sha256_file(path)
+
+
+def sha256_file_cached(path: Path) -> str:
+    """sha256_file, computed once per version of the file (artifacts are replaced, never edited in place)."""
+    stat = path.stat()
+    return _sha256_of_version(path, stat.st_mtime_ns, stat.st_size)
 
 
 def get_store() -> LocalArtifactStore:
