@@ -17,9 +17,11 @@ Methods: SBoRA-FA, SBoRA-FB and LoRA at r=32, LoRA at r=16 (about SBoRA-FA
 r=32's trainable parameters) and SBoRA-FA at r=64; alpha = 2r throughout, all
 seven projections. Accuracy carries a 95% bootstrap interval over test items
 (items averaged over seeds first); `vs_base` is the paired bootstrap of the
-in-domain accuracy gain over the zero-shot base.
+in-domain accuracy gain over the zero-shot base, `vs_lora_r32` that of the
+average difference from LoRA r=32.
 
     .venv/bin/python bench/quality.py                 # reduced CPU budget (about 1.5 h on 2 cores)
+    .venv/bin/python bench/quality.py --domain-seeds commonsense=0,1   # a second seed where it matters
     .venv/bin/python bench/quality.py --full --seeds 0 1 2   # the full-size run, for a GPU
 
 Finished trainings and evaluations are kept under --work-dir, so an
@@ -223,6 +225,17 @@ def paired_gain(adapted: dict[str, np.ndarray], base: dict[str, np.ndarray], tas
     return {"gain": point, "ci95": [float(np.percentile(gain, 2.5)), float(np.percentile(gain, 97.5))]}
 
 
+def add_paired_differences(rows: list[dict], outcomes: dict, domain: str, reference: str = "lora_r32") -> None:
+    """`vs_lora_r32` on each adapter row: is a method's average really below or above LoRA r=32's?"""
+    if (domain, reference) not in outcomes:
+        return
+    for row in rows:
+        if row["domain"] == domain and (domain, row["key"]) in outcomes and row["key"] != reference:
+            mine, theirs = outcomes[(domain, row["key"])], outcomes[(domain, reference)]
+            diff = paired_gain(mine, theirs, tuple(mine), seed=2)
+            row["vs_lora_r32"] = {"difference": diff["gain"], "ci95": diff["ci95"]}
+
+
 def summarise(outcomes_by_seed: list[dict], tasks: list[str]) -> dict[str, np.ndarray]:
     """Each task's per-item accuracy, averaged over seeds."""
     return {t: np.mean([np.array(o[t]["outcomes"], dtype=float) for o in outcomes_by_seed], axis=0) for t in tasks}
@@ -262,7 +275,8 @@ def chart(rows: list[dict], path: Path) -> None:
 
 def print_table(rows: list[dict], domain: Domain) -> None:
     tasks = [Path(t).stem for t in domain.test_sets]
-    head = ["method", "r", "trainable"] + [t.replace("_test", "") for t in tasks] + ["average", "gain vs base", "train s"]
+    head = ["method", "r", "trainable"] + [t.replace("_test", "") for t in tasks] + [
+        "average", "in-domain gain vs base", "average vs LoRA r=32", "train s"]
     print(f"\n{domain.name}\n| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for row in (r for r in rows if r["domain"] == domain.name):
@@ -277,6 +291,11 @@ def print_table(rows: list[dict], domain: Domain) -> None:
             cells.append(f"{100 * g['gain']:+.1f} [{100 * g['ci95'][0]:+.1f}, {100 * g['ci95'][1]:+.1f}]")
         else:
             cells.append("-")
+        if row.get("vs_lora_r32"):
+            d = row["vs_lora_r32"]
+            cells.append(f"{100 * d['difference']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]")
+        else:
+            cells.append("-")
         cells.append(f"{row['train_wall_time_s']:.0f}" if row.get("train_wall_time_s") else "-")
         print("| " + " | ".join(cells) + " |")
 
@@ -287,6 +306,8 @@ def main() -> None:
     parser.add_argument("--domains", nargs="+", default=list(DOMAINS), choices=list(DOMAINS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--domain-seeds", nargs="+", default=[], metavar="DOMAIN=S,S",
+                        help="seeds for one domain, overriding --seeds (e.g. commonsense=0,1)")
     parser.add_argument("--steps", type=int, help="training steps for every domain (overrides the budget)")
     parser.add_argument("--mc-limit", type=int, help="test items per multiple-choice set")
     parser.add_argument("--math-limit", type=int, help="test items per arithmetic set")
@@ -311,7 +332,15 @@ def main() -> None:
     work = args.work_dir / "".join(c for c in tag if c.isalnum() or c in "-._")
     print(f"device: {device}; work dir {work}", flush=True)
 
+    seeds_of = dict.fromkeys(args.domains, args.seeds)
+    for item in args.domain_seeds:
+        name, _, listed = item.partition("=")
+        if name not in DOMAINS or not listed:
+            parser.error(f"--domain-seeds: expected DOMAIN=S,S with DOMAIN one of {', '.join(DOMAINS)}, got {item!r}")
+        seeds_of[name] = [int(x) for x in listed.split(",")]
+
     rows: list[dict] = []
+    outcomes: dict[tuple[str, str], dict[str, np.ndarray]] = {}
     for name in args.domains:
         domain = DOMAINS[name]
         tasks = [Path(t).stem for t in domain.test_sets]
@@ -323,13 +352,15 @@ def main() -> None:
         for key in args.methods:
             method = METHODS[key]
             trained, evaluated = [], []
-            for seed in args.seeds:
+            for seed in seeds_of[name]:
                 run_dir = work / name / f"{key}-seed{seed}"
                 metrics = train_method(domain, method, seed, train_file, budget, run_dir)
                 trained.append(metrics)
                 evaluated.append(evaluate_model(domain, args.data, budget, metrics["adapter_dir"], run_dir / "eval.json"))
             per_item = summarise(evaluated, tasks)
-            rows.append(row_for(domain, method, per_item, evaluated[0], trained, base, device, args.seeds))
+            rows.append(row_for(domain, method, per_item, evaluated[0], trained, base, device, seeds_of[name]))
+            outcomes[(name, key)] = per_item
+        add_paired_differences(rows, outcomes, name)
 
     ratios = {}
     for name in args.domains:
@@ -345,7 +376,7 @@ def main() -> None:
     report = {
         "device": device,
         "budget": asdict(budget),
-        "seeds": args.seeds,
+        "seeds": seeds_of,
         "protocols": {"commonsense": "option_text: mean log-likelihood of each option's text after 'Question: ...\\nAnswer:'",
                       "arithmetic": "greedy generation (chat template), last number compared with the gold answer"},
         "subsets": "a fixed random subset (seed 0) of each test set, the same for every method; sizes in `items`",
