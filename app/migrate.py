@@ -21,4 +21,7 @@ def upgrade_database() -> None:
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    command.upgrade(alembic_config(), "head")
+    config = alembic_config()
+    # The service configures logging itself; alembic.ini's config would replace its handlers.
+    config.attributes["skip_logging"] = True
+    command.upgrade(config, "head")

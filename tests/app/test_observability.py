@@ -5,10 +5,15 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from stack import chat_lines, embedded_stack_with_worker, train_tiny_adapter
+from stack import chat_lines, embedded_stack_with_worker, free_port, train_tiny_adapter, wait_for
 
 TINY = "tiny-llama"
 
@@ -98,12 +103,47 @@ def test_request_ids_and_json_request_logs(client, alice):
 
 def test_worker_writes_json_lines_tagged_with_the_job_id(stack, client, alice):
     job_id, adapter_id = train_adapter(client, alice)
+    mine = [e for e in json_lines(stack.worker_log) if e.get("job_id") == job_id]
+    assert any("torch threads" in e["message"] for e in mine)
+    assert any(e["message"] == "succeeded" and e["adapter_id"] == adapter_id for e in mine)
+
+
+def test_sbora_serve_logs_each_request_as_json(tmp_path, tiny_model_dir):
+    """The real entry point: migrations at start-up must not replace the JSON handler (alembic.ini has its own)."""
+    port = free_port()
+    env = {**os.environ, "SBORA_DATA_DIR": str(tmp_path / "data"), "SBORA_MODELS": json.dumps([str(tiny_model_dir)]),
+           "SBORA_LOG_FORMAT": "json"}
+    for var in ("SBORA_DATABASE_URL", "SBORA_BROKER_URL"):
+        env.pop(var, None)
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "sbora_cli.main", "serve", "--port", str(port), "--no-worker"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for(lambda: answers(f"{url}/healthz"), 60, 0.3, "sbora serve to start")
+        httpx.get(f"{url}/healthz", headers={"X-Request-ID": "serve-check-1"})
+        found = wait_for(lambda: [e for e in json_lines(log_path) if e.get("request_id") == "serve-check-1"],
+                         10, 0.2, "the request's log line")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert found[0]["route"] == "/healthz" and found[0]["status"] == 200 and found[0]["logger"] == "app.request"
+
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+def json_lines(path) -> list[dict]:
+    """The JSON lines of a log file (banners and Celery's start-up text are plain lines)."""
     entries = []
-    for line in stack.worker_log.read_text().splitlines():
+    for line in path.read_text().splitlines():
         try:
             entries.append(json.loads(line))
         except json.JSONDecodeError:
-            continue  # Celery's start-up banner is plain text
-    mine = [e for e in entries if e.get("job_id") == job_id]
-    assert any("torch threads" in e["message"] for e in mine)
-    assert any(e["message"] == "succeeded" and e["adapter_id"] == adapter_id for e in mine)
+            continue
+    return entries
