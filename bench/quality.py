@@ -260,7 +260,7 @@ def chart(rows: list[dict], path: Path) -> None:
                 ax.axhspan(100 * lo, 100 * hi, color="grey", alpha=0.12)
                 continue
             ax.errorbar(row["trainable_params"] / 1e6, y, yerr=[[y - 100 * lo], [100 * hi - y]], fmt="o",
-                        capsize=4, color=colours[row["variant"]], label=f"{row['label']} r={row['r']}")
+                        capsize=4, color=colours[row["method"]], label=f"{row['label']} r={row['r']}")
             ax.annotate(f"r={row['r']}", (row["trainable_params"] / 1e6, y), textcoords="offset points",
                         xytext=(6, 4), fontsize=8)
         ax.set_title(f"{domain}: average accuracy (95% CI)")
@@ -399,7 +399,6 @@ def row_for(domain: Domain, method: Method | None, per_item: dict[str, np.ndarra
         "domain": domain.name,
         "key": method.key if method else "base",
         "method": method.variant if method else "base",
-        "variant": method.variant if method else "base",
         "label": method.label if method else "base (zero-shot)",
         "r": method.r if method else None,
         "alpha": method.alpha if method else None,

@@ -146,11 +146,18 @@ def job_spec(dataset: str, model: str | None, variant: str | None, r: int | None
     return spec
 
 
+def loss_text(p: dict[str, Any]) -> str:
+    return f"{p['loss']:.4f}" if p.get("loss") is not None else ""
+
+
+def steps_text(p: dict[str, Any]) -> str:
+    return f"{p['step']}/{p['total_steps']}" if p.get("total_steps") else ""
+
+
 def progress_text(p: dict[str, Any]) -> str:
     if not p.get("total_steps"):
         return ""
-    loss = f", loss {p['loss']:.4f}" if p.get("loss") is not None else ""
-    return f"{p['step']}/{p['total_steps']}{loss}"
+    return steps_text(p) + (f", loss {loss_text(p)}" if loss_text(p) else "")
 
 
 def method_text(job: dict[str, Any], alpha: bool = True) -> str:
@@ -175,7 +182,7 @@ class JobBar:
         if p.get("total_steps"):
             fields["total"] = p["total_steps"]
         if p.get("loss") is not None:
-            fields["loss"] = f"{p['loss']:.4f}"
+            fields["loss"] = loss_text(p)
         if p.get("tokens_per_s") is not None:
             fields["tps"] = f"{p['tokens_per_s']:,.0f}"
         self.bar.update(self.task, **fields)
@@ -224,7 +231,7 @@ def report_outcome(job: dict[str, Any], as_json: bool) -> None:
         print_json(job)
     if job["status"] == "succeeded":
         p = job["progress"]
-        loss = f", loss {p['loss']:.4f}" if p.get("loss") is not None else ""
+        loss = f", loss {loss_text(p)}" if loss_text(p) else ""
         console.print(f"[green]succeeded[/green]: {p.get('step')} steps{loss}; adapter {job['adapter_id']}")
         if not as_json:
             typer.echo(job["adapter_id"])
@@ -290,10 +297,8 @@ def jobs_list(
     t.columns[7].no_wrap = True
     for j in page["data"]:
         p = j["progress"]
-        steps = f"{p['step']}/{p['total_steps']}" if p.get("total_steps") else ""
-        loss = f"{p['loss']:.4f}" if p.get("loss") is not None else ""
         t.add_row(j["id"], escape(j["name"] or ""), j["status"], escape(j["base_model"]),
-                  method_text(j, alpha=False), steps, loss, j["adapter_id"] or "", when(j["created_at"]))
+                  method_text(j, alpha=False), steps_text(p), loss_text(p), j["adapter_id"] or "", when(j["created_at"]))
     show_page(page, t, "jobs")
 
 

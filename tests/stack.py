@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -36,13 +37,17 @@ def _port_open(host: str, port: int) -> bool:
         return False
 
 
+def missing_dependency(reason: str) -> NoReturn:
+    """Skip the test, or fail it where SBORA_REQUIRE_SERVICES=1 (CI) demands every dependency."""
+    if os.environ.get("SBORA_REQUIRE_SERVICES") == "1":
+        pytest.fail(f"{reason}, and SBORA_REQUIRE_SERVICES=1 demands it")
+    pytest.skip(reason)
+
+
 def require_services() -> None:
     missing = [name for name, port in (("PostgreSQL", 5432), ("Redis", 6379)) if not _port_open("127.0.0.1", port)]
     if missing:
-        reason = f"{' and '.join(missing)} not reachable on 127.0.0.1"
-        if os.environ.get("SBORA_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{reason}, and SBORA_REQUIRE_SERVICES=1 demands them")
-        pytest.skip(reason)
+        missing_dependency(f"{' and '.join(missing)} not reachable on 127.0.0.1")
 
 
 def clear_caches() -> None:
@@ -71,9 +76,7 @@ class PrivateRedis:
     def __init__(self, workdir: Path) -> None:
         self.binary = shutil.which("redis-server")
         if self.binary is None:
-            if os.environ.get("SBORA_REQUIRE_SERVICES") == "1":
-                pytest.fail("redis-server is not installed, and SBORA_REQUIRE_SERVICES=1 demands it")
-            pytest.skip("redis-server is not installed")
+            missing_dependency("redis-server is not installed")
         self.port = free_port()
         self.workdir = workdir
         self.proc: subprocess.Popen | None = None

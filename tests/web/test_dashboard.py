@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from stack import chat_lines, embedded_stack_with_worker, train_tiny_adapter
+from stack import chat_lines, embedded_stack_with_worker, missing_dependency, train_tiny_adapter
 
 from app.update_map import module_map
 from sbora_core.adapter import ModuleDelta
@@ -107,9 +107,7 @@ def test_the_page_is_public_and_the_data_is_not(live):
 def browser(tmp_path):
     missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not os.access(p, os.X_OK)]
     if missing:
-        if os.environ.get("SBORA_REQUIRE_SERVICES") == "1":
-            pytest.fail(f"{', '.join(missing)} missing, and SBORA_REQUIRE_SERVICES=1 demands them")
-        pytest.skip(f"{', '.join(missing)} not installed")
+        missing_dependency(f"{', '.join(missing)} not installed")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 

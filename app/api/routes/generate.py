@@ -35,9 +35,9 @@ async def stream_pieces(generation: Generation) -> AsyncIterator[str | Completio
                 raise item
             if isinstance(item, Completion):
                 observe_generation(generation.started, item.completion_tokens)
-            yield item
-            if isinstance(item, Completion):
+                yield item
                 return
+            yield item
     finally:
         handle.cancel()  # no-op once finished; frees the batch slot when the client left early
 

@@ -52,13 +52,27 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: int | None = Field(None, ge=1)
 
 
+def _unknown_model(model: str) -> crud.NotFound:
+    return crud.NotFound(f"model {model!r} is neither a base model nor one of your adapters")
+
+
 def _target(session, tenant, model: str) -> tuple[str, list]:
     if model in catalog.offered():
         return resolve_target(session, tenant, model, [])
     try:
         return resolve_target(session, tenant, None, [adapter_of_model(m) for m in model.split("+")])
     except crud.NotFound as exc:
-        raise crud.NotFound(f"model {model!r} is neither a base model nor one of your adapters") from exc
+        raise _unknown_model(model) from exc
+
+
+def _base_model_object(model: str) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": int(time.time()), "owned_by": "sbora-server"}
+
+
+def _adapter_model_object(model: str, adapter, tenant) -> dict[str, Any]:
+    """An adapter as an OpenAI model; `model` is the name asked for (the id, or an `ft:` name)."""
+    return {"id": model, "object": "model", "created": int(adapter.created_at.timestamp()), "owned_by": tenant.id,
+            "parent": adapter.base_model, "root": adapter.base_model}
 
 
 def _params(req: _Sampling, max_tokens: int) -> SamplingParams:
@@ -95,12 +109,8 @@ def _sse(generation: Generation, chunk) -> StreamingResponse:
 
 @router.get("/models")
 def list_models(session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
-    now = int(time.time())
-    data: list[dict[str, Any]] = [{"id": m, "object": "model", "created": now, "owned_by": "sbora-server"}
-                                  for m in catalog.offered()]
     rows, _ = crud.list_adapters(session, tenant, None, limit=10_000, offset=0)
-    data += [{"id": a.id, "object": "model", "created": int(a.created_at.timestamp()), "owned_by": tenant.id,
-              "parent": a.base_model, "root": a.base_model} for a in rows]
+    data = [_base_model_object(m) for m in catalog.offered()] + [_adapter_model_object(a.id, a, tenant) for a in rows]
     return {"object": "list", "data": data}
 
 
@@ -108,13 +118,11 @@ def list_models(session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
 def retrieve_model(model: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
     """A base model, one of the tenant's adapters, or a fine-tuned model name (`ft:...`)."""
     if model in catalog.offered():
-        return {"id": model, "object": "model", "created": int(time.time()), "owned_by": "sbora-server"}
+        return _base_model_object(model)
     try:
-        adapter = crud.get_adapter(session, tenant, adapter_of_model(model))
+        return _adapter_model_object(model, crud.get_adapter(session, tenant, adapter_of_model(model)), tenant)
     except crud.NotFound as exc:
-        raise crud.NotFound(f"model {model!r} is neither a base model nor one of your adapters") from exc
-    return {"id": model, "object": "model", "created": int(adapter.created_at.timestamp()), "owned_by": tenant.id,
-            "parent": adapter.base_model, "root": adapter.base_model}
+        raise _unknown_model(model) from exc
 
 
 @router.post("/completions", responses=ENGINE_RESTARTED)

@@ -126,10 +126,12 @@ def to_job_create(req: FineTuningJobCreate) -> JobCreate:
         hp["learning_rate"] = DEFAULT_LEARNING_RATE * openai_hp.learning_rate_multiplier
     if req.seed is not None:
         hp["seed"] = req.seed
+    # sbora's adapter fields were validated with the request (SBoRASettings is a MethodSpec); only the
+    # native hyperparameters passed through as extras are checked here.
+    method = MethodSpec(**sbora.model_dump(exclude={"quantization", "hyperparameters"})) if sbora else MethodSpec()
     where = "method.sbora.hyperparameters"
     try:
         hyperparameters = HyperparametersSpec(**hp)
-        method = MethodSpec(**sbora.model_dump(exclude={"quantization", "hyperparameters"})) if sbora else MethodSpec()
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
