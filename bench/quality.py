@@ -35,6 +35,7 @@ import argparse
 import json
 import platform
 import random
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -124,6 +125,37 @@ def full_budget() -> Budget:
     return Budget(steps={"commonsense": 1000, "arithmetic": 800}, batch_size=16, learning_rate=5e-4,
                   warmup_ratio=0.06, max_seq_len={"commonsense": 256, "arithmetic": 384},
                   mc_limit=None, math_limit=None, max_new_tokens=256, records_per_train_set=6000)
+
+
+# -- train/test separation ---------------------------------------------------------------------
+class TrainTestOverlap(ValueError):
+    """A training record asks a question that a scored test file asks too."""
+
+
+def normalised_question(record: dict) -> str:
+    """Instruction + input, lower-cased, every run of non-word characters folded to one space."""
+    text = f"{record.get('instruction', '')} {record.get('input', '')}".lower()
+    return re.sub(r"\W+", " ", text).strip()
+
+
+def check_no_overlap(data: Path, train_sets: tuple[str, ...], test_sets: tuple[str, ...]) -> None:
+    """Stop before training if any training question (in any of `train_sets`) is also a test question.
+
+    Scores measured on questions the model was trained on measure recall, not the task; the
+    arithmetic figures of this bench were void for that reason until the shared data was fixed.
+    """
+    seen = {normalised_question(r) for name in train_sets for r in json.loads((data / name).read_text())}
+    overlaps = {}
+    for name in test_sets:
+        shared = sum(normalised_question(r) in seen for r in json.loads((data / name).read_text()))
+        if shared:
+            overlaps[name] = shared
+    if overlaps:
+        listed = ", ".join(f"{name} ({count})" for name, count in overlaps.items())
+        raise TrainTestOverlap(
+            f"{sum(overlaps.values())} test question(s) also appear in the training files "
+            f"{', '.join(train_sets)} (after lower-casing and folding punctuation): {listed}. "
+            "Remove them from the training data before measuring.")
 
 
 # -- training data -----------------------------------------------------------------------------
@@ -338,6 +370,13 @@ def main() -> None:
         if name not in DOMAINS or not listed:
             parser.error(f"--domain-seeds: expected DOMAIN=S,S with DOMAIN one of {', '.join(DOMAINS)}, got {item!r}")
         seeds_of[name] = [int(x) for x in listed.split(",")]
+
+    # Every domain is checked before any training, so an overlap stops the run at once.
+    for name in args.domains:
+        try:
+            check_no_overlap(args.data, DOMAINS[name].train_sets, DOMAINS[name].test_sets)
+        except TrainTestOverlap as exc:
+            parser.exit(2, f"quality.py: {name}: {exc}\n")
 
     rows: list[dict] = []
     outcomes: dict[tuple[str, str], dict[str, np.ndarray]] = {}
