@@ -28,9 +28,14 @@ run: venv
 test: venv
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Style and types over every package, and the import contracts (pyproject.toml): the layers
+# depend one way. .ci/run runs this before the tests; .pre-commit-config.yaml runs the same.
+LINTED := sbora_core app worker sbora_cli bench
+
 lint: venv
-	$(BIN)/ruff check sbora_core tests bench
-	$(BIN)/mypy sbora_core
+	$(BIN)/ruff check $(LINTED) tests
+	$(BIN)/mypy $(LINTED)
+	$(BIN)/lint-imports
 
 bench: venv
 	$(BIN)/python bench/train_step.py

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from app.core.config import get_settings
+from sbora_core import models
+from sbora_core.config import SBoRAConfig
+from sbora_core.inject import check_config
 
 
 class UnknownBaseModel(ValueError):
@@ -38,27 +41,31 @@ def source_of(model_id: str) -> str:
     return catalog[model_id]
 
 
+def use_model_cache() -> None:
+    """Point sbora_core at this service's model cache (`SBORA_MODEL_CACHE`, a `.env` file included)."""
+    models.set_model_cache_dir(get_settings().model_cache)
+
+
+def prepare(model_id: str) -> Path:
+    """The model's directory, converted or downloaded into the model cache first if need be."""
+    use_model_cache()
+    return models.resolve_model(source_of(model_id))
+
+
 @lru_cache
 def summary(model_id: str) -> dict[str, Any]:
-    from sbora_core.models import model_summary
-
-    return {**model_summary(source_of(model_id)), "name": model_id}
+    use_model_cache()
+    return {**models.model_summary(source_of(model_id)), "name": model_id}
 
 
 @lru_cache
 def tokenizer(model_id: str) -> Any:
     from transformers import AutoTokenizer
 
-    from sbora_core.models import resolve_model
-
-    return AutoTokenizer.from_pretrained(resolve_model(source_of(model_id)))
+    return AutoTokenizer.from_pretrained(prepare(model_id))
 
 
 def check_method(model_id: str, method: dict[str, Any]) -> None:
-    """ValueError naming the field when the adapter does not fit the model (rank, targets)."""
-    from sbora_core.config import SBoRAConfig
-    from sbora_core.inject import check_config
-    from sbora_core.models import meta_model
-
-    config = SBoRAConfig(**method)
-    check_config(meta_model(source_of(model_id)), config)
+    """ConfigError naming the field when the adapter does not fit the model (rank, targets)."""
+    use_model_cache()
+    check_config(models.meta_model(source_of(model_id)), SBoRAConfig(**method))

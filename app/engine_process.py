@@ -6,14 +6,15 @@ plain GETs rose from milliseconds to seconds). So one child process holds the
 base models and their `sbora_core.engine.Engine`s; the API sends it requests
 and receives text pieces over two multiprocessing queues:
 
-    API -> engine  ("submit", rid, model_id, adapters, prompt, messages, params)
+    API -> engine  ("submit", rid, model_id, model_source, adapters, prompt, messages, params)
                    ("cancel", rid) | ("stop",)
     engine -> API  (rid, "accepted")  then  (rid, "text", str)...  (rid, "done", Completion)
                    or (rid, "invalid", field, message) | (rid, "queue_full", seconds)
                    | (rid, "integrity", message) | (rid, "failed", message)
 
 A child that dies fails the requests in flight with an error, and the next
-request starts a new one.
+request starts a new one. The child imports sbora_core and nothing of the
+service: no web framework, no database layer.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ import queue
 import secrets
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from app.core.config import get_settings
+from app.errors import Invalid
+from sbora_core.adapter_io import AdapterMismatchError
 from sbora_core.engine import (
     AdapterIntegrityError,
     Completion,
@@ -41,6 +46,14 @@ class EngineStopped(RuntimeError):
     """The engine process ended while a request was in flight."""
 
 
+class RequestRejected(ValueError):
+    """Raised in the child: the request cannot be served as asked; `field` names what to change."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field, self.message = field, message
+
+
 @dataclass
 class EngineLimits:
     """What the child needs from the settings (passed explicitly: tests change settings in memory)."""
@@ -49,6 +62,7 @@ class EngineLimits:
     max_queue: int
     cache_bytes: int
     torch_threads: int
+    model_cache: Path | None = None  # where base models are kept (SBORA_MODEL_CACHE)
 
 
 @dataclass
@@ -93,13 +107,14 @@ class EngineProcess:
     def send(self, message: tuple) -> None:
         self.requests.put(message)
 
-    def submit(self, model_id: str, adapters: list[AdapterRef], prompt: str | None,
+    def submit(self, model_id: str, model_source: str, adapters: list[AdapterRef], prompt: str | None,
                messages: list[dict[str, str]] | None, params: SamplingParams) -> RemoteRequest:
-        """Queue a request; raises what the engine refused it for (blocking: call in a thread)."""
+        """Queue a request; raises what the engine refused it for (blocking: call in a thread).
+        `model_source` is what sbora_core loads `model_id` from (a name or a directory)."""
         request = RemoteRequest(self, secrets.token_hex(8))
         with self.lock:
             self.inflight[request.rid] = request
-        self.send(("submit", request.rid, model_id, adapters, prompt, messages, params))
+        self.send(("submit", request.rid, model_id, model_source, adapters, prompt, messages, params))
         while True:  # the first request also waits for the child to start and load the model
             try:
                 outcome = request.reply.get(timeout=1.0)
@@ -170,15 +185,49 @@ class EngineProcess:
 
 
 def _refusal(kind: str, rest: list) -> BaseException:
-    from app import crud
-
     if kind == "invalid":
-        return crud.Invalid(rest[0], rest[1])
+        return Invalid(rest[0], rest[1])
     if kind == "queue_full":
         return QueueFull(rest[0])
     if kind == "integrity":
         return AdapterIntegrityError(rest[0])
     return RuntimeError(rest[0])
+
+
+# -- the API's one engine process ---------------------------------------------------------------
+_engine: EngineProcess | None = None
+_engine_lock = threading.Lock()
+
+
+def get_engine_process() -> EngineProcess:
+    """The engine process, started on first use and again after it died."""
+    global _engine
+    with _engine_lock:
+        if _engine is None or not _engine.alive():
+            if _engine is not None:
+                log.error("the generation engine process exited (code %s); starting a new one",
+                          _engine.process.exitcode)
+                _engine.close()
+            settings = get_settings()
+            _engine = EngineProcess(EngineLimits(settings.engine_max_batch_size, settings.engine_max_queue,
+                                                 settings.adapter_cache_bytes, settings.resolved_torch_threads,
+                                                 settings.model_cache))
+        return _engine
+
+
+def reset_engines() -> None:
+    """Stop the engine process (tests and shutdown); the next generation starts a fresh one."""
+    global _engine
+    with _engine_lock:
+        if _engine is not None:
+            _engine.close()
+        _engine = None
+
+
+def engine_cache_stats() -> dict[str, int]:
+    """The running engine's adapter cache counters (empty before the first generation)."""
+    engine = _engine
+    return dict(engine.cache_stats) if engine is not None else {}
 
 
 # -- the child process ---------------------------------------------------------------------------
@@ -187,8 +236,11 @@ def serve(requests: multiprocessing.Queue, replies: multiprocessing.Queue, limit
     """The engine process: one Engine per base model, created on first use."""
     import torch
 
+    from sbora_core.models import set_model_cache_dir
+
     torch.set_grad_enabled(False)
     torch.set_num_threads(limits.torch_threads)
+    set_model_cache_dir(limits.model_cache)
     engines: dict[str, Any] = {}
     handles: dict[str, Any] = {}
     while True:
@@ -200,10 +252,10 @@ def serve(requests: multiprocessing.Queue, replies: multiprocessing.Queue, limit
             if handle is not None:
                 handle.cancel()
             continue
-        _, rid, model_id, adapters, prompt, messages, params = message
+        _, rid, model_id, source, adapters, prompt, messages, params = message
         try:
-            engine = engines.get(model_id) or engines.setdefault(model_id, _new_engine(model_id, limits))
-            handle = _submit(engine, model_id, adapters, prompt, messages, params)
+            engine = engines.get(model_id) or engines.setdefault(model_id, _new_engine(source, limits))
+            handle = _submit(engine, adapters, prompt, messages, params)
         except Exception as exc:  # refused: the API turns it into the matching HTTP error
             replies.put((rid, *_classify(exc)))
             continue
@@ -233,22 +285,18 @@ def _forward(replies: multiprocessing.Queue, handles: dict, rid: str, item: obje
         replies.put((rid, "failed", f"generation failed: {item}"))
 
 
-def _new_engine(model_id: str, limits: EngineLimits):
-    from app import catalog
+def _new_engine(source: str, limits: EngineLimits):
     from sbora_core.engine import Engine
     from sbora_core.models import load_base_model
 
-    return Engine(load_base_model(catalog.source_of(model_id)), max_batch_size=limits.max_batch_size,
+    return Engine(load_base_model(source), max_batch_size=limits.max_batch_size,
                   max_queue=limits.max_queue, cache_bytes=limits.cache_bytes)
 
 
-def _submit(engine, model_id: str, adapters: list[AdapterRef], prompt: str | None,
+def _submit(engine, adapters: list[AdapterRef], prompt: str | None,
             messages: list[dict[str, str]] | None, params: SamplingParams):
     """Tokenise, check the context length, load and verify the adapters, queue."""
-    from pathlib import Path
-
-    from app import catalog, crud
-    from sbora_core.data import render_chat
+    from sbora_core.tokenization import render_chat
 
     tokenizer = engine.tokenizer
     if messages is not None:
@@ -256,23 +304,20 @@ def _submit(engine, model_id: str, adapters: list[AdapterRef], prompt: str | Non
     else:
         ids = tokenizer(prompt or "")["input_ids"]
     if not ids:
-        raise crud.Invalid("prompt", "prompt: empty")
-    context = catalog.summary(model_id).get("max_position_embeddings") or 2048
+        raise RequestRejected("prompt", "prompt: empty")
+    context = getattr(engine.model.config, "max_position_embeddings", None) or 2048
     if len(ids) + params.max_new_tokens > context:
-        raise crud.Invalid("prompt", f"prompt: {len(ids)} tokens + max_new_tokens {params.max_new_tokens} exceed "
-                                     f"the model's context of {context} tokens")
+        raise RequestRejected("prompt", f"prompt: {len(ids)} tokens + max_new_tokens {params.max_new_tokens} "
+                                        f"exceed the model's context of {context} tokens")
     loaded = [engine.adapter(a.id, Path(a.path), a.weights_sha256) for a in adapters]
     try:
         return engine.submit(ids, loaded, params)
     except ValueError as exc:  # adapters whose index sets overlap
-        raise crud.Invalid("adapter_id", f"adapter_id: {exc}") from exc
+        raise RequestRejected("adapter_id", f"adapter_id: {exc}") from exc
 
 
 def _classify(exc: Exception) -> tuple:
-    from app import crud
-    from sbora_core.adapter_io import AdapterMismatchError
-
-    if isinstance(exc, crud.Invalid):
+    if isinstance(exc, RequestRejected):
         return "invalid", exc.field, exc.message
     if isinstance(exc, QueueFull):
         return "queue_full", exc.retry_after_s

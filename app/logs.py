@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
@@ -41,13 +40,16 @@ class JsonFormatter(logging.Formatter):
 
 def configure_logging(fmt: str | None = None, level: str | None = None) -> None:
     """Route the root logger (and uvicorn's, Celery's) through one handler on stderr."""
-    fmt = fmt or os.environ.get("SBORA_LOG_FORMAT", "json")
+    from app.core.config import get_settings
+
+    settings = get_settings()
+    fmt = fmt or settings.log_format
     handler = logging.StreamHandler()
     handler.setFormatter(JsonFormatter() if fmt == "json" else
                          logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(level or os.environ.get("SBORA_LOG_LEVEL", "INFO"))
+    root.setLevel((level or settings.log_level).upper())
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access", "celery", "celery.task", "celery.worker"):
         logger = logging.getLogger(name)
         logger.handlers[:] = []

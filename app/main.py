@@ -12,7 +12,8 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app import crud
+from app.api.middleware import ObservedRequests
+from app.api.responses import ERROR_RESPONSES, OPENAI_ERROR_RESPONSES
 from app.api.routes import (
     adapters,
     datasets,
@@ -23,33 +24,18 @@ from app.api.routes import (
     openai_compat,
     openai_finetune,
 )
-from app.engine_process import EngineStopped
-from app.inference import reset_engines
-from app.metrics import ObservedRequests
+from app.core.config import get_settings
+from app.engine_process import EngineStopped, reset_engines
+from app.errors import Conflict, Invalid, NotFound, QuotaExceeded, TooLarge
 from app.migrate import upgrade_database
-from app.schemas import ErrorBody, OpenAIErrorBody
+from app.reconcile import Reconciler
 from app.web import install_dashboard
 from sbora_core.engine import AdapterIntegrityError, QueueFull
 
 log = logging.getLogger("app")
 
-# Documented on every route, so clients (and schema-driven fuzzers) know every answer they can get.
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody, "description": text}
-    for code, text in ((400, "malformed request body"), (401, "missing or invalid API key"), (404, "no such object for this tenant"),
-                       (409, "conflicts with the object's state"), (413, "too large for a limit or quota"),
-                       (429, "queue full or quota reached; see Retry-After"))
-}
-OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": OpenAIErrorBody, "description": spec["description"]} for code, spec in ERROR_RESPONSES.items()
-} | {422: {"model": OpenAIErrorBody, "description": "invalid request"}}
-
-
 @asynccontextmanager
 async def lifespan(_: FastAPI):
-    from app.core.config import get_settings
-    from worker.reconcile import Reconciler
-
     upgrade_database()
     settings = get_settings()
     reconciler = Reconciler(settings.reconcile_interval_s, settings.queued_stale_s)
@@ -77,7 +63,7 @@ def allowed_methods(app: FastAPI, path: str) -> set[str]:
     methods: set[str] = set()
     for route in app.routes:
         if isinstance(route, APIRoute) and route.path_regex.match(path):
-            methods |= route.methods
+            methods |= route.methods or set()
     return methods
 
 
@@ -104,13 +90,13 @@ def create_app() -> FastAPI:
             headers["Allow"] = ", ".join(sorted(allowed_methods(app, request.url.path)))
         return error(request, exc.status_code, exc.detail, headers=headers)
 
-    @app.exception_handler(crud.NotFound)
-    async def not_found(request: Request, exc: crud.NotFound) -> JSONResponse:
+    @app.exception_handler(NotFound)
+    async def not_found(request: Request, exc: NotFound) -> JSONResponse:
         return error(request, 404, str(exc))
 
-    @app.exception_handler(crud.Invalid)
-    async def invalid(request: Request, exc: crud.Invalid) -> JSONResponse:
-        detail = [{"loc": ["body", *exc.field.split(".")], "msg": exc.message, "type": "value_error"}]
+    @app.exception_handler(Invalid)
+    async def invalid(request: Request, exc: Invalid) -> JSONResponse:
+        detail: Any = [{"loc": ["body", *exc.field.split(".")], "msg": exc.message, "type": "value_error"}]
         if request.url.path.startswith("/v1/"):
             # Already names the field (OpenAI's body carries it in `param` too); its body has no list, so
             # line-numbered problems go into the message.
@@ -120,16 +106,16 @@ def create_app() -> FastAPI:
         return error(request, 422, detail, param=exc.field,
                      extra={"errors": exc.errors} if exc.errors is not None else None)
 
-    @app.exception_handler(crud.Conflict)
-    async def conflict(request: Request, exc: crud.Conflict) -> JSONResponse:
+    @app.exception_handler(Conflict)
+    async def conflict(request: Request, exc: Conflict) -> JSONResponse:
         return error(request, 409, str(exc))
 
-    @app.exception_handler(crud.TooLarge)
-    async def too_large(request: Request, exc: crud.TooLarge) -> JSONResponse:
+    @app.exception_handler(TooLarge)
+    async def too_large(request: Request, exc: TooLarge) -> JSONResponse:
         return error(request, 413, str(exc))
 
-    @app.exception_handler(crud.QuotaExceeded)
-    async def over_quota(request: Request, exc: crud.QuotaExceeded) -> JSONResponse:
+    @app.exception_handler(QuotaExceeded)
+    async def over_quota(request: Request, exc: QuotaExceeded) -> JSONResponse:
         return error(request, 429, str(exc), headers={"Retry-After": "60"})
 
     @app.exception_handler(QueueFull)

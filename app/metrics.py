@@ -1,4 +1,4 @@
-"""Prometheus metrics (GET /metrics) and the per-request middleware that feeds them and the logs.
+"""Prometheus metrics (GET /metrics); `app.api.middleware` feeds the request metrics.
 
 Counters and histograms are updated as requests and generations finish; job
 states, queue depth and training speed are read from the database at scrape
@@ -8,9 +8,6 @@ adapter cache counters come from the engine process with each reply.
 
 from __future__ import annotations
 
-import logging
-import re
-import secrets
 import time
 
 from prometheus_client import (
@@ -22,11 +19,11 @@ from prometheus_client import (
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy import func, select
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app import logs
+from app.core.db import get_sessionmaker
+from app.engine_process import engine_cache_stats
+from app.models import JOB_STATUSES, Job
 
-log = logging.getLogger("app.request")
 REGISTRY = CollectorRegistry()
 
 REQUESTS = Counter("sbora_http_requests", "HTTP requests by route template, method and status",
@@ -39,8 +36,6 @@ GENERATION_SECONDS = Histogram("sbora_generation_duration_seconds", "generation 
 GENERATION_TOKENS_PER_S = Histogram("sbora_generation_tokens_per_second", "decoding speed of each generation",
                                     registry=REGISTRY, buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 5000))
 GENERATED_TOKENS = Counter("sbora_generated_tokens", "tokens generated", registry=REGISTRY)
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 def observe_generation(started: float, completion_tokens: int) -> None:
@@ -55,9 +50,6 @@ class ServiceState:
     """Gauges read at scrape time: jobs by state, queue depth, training tokens/s, adapter cache."""
 
     def collect(self):
-        from app.core.db import get_sessionmaker
-        from app.models import JOB_STATUSES, Job
-
         with get_sessionmaker()() as session:
             counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
             running = session.scalars(select(Job.progress).where(Job.status == "running")).all()
@@ -68,8 +60,6 @@ class ServiceState:
         yield GaugeMetricFamily("sbora_queue_depth", "jobs waiting for a worker", value=counts.get("queued", 0))
         yield GaugeMetricFamily("sbora_training_tokens_per_second", "sum over running jobs of their training speed",
                                 value=sum((p or {}).get("tokens_per_s") or 0 for p in running))
-        from app.inference import engine_cache_stats
-
         stats = engine_cache_stats()
         for name in ("hits", "misses", "evictions"):
             yield CounterMetricFamily(f"sbora_adapter_cache_{name}", f"adapter cache {name} in the engine process",
@@ -83,38 +73,3 @@ REGISTRY.register(ServiceState())
 
 def render() -> tuple[bytes, str]:
     return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
-
-
-class ObservedRequests:
-    """ASGI middleware: a request id (X-Request-ID, taken from the client when well-formed), one
-    structured log line and the request metrics per HTTP request, labelled by route template."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        rid = given if _REQUEST_ID.match(given) else secrets.token_hex(8)
-        token = logs.request_id.set(rid)
-        started, status = time.perf_counter(), 500
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            route = getattr(scope.get("route"), "path", None) or "unmatched"  # a template: bounded label set
-            elapsed = time.perf_counter() - started
-            REQUESTS.labels(route, scope["method"], str(status)).inc()
-            REQUEST_SECONDS.labels(route).observe(elapsed)
-            log.info("%s %s %s", scope["method"], scope["path"], status,
-                     extra={"route": route, "status": status, "duration_ms": round(1000 * elapsed, 1)})
-            logs.request_id.reset(token)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import secrets
 from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from app.ids import new_id
 
 JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
@@ -15,11 +16,6 @@ TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def new_id(prefix: str) -> str:
-    """Opaque ids: a type prefix and 96 random bits, safe in URLs and never a path."""
-    return f"{prefix}_{secrets.token_hex(12)}"
 
 
 class Base(DeclarativeBase):

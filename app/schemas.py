@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import MISSING, fields
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from sbora_core.config import SBoRAConfig, field_help
+from sbora_core.job import Hyperparameters
 
 T = TypeVar("T")
 
@@ -53,40 +57,48 @@ ModuleNames = Annotated[
 ]
 
 
+def spec_field(spec: type, name: str, **constraints: Any) -> Any:
+    """A request field whose default and description come from sbora_core's dataclass `spec`:
+    one source for `POST /jobs`, the CLI's job files and the OpenAI mapping."""
+    source = {f.name: f for f in fields(spec)}[name]
+    if source.default_factory is not MISSING:
+        return Field(default_factory=source.default_factory, description=field_help(source), **constraints)
+    return Field(source.default, description=field_help(source), **constraints)
+
+
 class MethodSpec(BaseModel):
-    """The adapter to train (see sbora_core.config.SBoRAConfig)."""
+    """The adapter to train; fields and defaults are sbora_core.config.SBoRAConfig's."""
 
     model_config = ConfigDict(extra="forbid")
-    variant: Literal["sbora_fa", "sbora_fb", "lora"] = "sbora_fa"
-    r: int = Field(32, ge=1, le=65536, description="rank: standard-basis vectors per layer")
-    alpha: float = Field(64.0, gt=0, le=1e6, description="update scaled by alpha/r")
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: ModuleNames | Literal["all-linear"] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        description="module names to adapt, or 'all-linear'",
-    )
-    index_seed: int = Field(0, ge=0, le=2**31 - 1)
+    variant: Literal["sbora_fa", "sbora_fb", "lora"] = spec_field(SBoRAConfig, "variant")
+    r: int = spec_field(SBoRAConfig, "r", ge=1, le=65536)
+    alpha: float = spec_field(SBoRAConfig, "alpha", gt=0, le=1e6)
+    dropout: float = spec_field(SBoRAConfig, "dropout", ge=0, lt=1)
+    target_modules: ModuleNames | Literal["all-linear"] = spec_field(SBoRAConfig, "target_modules")
+    index_seed: int = spec_field(SBoRAConfig, "index_seed", ge=0, le=2**31 - 1)
 
 
 class HyperparametersSpec(BaseModel):
-    """Training settings (see sbora_core.train.Hyperparameters); every field has a default."""
+    """Training settings; fields and defaults are sbora_core.job.Hyperparameters'."""
 
     model_config = ConfigDict(extra="forbid")
-    epochs: int = Field(1, ge=1, le=1000)
-    max_steps: int | None = Field(None, ge=1, le=10_000_000, description="overrides epochs")
-    learning_rate: float = Field(2e-4, gt=0, lt=1)
-    warmup_steps: int = Field(0, ge=0, le=1_000_000)
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    batch_size: int = Field(4, ge=1, le=4096)
-    grad_accum: int = Field(1, ge=1, le=4096)
-    max_seq_len: int = Field(512, ge=8, le=131072)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    weight_decay: float = Field(0.0, ge=0, le=10)
-    max_grad_norm: float | None = Field(1.0, gt=0)
-    eval_every: int | None = Field(None, ge=1)
-    checkpoint_every: int | None = Field(50, ge=1, description="steps between checkpoints (for resume)")
-    val_fraction: float = Field(0.0, ge=0, lt=1)
+    epochs: int = spec_field(Hyperparameters, "epochs", ge=1, le=1000)
+    max_steps: int | None = spec_field(Hyperparameters, "max_steps", ge=1, le=10_000_000)
+    learning_rate: float = spec_field(Hyperparameters, "learning_rate", gt=0, lt=1)
+    warmup_steps: int = spec_field(Hyperparameters, "warmup_steps", ge=0, le=1_000_000)
+    warmup_ratio: float = spec_field(Hyperparameters, "warmup_ratio", ge=0, lt=1)
+    schedule: Literal["cosine", "linear", "constant"] = spec_field(Hyperparameters, "schedule")
+    batch_size: int = spec_field(Hyperparameters, "batch_size", ge=1, le=4096)
+    grad_accum: int = spec_field(Hyperparameters, "grad_accum", ge=1, le=4096)
+    max_seq_len: int = spec_field(Hyperparameters, "max_seq_len", ge=8, le=131072)
+    seed: int = spec_field(Hyperparameters, "seed", ge=0, le=2**31 - 1)
+    weight_decay: float = spec_field(Hyperparameters, "weight_decay", ge=0, le=10)
+    max_grad_norm: float | None = spec_field(Hyperparameters, "max_grad_norm", gt=0)
+    eval_every: int | None = spec_field(Hyperparameters, "eval_every", ge=1)
+    checkpoint_every: int | None = spec_field(Hyperparameters, "checkpoint_every", ge=1)
+    keep_checkpoints: int = spec_field(Hyperparameters, "keep_checkpoints", ge=1, le=100)
+    val_fraction: float = spec_field(Hyperparameters, "val_fraction", ge=0, lt=1)
+    eval_batch_size: int = spec_field(Hyperparameters, "eval_batch_size", ge=1, le=4096)
 
 
 class JobCreate(BaseModel):

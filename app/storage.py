@@ -4,8 +4,7 @@ Keys are built from opaque ids (`datasets/ds_....jsonl`), never from anything
 a user typed. Files are written under a temporary name and renamed, so a
 half-written artifact is never visible, and every put returns the sha256.
 `LocalArtifactStore` keeps them in a directory; a shared volume mounted on
-every machine serves several workers, and an object store can implement the
-same few methods.
+every machine serves several workers.
 """
 
 from __future__ import annotations
@@ -17,7 +16,10 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import BinaryIO
+
+from app.core.config import get_settings
+from sbora_core.files import sha256_file
 
 _KEY = re.compile(r"^[a-z]+(/[A-Za-z0-9_.-]+)+$")
 
@@ -27,14 +29,6 @@ class Stored:
     key: str
     size: int
     sha256: str
-
-
-class ArtifactStore(Protocol):
-    def put_stream(self, key: str, stream: BinaryIO, limit: int | None = None) -> Stored: ...
-    def put_file(self, key: str, source: Path) -> Stored: ...
-    def local_path(self, key: str) -> Path: ...
-    def exists(self, key: str) -> bool: ...
-    def delete(self, key: str) -> None: ...
 
 
 class UploadTooLarge(ValueError):
@@ -76,23 +70,12 @@ class LocalArtifactStore:
         with open(source, "rb") as handle:
             return self.put_stream(key, handle)
 
-    def exists(self, key: str) -> bool:
-        return self.local_path(key).exists()
-
     def delete(self, key: str) -> None:
         path = self.local_path(key)
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
         else:
             path.unlink(missing_ok=True)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @functools.lru_cache(maxsize=1024)
@@ -107,6 +90,4 @@ def sha256_file_cached(path: Path) -> str:
 
 
 def get_store() -> LocalArtifactStore:
-    from app.core.config import get_settings
-
     return LocalArtifactStore(get_settings().resolved_artifact_dir)

@@ -116,8 +116,8 @@ def main() -> None:
                         help="mean pause of a client between requests, in seconds (exponential); 0 saturates")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
         if args.default_model:
             model, model_source = "smollm2-135m-instruct", "smollm2-135m-instruct"
         else:

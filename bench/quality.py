@@ -46,8 +46,9 @@ import torch
 from sbora_core.adapter_io import apply_adapter, load_adapter
 from sbora_core.config import SBoRAConfig
 from sbora_core.evaluate import evaluate_file, load_task
+from sbora_core.job import Hyperparameters, TrainJob
 from sbora_core.models import DEFAULT_MODEL, load_base_model
-from sbora_core.train import Hyperparameters, TrainJob, train
+from sbora_core.train import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -171,7 +172,7 @@ def build_train_file(domain: Domain, data: Path, budget: Budget, out: Path) -> P
             # Train on what the option_text protocol scores: the correct option's text.
             _, items = load_task(path)
             part = [{"prompt": f"Question: {i.question}\nAnswer:", "completion": f" {i.options[i.answer]}"}
-                    for i in items]
+                    for i in items if i.options]
         else:
             part = [{k: r[k] for k in ("instruction", "input", "output")} for r in json.loads(path.read_text())
                     if r["output"].strip()]  # a few records have no worked solution
@@ -196,11 +197,12 @@ def train_method(domain: Domain, method: Method, seed: int, train_file: Path, bu
         base_model=DEFAULT_MODEL,
         train_file=str(train_file),
         output_dir=str(run_dir),
-        sbora=SBoRAConfig(variant=method.variant, r=method.r, alpha=method.alpha, index_seed=seed),
+        # Dropout and checkpoints stated explicitly: the protocol must not move with the service's defaults.
+        sbora=SBoRAConfig(variant=method.variant, r=method.r, alpha=method.alpha, dropout=0.0, index_seed=seed),
         hyperparameters=Hyperparameters(
             max_steps=budget.steps[domain.name], learning_rate=budget.learning_rate,
             warmup_ratio=budget.warmup_ratio, schedule="cosine", batch_size=budget.batch_size,
-            max_seq_len=budget.max_seq_len[domain.name], seed=seed,
+            max_seq_len=budget.max_seq_len[domain.name], seed=seed, checkpoint_every=None,
         ),
     )
     print(f"  training {method.key} seed {seed} on {domain.name} ({job.hyperparameters.max_steps} steps)", flush=True)

@@ -56,12 +56,13 @@ def make_adapters(base, n: int, r: int, out: Path) -> list[Path]:
     """n SBoRA-FA adapters with distinct index sets and random (trained-looking) factors."""
     dirs = []
     for i in range(n):
-        config = SBoRAConfig(variant="sbora_fa", r=r, alpha=2 * r, index_seed=i, base_model=base.fingerprint)
+        config = SBoRAConfig(variant="sbora_fa", r=r, alpha=2 * r, dropout=0.0, index_seed=i,
+                             base_fingerprint=base.fingerprint)
         layers = inject_adapter(base.model, config, fast_path=False)
         torch.manual_seed(i)
         with torch.no_grad():
             for layer in layers.values():
-                layer.sbora_B.normal_(std=2e-3)
+                layer.trainable.normal_(std=2e-3)
         save_adapter(adapter_from_model(base.model, config), out / f"a{i}")
         remove_adapter(base.model)
         dirs.append(out / f"a{i}")
@@ -191,15 +192,15 @@ def main() -> None:
                                            add_generation_prompt=True), add_special_tokens=False)["input_ids"]
                for p in PROMPTS]
     params = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = Path(scratch)
         dirs = make_adapters(base, 8, args.r, tmp)
         adapters = [load_adapter(d) for d in dirs]
         peft_dirs = [export_peft(a, tmp / f"peft{i}", str(base.path)) for i, a in enumerate(adapters)]
 
         print("engine: base / merged / mixed ...", file=sys.stderr, flush=True)
         engine = Engine(base, max_batch_size=8)  # the 8 requests of a run share one batch
-        rows = {}
+        rows: dict[str, list[float]] = {}
         for _ in range(2):  # interleave the three modes twice against drift
             for key, sets in (("base", [[]] * 8), ("merged", [[adapters[0]]] * 8),
                               ("mixed8", [[a] for a in adapters])):

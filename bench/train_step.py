@@ -26,10 +26,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from sbora_core.adapter import SparseAdapter
 from sbora_core.adapter_io import load_adapter, save_adapter
 from sbora_core.config import LLAMA_PROJECTIONS, SBoRAConfig
 from sbora_core.inject import adapter_from_model, inject_adapter
@@ -73,7 +77,8 @@ class Trainee:
             config = LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=list(LLAMA_PROJECTIONS))
             self.model = get_peft_model(self.model, config)
         else:
-            self.config = SBoRAConfig(variant=method, r=r, alpha=2 * r, base_model=self.base.fingerprint)
+            self.config = SBoRAConfig(variant=method, r=r, alpha=2 * r, dropout=0.0,
+                                       base_fingerprint=self.base.fingerprint)
             inject_adapter(self.model, self.config)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4, fused=True) if self.params else None
@@ -111,10 +116,19 @@ def measure_rss(method: str, args) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_rss_mb"]
 
 
-def merge_timers(trainees: dict[str, Trainee], tmp: Path) -> tuple[dict[str, int], dict[str, object]]:
+def peft_merge_unmerge(model: Any) -> None:
+    model.merge_adapter()
+    model.unmerge_adapter()
+
+
+def merge_unmerge(model: torch.nn.Module, adapter: SparseAdapter, cache: RegionCache | None) -> None:
+    merge_adapters(model, [adapter], cache).unmerge()
+
+
+def merge_timers(trainees: dict[str, Trainee], tmp: Path) -> tuple[dict[str, int], dict[str, Callable[[], object]]]:
     """File size of each trained adapter, and a merge+unmerge closure per method."""
     sizes: dict[str, int] = {}
-    timers: dict[str, object] = {}
+    timers: dict[str, Callable[[], object]] = {}
     with torch.no_grad():
         for method, t in trainees.items():
             if method == "floor":
@@ -125,7 +139,7 @@ def merge_timers(trainees: dict[str, Trainee], tmp: Path) -> tuple[dict[str, int
                     if "lora_B" in name:
                         p.normal_(std=1e-3)  # a trained-looking B, so the merge does real arithmetic
                 t.model.save_pretrained(out)
-                timers[method] = lambda m=t.model: (m.merge_adapter(), m.unmerge_adapter())
+                timers[method] = partial(peft_merge_unmerge, t.model)
             else:
                 save_adapter(adapter_from_model(t.model, t.config), out)
                 adapter = load_adapter(out)
@@ -133,10 +147,10 @@ def merge_timers(trainees: dict[str, Trainee], tmp: Path) -> tuple[dict[str, int
                     for factor in delta.factors().values():
                         factor.normal_(std=1e-3)
                 plain = load_base_model(DEFAULT_MODEL, device="cpu").model
-                timers[method] = lambda m=plain, a=adapter: merge_adapters(m, [a]).unmerge()
+                timers[method] = partial(merge_unmerge, plain, adapter, None)
                 if method != "lora":
                     cache = RegionCache()
-                    timers[f"{method}_cached"] = lambda m=plain, a=adapter, c=cache: merge_adapters(m, [a], c).unmerge()
+                    timers[f"{method}_cached"] = partial(merge_unmerge, plain, adapter, cache)
             sizes[method] = (out / "adapter_model.safetensors").stat().st_size
     return sizes, timers
 

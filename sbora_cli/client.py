@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +50,7 @@ def _describe(item: Any) -> str:
     if not isinstance(item, dict):
         return str(item)
     name, msg = _field_name(item.get("loc") or []), str(item.get("msg", item))
-    # crud.Invalid messages often name their field already ("method.r: ...").
+    # the service's Invalid messages often name their field already ("method.r: ...").
     return msg if not name or msg.startswith(name) else f"{name}: {msg}"
 
 
@@ -82,7 +82,8 @@ def error_from_response(response: httpx.Response) -> ApiError:
 
 def iter_sse(response: httpx.Response) -> Iterator[ServerEvent]:
     """Parse a text/event-stream body into events (comments such as keep-alives are skipped)."""
-    event, data, ident = "message", [], None
+    event, ident = "message", None
+    data: list[str] = []
     for line in response.iter_lines():
         if not line:
             if data:
@@ -172,7 +173,7 @@ class ApiClient:
     def cancel_job(self, job_id: str) -> dict[str, Any]:
         return self._request("POST", f"/jobs/{job_id}/cancel")
 
-    def job_events(self, job_id: str, after: int | None = None) -> Iterator[ServerEvent]:
+    def job_events(self, job_id: str, after: int | None = None) -> Generator[ServerEvent, None, None]:
         """The job's events as they are written, until the server sends `end`."""
         headers = {"Last-Event-ID": str(after)} if after else {}
         with self._stream("GET", f"/jobs/{job_id}/events/stream", headers=headers, timeout=STREAM_TIMEOUT) as r:
@@ -202,7 +203,7 @@ class ApiClient:
         return destination
 
     # -- generation --------------------------------------------------------------------------
-    def generate_stream(self, request: dict[str, Any]) -> Iterator[ServerEvent]:
+    def generate_stream(self, request: dict[str, Any]) -> Generator[ServerEvent, None, None]:
         """`token` events, then one `done` (or `error`) event."""
         with self._stream("POST", "/generate", json={**request, "stream": True}, timeout=STREAM_TIMEOUT) as r:
             yield from iter_sse(r)

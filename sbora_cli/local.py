@@ -10,7 +10,14 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 console = Console(stderr=True)
@@ -37,45 +44,15 @@ def read_job_file(path: Path) -> dict[str, Any]:
     return data
 
 
-class ConsoleCallbacks:
-    """Training callbacks (the hooks of sbora_core.train.Callbacks) that draw a progress bar
-    and stop cleanly on Ctrl-C."""
-
-    def __init__(self, bar: Progress) -> None:
-        self.bar = bar
-        self.task = bar.add_task("training", total=None, loss="-", tps="-")
-        self.cancelled = False
-
-    def interrupt(self, *_: Any) -> None:
-        if self.cancelled:
-            raise KeyboardInterrupt
-        self.cancelled = True
-        console.print("[yellow]stopping after this step (Ctrl-C again to abort without a checkpoint)[/yellow]")
-
-    def on_progress(self, p) -> None:
-        self.bar.update(self.task, completed=p.step, total=p.total_steps, loss=f"{p.loss:.4f}",
-                        tps=f"{p.tokens_per_s:,.0f}")
-
-    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        console.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        console.print(f"[dim]checkpoint {path}[/dim]")
-
-    def on_log(self, message: str) -> None:
-        console.print(f"[dim]{message}[/dim]")
-
-    def should_cancel(self) -> bool:
-        return self.cancelled
-
-
 def train_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="job file (YAML or JSON)")],
     no_resume: Annotated[bool, typer.Option("--no-resume", help="ignore existing checkpoints")] = False,
 ) -> None:
     """Fine-tune a base model from a job file; Ctrl-C checkpoints, rerunning resumes."""
+    from sbora_cli.training_progress import ConsoleCallbacks
     from sbora_core.data import DatasetError
-    from sbora_core.train import TrainJob, train
+    from sbora_core.job import TrainJob
+    from sbora_core.train import train
 
     try:
         job = TrainJob.from_dict(read_job_file(config))
@@ -170,10 +147,12 @@ def eval_command(
     for path in task:
         with Progress(TextColumn(path.stem), BarColumn(), MofNCompleteColumn(), console=console) as bar:
             handle = bar.add_task(path.stem, total=None)
+
+            def advance(done: int, total: int, bar: Progress = bar, handle: TaskID = handle) -> None:
+                bar.update(handle, completed=done, total=total)
+
             result = evaluate_file(base.model, base.tokenizer, path, protocol=protocol, limit=limit,
-                                   batch_size=batch_size, max_new_tokens=max_new_tokens,
-                                   progress=lambda done, total, bar=bar, handle=handle: bar.update(handle, completed=done,
-                                                                                        total=total))
+                                   batch_size=batch_size, max_new_tokens=max_new_tokens, progress=advance)
         results.append({k: v for k, v in result.items() if k != "outcomes"})
         table.add_row(result["task"], result["protocol"], str(result["items"]), f"{result['accuracy']:.1%}")
     if as_json:

@@ -22,7 +22,7 @@ def worker_command_line(queue: str | None = None, name: str = "worker") -> list[
     """One worker per GPU: one job at a time, a fresh child process per job (frees all memory)."""
     from app.core.config import get_settings
 
-    return [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker",
+    return [sys.executable, "-m", "celery", "-A", "worker.tasks", "worker",
             "-Q", queue or get_settings().train_queue, "--concurrency", "1", "--pool", "prefork",
             "--max-tasks-per-child", "1", "--loglevel", "INFO", "-n", f"{name}@%h"]
 
@@ -69,14 +69,13 @@ def serve_command(
     from app.core.config import get_settings
     from app.logs import configure_logging
     from app.migrate import upgrade_database
-    from sbora_core.models import resolve_model
 
     settings = get_settings()
     host, port = host or settings.host, port or settings.port
     upgrade_database()
     for model_id in catalog.offered():
         console.print(f"preparing base model {model_id} ...")
-        resolve_model(catalog.source_of(model_id))  # the default model converts once, here
+        catalog.prepare(model_id)  # the default model converts once, here
     key = local_key(settings.data_dir)
     worker_proc = subprocess.Popen(worker_command_line(name="local")) if worker else None
     url = f"http://{host}:{port}"

@@ -14,17 +14,20 @@ from typing import Any
 import torch
 
 from sbora_core.config import SBoRAConfig
-from sbora_core.region import region_delta
+from sbora_core.variants import Variant, get_variant
 
 
 @dataclass
 class ModuleDelta:
-    variant: str
+    variant: Variant  # a variant's name is accepted and replaced by the object
     scaling: float
     shape: tuple[int, int]  # (d_out, d_in) of the base layer
     indices: torch.Tensor | None = None  # (r,) int64; FA: columns I, FB: rows J; None for LoRA
     A: torch.Tensor | None = None  # (r, d_in): trained in FB and LoRA
     B: torch.Tensor | None = None  # (d_out, r): trained in FA and LoRA
+
+    def __post_init__(self) -> None:
+        self.variant = get_variant(self.variant)
 
     @property
     def r(self) -> int:
@@ -36,27 +39,21 @@ class ModuleDelta:
     @property
     def sbora_factor(self) -> torch.Tensor:
         """The one trained factor of an SBoRA delta: B (FA) or A (FB)."""
-        factor = self.B if self.variant == "sbora_fa" else self.A
-        assert self.variant != "lora" and factor is not None
-        return factor
+        assert self.variant.sparse
+        return self.variant.trained_factor(self.A, self.B)
 
     def factors(self) -> dict[str, torch.Tensor]:
         return {k: t for k, t in (("A", self.A), ("B", self.B)) if t is not None}
 
     def delta(self) -> torch.Tensor:
-        """The region's change; see `region.region_delta`."""
-        return region_delta(self.variant, self.scaling, self.A, self.B)
+        """The region's change; see `Variant.delta`."""
+        return self.variant.delta(self.scaling, self.A, self.B)
 
     def dense_delta(self) -> torch.Tensor:
         """The full (d_out, d_in) delta W. For tests and exports, never a hot path."""
-        d_out, d_in = self.shape
-        if self.variant == "lora":
-            return self.delta()
-        full = torch.zeros(d_out, d_in, dtype=self.delta().dtype)
-        if self.variant == "sbora_fa":
-            full[:, self.indices] = self.delta()
-        else:
-            full[self.indices, :] = self.delta()
+        region = self.delta()
+        full = torch.zeros(*self.shape, dtype=region.dtype)
+        self.variant.put_region(full, self.indices, region)
         return full
 
     def trainable_params(self) -> int:
@@ -71,7 +68,7 @@ class SparseAdapter:
 
     @property
     def fingerprint(self) -> str | None:
-        return self.config.base_model
+        return self.config.base_fingerprint
 
     def trainable_params(self) -> int:
         return sum(m.trainable_params() for m in self.modules.values())

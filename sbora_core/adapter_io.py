@@ -13,9 +13,7 @@ half-written adapter.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from torch import nn
 
 from sbora_core.adapter import ModuleDelta, SparseAdapter
 from sbora_core.config import SBoRAConfig
+from sbora_core.files import atomic_write
 from sbora_core.inject import inject_adapter, linear_modules
 
 FORMAT = "sbora-adapter"
@@ -39,17 +38,6 @@ class AdapterFormatError(ValueError):
 
 class AdapterMismatchError(ValueError):
     """The adapter does not belong to this base model (fingerprint or a layer shape differs)."""
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_adapter(adapter: SparseAdapter, directory: str | Path) -> Path:
@@ -72,8 +60,8 @@ def save_adapter(adapter: SparseAdapter, directory: str | Path) -> Path:
         "metadata": adapter.metadata,
     }
     # Weights first: a config file present means the weights are complete.
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
-    _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": FORMAT}))
+    atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True)))
     return directory
 
 
@@ -90,7 +78,10 @@ def load_adapter(directory: str | Path) -> SparseAdapter:
         raise AdapterFormatError(f"{CONFIG_FILE}: not a sparse adapter (format must be {FORMAT!r})")
     if raw.get("format_version") != FORMAT_VERSION:
         raise AdapterFormatError(f"{CONFIG_FILE}: format_version {raw.get('format_version')} is not supported")
-    config = SBoRAConfig.from_dict(raw)
+    try:
+        config = SBoRAConfig.from_dict(raw)
+    except ValueError as exc:
+        raise AdapterFormatError(f"{CONFIG_FILE}: {exc}") from exc
     try:
         tensors = load_file(str(directory / WEIGHTS_FILE))
     except FileNotFoundError as exc:
@@ -103,7 +94,7 @@ def load_adapter(directory: str | Path) -> SparseAdapter:
         d_out, d_in = (int(s) for s in shape)
         indices = tensors.get(f"{name}.indices")
         delta = ModuleDelta(
-            variant=config.variant,
+            variant=config.kind,
             scaling=config.scaling,
             shape=(d_out, d_in),
             indices=None if indices is None else indices.to(torch.long),
@@ -119,30 +110,19 @@ def load_adapter(directory: str | Path) -> SparseAdapter:
 
 def _check_delta(name: str, delta: ModuleDelta, config: SBoRAConfig) -> None:
     d_out, d_in, r = delta.shape[0], delta.shape[1], config.r
-    expected = {
-        "sbora_fa": {"B": (d_out, r)},
-        "sbora_fb": {"A": (r, d_in)},
-        "lora": {"A": (r, d_in), "B": (d_out, r)},
-    }[config.variant]
+    variant = delta.variant
+    expected = variant.factor_shapes(d_out, d_in, r)
     found = {k: tuple(v.shape) for k, v in delta.factors().items()}
     if found != expected:
         raise AdapterFormatError(f"{name}: factor shapes {found}, expected {expected}")
-    if config.is_sbora:
+    if variant.sparse:
         if delta.indices is None or tuple(delta.indices.shape) != (r,):
             raise AdapterFormatError(f"{name}: index set missing or not of length r={r}")
-        limit = d_in if config.variant == "sbora_fa" else d_out
+        limit = variant.selection_dim(d_out, d_in)
         if int(delta.indices.min()) < 0 or int(delta.indices.max()) >= limit:
             raise AdapterFormatError(f"{name}: index set out of range [0, {limit})")
         if delta.indices.unique().numel() != r:
             raise AdapterFormatError(f"{name}: index set has repeated indices")
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_compatible(adapter: SparseAdapter, model: nn.Module, fingerprint: str | None) -> None:
@@ -177,7 +157,7 @@ def apply_adapter(
         layer.load_delta(adapter.modules[name])
     if fast_path:
         for layer in layers.values():
-            if layer.variant != "lora" and not layer.quantized:
+            if layer.variant.fused is not None and not layer.quantized:
                 layer.merge()
 
 
@@ -191,19 +171,7 @@ def export_peft(adapter: SparseAdapter, directory: str | Path, base_model_name_o
     directory.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     for name, delta in sorted(adapter.modules.items()):
-        d_out, d_in = delta.shape
-        r = delta.r
-        if delta.variant == "sbora_fa":
-            lora_a = torch.zeros(r, d_in)
-            lora_a[torch.arange(r), delta.indices] = 1.0
-            lora_b = delta.B
-        elif delta.variant == "sbora_fb":
-            lora_a = delta.A
-            lora_b = torch.zeros(d_out, r)
-            lora_b[delta.indices, torch.arange(r)] = 1.0
-        else:
-            lora_a, lora_b = delta.A, delta.B
-        assert lora_a is not None and lora_b is not None
+        lora_a, lora_b = delta.variant.peft_factors(delta)
         prefix = f"base_model.model.{name}"
         tensors[f"{prefix}.lora_A.weight"] = lora_a.float().contiguous()
         tensors[f"{prefix}.lora_B.weight"] = lora_b.float().contiguous()
@@ -222,6 +190,6 @@ def export_peft(adapter: SparseAdapter, directory: str | Path, base_model_name_o
         "use_rslora": False,
         "use_dora": False,
     }
-    _atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
+    atomic_write(directory / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_write(directory / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2)))
     return directory

@@ -15,7 +15,6 @@ seed, streams text as it is decoded, and can be cancelled at any step.
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 import time
@@ -28,6 +27,7 @@ import torch
 
 from sbora_core.adapter import SparseAdapter
 from sbora_core.adapter_io import WEIGHTS_FILE, AdapterMismatchError, load_adapter
+from sbora_core.files import sha256_file
 from sbora_core.merge import RegionCache, check_disjoint, merge_adapters
 from sbora_core.models import BaseModel
 from sbora_core.row_adapters import RowAdapterHooks, build_banks
@@ -156,14 +156,6 @@ class AdapterCache:
         return key in self.entries
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class _Row:
     """Decoding state of one request inside a batch."""
 
@@ -249,7 +241,7 @@ class Engine:
         if cached is not None:
             return cached
         path = directory() if callable(directory) else directory
-        if weights_sha256 is not None and _file_sha256(path / WEIGHTS_FILE) != weights_sha256:
+        if weights_sha256 is not None and sha256_file(path / WEIGHTS_FILE) != weights_sha256:
             raise AdapterIntegrityError(f"adapter {key}: its stored weights do not match their sha256")
         adapter = load_adapter(path)
         if adapter.fingerprint != self.base.fingerprint:
@@ -278,9 +270,6 @@ class Engine:
     def generate(self, prompt_ids: Sequence[int], adapters: Sequence[SparseAdapter] = (),
                  params: SamplingParams | None = None) -> Completion:
         return self.submit(prompt_ids, adapters, params).result()
-
-    def queue_depth(self) -> int:
-        return len(self.pending)
 
     def close(self) -> None:
         """Stop the scheduler after the batch in flight (its adapters unmerged) and detach the hooks."""

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from sbora_core.data import IGNORE_INDEX, TokenizedExample, collate, render_chat
+from sbora_core.tokenization import IGNORE_INDEX, TokenizedExample, collate, render_chat
 
 ProgressFn = Callable[[int, int], None]
 PROTOCOLS = ("label", "option_text")

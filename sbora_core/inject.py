@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sbora_core.adapter import SparseAdapter
-from sbora_core.config import ALL_LINEAR, SBoRAConfig
+from sbora_core.config import ALL_LINEAR, ConfigError, SBoRAConfig
 from sbora_core.layers import SBoRALinear, is_adaptable_linear
 
 # Never adapted under 'all-linear': the output head (PEFT excludes it too).
@@ -45,7 +45,7 @@ def linear_modules(model: nn.Module, names: Iterable[str] | None = None) -> dict
 
 
 def select_targets(model: nn.Module, target_modules: list[str] | str) -> dict[str, nn.Linear]:
-    """The linear layers a config's `target_modules` names; ValueError if none match."""
+    """The linear layers a config's `target_modules` names; ConfigError if none match."""
     linears = {
         name: m for name, m in linear_modules(model).items() if not name.endswith(".base_layer")
     }
@@ -58,38 +58,30 @@ def select_targets(model: nn.Module, target_modules: list[str] | str) -> dict[st
         chosen = {n: m for n, m in linears.items() if any(matches(n, w) for w in target_modules)}
         missing = [w for w in target_modules if not any(matches(n, w) for n in chosen)]
         if missing:
-            raise ValueError(
-                f"target_modules: {missing} match no linear module; this model's linear modules "
+            raise ConfigError(
+                "target_modules", f"{missing} match no linear module; this model's linear modules "
                 f"are {sorted({n.split('.')[-1] for n in linears})}"
             )
     if not chosen:
-        raise ValueError("target_modules: the model has no linear module to adapt")
+        raise ConfigError("target_modules", "the model has no linear module to adapt")
     return chosen
 
 
-def selection_dim(variant: str, d_out: int, d_in: int) -> int:
-    """The size r selects from: FA picks columns (d_in), FB rows (d_out), LoRA min of both."""
-    if variant == "sbora_fa":
-        return d_in
-    if variant == "sbora_fb":
-        return d_out
-    return min(d_in, d_out)
-
-
 def check_rank(config: SBoRAConfig, shapes: dict[str, tuple[int, int]]) -> None:
-    """ValueError naming `r` when a targeted layer is too small for the rank."""
+    """ConfigError naming `r` when a targeted layer is too small for the rank."""
+    variant = config.kind
     for name, (d_out, d_in) in shapes.items():
-        limit = selection_dim(config.variant, d_out, d_in)
+        limit = variant.selection_dim(d_out, d_in)
         if config.r > limit:
-            raise ValueError(
-                f"r: rank {config.r} is larger than {limit}, the dimension {config.variant} "
+            raise ConfigError(
+                "r", f"rank {config.r} is larger than {limit}, the dimension {variant.name} "
                 f"selects from in {name} (shape {d_out}x{d_in}); use r <= "
-                f"{min(selection_dim(config.variant, *s) for s in shapes.values())}"
+                f"{min(variant.selection_dim(*s) for s in shapes.values())}"
             )
 
 
 def check_config(model: nn.Module, config: SBoRAConfig) -> dict[str, nn.Linear]:
-    """The layers `config` would adapt on `model`; ValueError naming the field if it cannot.
+    """The layers `config` would adapt on `model`; ConfigError naming the field if it cannot.
 
     Works on a meta-device model too, so a service can check a job before any weights load.
     """
@@ -133,15 +125,17 @@ def inject_adapter(
     for p in model.parameters():
         p.requires_grad_(False)
 
+    variant = config.kind
     layers: dict[str, SBoRALinear] = {}
     for name, base in targets.items():
         layer_indices = None
-        if config.is_sbora:
-            dim = selection_dim(config.variant, base.out_features, base.in_features)
+        if variant.sparse:
+            dim = variant.selection_dim(base.out_features, base.in_features)
             layer_indices = (
                 indices[name] if indices is not None else draw_indices(dim, config.r, config.index_seed, name)
             )
-        layer = SBoRALinear(base, config.variant, config.r, config.alpha, config.dropout, layer_indices)
+        layer = SBoRALinear(base, variant, config.r, config.alpha, config.dropout, layer_indices)
+        layer.train(base.training)  # a new module starts in training mode: dropout must follow the model's
         _set_submodule(model, name, layer)
         layers[name] = layer
     if fast_path:
@@ -159,15 +153,10 @@ def enable_fast_path(model: nn.Module) -> int:
     """Merge every full-precision SBoRA layer so training runs one matmul per layer."""
     count = 0
     for _, layer in adapter_layers(model):
-        if layer.variant != "lora" and not layer.quantized:
+        if layer.variant.fused is not None and not layer.quantized:
             layer.merge()
             count += 1
     return count
-
-
-def disable_fast_path(model: nn.Module) -> None:
-    for _, layer in adapter_layers(model):
-        layer.unmerge()
 
 
 def remove_adapter(model: nn.Module) -> None:

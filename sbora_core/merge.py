@@ -17,14 +17,11 @@ from torch import nn
 from sbora_core.adapter import ModuleDelta, SparseAdapter
 from sbora_core.inject import linear_modules
 from sbora_core.layers import is_quantized_linear
-from sbora_core.region import add_to_region, check_factor, merged_region, put_region, take_region
+from sbora_core.variants import Variant, check_factor
 
 
 class AdapterOverlapError(ValueError):
     """Two adapters change the same weights of a layer, so they cannot be composed."""
-
-
-_REGION_KIND = {"sbora_fa": "columns", "sbora_fb": "rows", "lora": "the whole matrix"}
 
 
 def find_overlap(adapters: list[SparseAdapter]) -> tuple[str, list[int], str] | None:
@@ -37,10 +34,10 @@ def find_overlap(adapters: list[SparseAdapter]) -> tuple[str, list[int], str] | 
     seen: dict[str, list[ModuleDelta]] = {}
     for adapter in adapters:
         for name, delta in sorted(adapter.modules.items()):
-            kind = _REGION_KIND[delta.variant]
+            kind = delta.variant.region_kind
             for other in seen.get(name, []):
-                if other.variant != delta.variant or delta.variant == "lora":
-                    return name, [], f"{kind} and {_REGION_KIND[other.variant]}, which cross"
+                if other.variant is not delta.variant or not delta.variant.sparse:
+                    return name, [], f"{kind} and {other.variant.region_kind}, which cross"
                 assert delta.indices is not None and other.indices is not None
                 common = sorted(set(delta.indices.tolist()) & set(other.indices.tolist()))
                 if common:
@@ -71,11 +68,11 @@ class RegionCache:
     def __init__(self) -> None:
         self._regions: dict[tuple[str, str, bytes], torch.Tensor] = {}
 
-    def original(self, name: str, weight: torch.Tensor, variant: str, indices: torch.Tensor) -> torch.Tensor:
-        key = (name, variant, indices.cpu().numpy().tobytes())
+    def original(self, name: str, weight: torch.Tensor, variant: Variant, indices: torch.Tensor) -> torch.Tensor:
+        key = (name, variant.name, indices.cpu().numpy().tobytes())
         region = self._regions.get(key)
         if region is None:
-            region = self._regions[key] = take_region(weight, variant, indices)
+            region = self._regions[key] = variant.take_region(weight, indices)
         return region
 
     @property
@@ -90,13 +87,13 @@ class RegionCache:
 class MergeHandle:
     """What `merge_adapters` changed, and how to put it back."""
 
-    saved: list[tuple[torch.Tensor, str, torch.Tensor | None, torch.Tensor]] = field(default_factory=list)
+    saved: list[tuple[torch.Tensor, Variant, torch.Tensor | None, torch.Tensor]] = field(default_factory=list)
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Restore every merged region bit for bit (in reverse order of merging)."""
         for weight, variant, indices, original in reversed(self.saved):
-            put_region(weight, variant, indices, original)
+            variant.put_region(weight, indices, original)
         self.saved.clear()
 
 
@@ -125,20 +122,20 @@ def merge_adapters(
             if regions is not None and indices is not None:
                 original = regions.original(name, weight, delta.variant, indices)
             else:
-                original = take_region(weight, delta.variant, indices)
-            if delta.variant == "lora":
-                new = merged_region(original, delta.variant, delta.scaling, delta.A, delta.B, name)
-            else:
+                original = delta.variant.take_region(weight, indices)
+            if delta.variant.sparse:  # checked once per factor; the write is then a single kernel
                 check_factor(delta.sbora_factor, delta.scaling, weight.dtype, name)
                 new = None
+            else:
+                new = delta.variant.merged_region(original, delta.scaling, delta.A, delta.B, name)
             planned.append((weight, delta, indices, original, new))
     handle = MergeHandle()
     for weight, delta, indices, original, new in planned:
         if new is not None:
-            put_region(weight, delta.variant, indices, new)
+            delta.variant.put_region(weight, indices, new)
         else:
             assert indices is not None  # every SBoRA delta has its index set
-            add_to_region(weight, delta.variant, indices, original, delta.sbora_factor, delta.scaling)
+            delta.variant.add_to_region(weight, indices, original, delta.sbora_factor, delta.scaling)
         handle.saved.append((weight, delta.variant, indices, original))
     return handle
 

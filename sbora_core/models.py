@@ -43,7 +43,22 @@ class UnknownModelError(ValueError):
     """The name is neither a known model, a model directory, nor a reachable hub id."""
 
 
+_model_cache_override: Path | None = None
+
+
+def set_model_cache_dir(path: str | Path | None) -> None:
+    """Where converted and downloaded base models are kept, for this process (None: the default).
+
+    The service passes its `SBORA_MODEL_CACHE` setting here (it may come from a `.env` file);
+    without it the environment variable, then `~/.cache/sbora/models`, decide.
+    """
+    global _model_cache_override
+    _model_cache_override = Path(path).expanduser() if path else None
+
+
 def model_cache_dir() -> Path:
+    if _model_cache_override is not None:
+        return _model_cache_override
     return Path(os.environ.get("SBORA_MODEL_CACHE", Path.home() / ".cache" / "sbora" / "models"))
 
 
@@ -88,7 +103,7 @@ def _convert_gguf(name: str, target: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename, dtype=torch.float32)
     # The weights are now dequantised float32; drop the GGUF marker so they save as plain safetensors.
     del model.config.quantization_config
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # transformers types it as never unset
     model.config.name_or_path = name
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
@@ -237,7 +252,7 @@ def load_base_model(
         kwargs["device_map"] = {"": str(device)}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quantization == "none":
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers wraps .to with a narrower signature
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:

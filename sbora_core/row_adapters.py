@@ -21,12 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sbora_core.adapter import SparseAdapter
+from sbora_core.adapter import ModuleDelta, SparseAdapter
+from sbora_core.variants import Variant
 
 
 @dataclass
 class Bank:
-    variant: str
+    variant: Variant
     indices: torch.Tensor | None  # (B, R) int64: FA columns / FB rows; None for LoRA
     A: torch.Tensor | None  # (B, R, d_in): FB (scaled) and LoRA
     B: torch.Tensor | None  # (B, d_out, R): FA (scaled) and LoRA (scaled)
@@ -39,19 +40,7 @@ class Bank:
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out + this bank's per-row updates; x (B, T, d_in), out (B, T, d_out)."""
-        if self.variant == "sbora_fa":
-            assert self.indices is not None and self.B is not None
-            T = x.shape[1]
-            x_sel = torch.gather(x, 2, self.indices[:, None, :].expand(-1, T, -1))  # (B, T, R)
-            return out + torch.bmm(x_sel.to(self.B.dtype), self.B.transpose(1, 2)).to(out.dtype)  # (B, T, d_out)
-        if self.variant == "sbora_fb":
-            assert self.indices is not None and self.A is not None
-            ax = torch.bmm(x.to(self.A.dtype), self.A.transpose(1, 2)).to(out.dtype)  # (B, T, R)
-            T = x.shape[1]
-            return out.scatter_add(2, self.indices[:, None, :].expand(-1, T, -1), ax)
-        assert self.A is not None and self.B is not None
-        ax = torch.bmm(x.to(self.A.dtype), self.A.transpose(1, 2))  # (B, T, R)
-        return out + torch.bmm(ax, self.B.transpose(1, 2)).to(out.dtype)
+        return self.variant.apply_bank(x, out, self.indices, self.A, self.B)
 
 
 def build_banks(
@@ -64,7 +53,7 @@ def build_banks(
     n = len(rows)
     for name in names:
         d_out, d_in = shapes[name]
-        by_variant: dict[str, list[list]] = {}
+        by_variant: dict[Variant, list[list[ModuleDelta]]] = {}
         for row, adapters in enumerate(rows):
             for adapter in adapters:
                 delta = adapter.modules.get(name)
@@ -73,22 +62,11 @@ def build_banks(
         module_banks = []
         for variant, per_row in by_variant.items():
             width = max(sum(d.r for d in deltas) for deltas in per_row)
-            indices = torch.zeros(n, width, dtype=torch.long) if variant != "lora" else None
-            A = torch.zeros(n, width, d_in, dtype=dtype) if variant != "sbora_fa" else None
-            B = torch.zeros(n, d_out, width, dtype=dtype) if variant != "sbora_fb" else None
+            indices, A, B = variant.new_bank(n, width, d_out, d_in, dtype)
             for row, deltas in enumerate(per_row):
                 at = 0
                 for d in deltas:
-                    span = slice(at, at + d.r)
-                    if indices is not None:
-                        indices[row, span] = d.indices
-                    if variant == "sbora_fa":
-                        B[row, :, span] = d.B * d.scaling
-                    elif variant == "sbora_fb":
-                        A[row, span] = d.A * d.scaling
-                    else:
-                        A[row, span] = d.A
-                        B[row, :, span] = d.B * d.scaling
+                    variant.fill_bank(indices, A, B, row, slice(at, at + d.r), d)
                     at += d.r
 
             def to(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -52,14 +52,13 @@ def require_services() -> None:
 
 def clear_caches() -> None:
     """Settings and everything built from them are cached per process; tests switch settings."""
-    from app import catalog
+    from app import catalog, queue
     from app.core import config, db
-    from worker import celery_app
 
     for cached in (config.get_settings, db.get_engine, db.get_sessionmaker, catalog.offered, catalog.summary,
-                   catalog.tokenizer, celery_app.get_celery):
+                   catalog.tokenizer, queue.get_celery):
         cached.cache_clear()
-    from app.inference import reset_engines
+    from app.engine_process import reset_engines
 
     reset_engines()
 
@@ -224,9 +223,10 @@ def make_stack(flavour: str, tmp: Path, models: list[str], *, private_redis: boo
 
 
 @contextmanager
-def embedded_stack_with_worker(tmp: Path, tiny_model_dir: Path) -> Iterator[Stack]:
+def embedded_stack_with_worker(tmp: Path, tiny_model_dir: Path,
+                               extra_env: dict[str, str] | None = None) -> Iterator[Stack]:
     """The embedded stack on the tiny model, with one worker running, torn down on exit."""
-    stack, teardown = make_stack("embedded", tmp, [str(tiny_model_dir)])
+    stack, teardown = make_stack("embedded", tmp, [str(tiny_model_dir)], extra_env=extra_env)
     stack.start_worker()
     try:
         yield stack

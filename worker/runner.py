@@ -16,37 +16,56 @@ import socket
 import threading
 import time
 from datetime import timedelta
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
-from sqlalchemy import or_, update
+import torch
+from sqlalchemy import CursorResult, Update, or_, update
+from sqlalchemy.orm import Session
 
+from app import catalog
 from app.core.config import get_settings
 from app.core.db import session_scope
-from app.crud import add_event, register_adapter
 from app.models import Dataset, Job, utcnow
-from app.storage import get_store
+from app.services.adapters import register_adapter
+from app.services.jobs import add_event
+from app.storage import LocalArtifactStore, get_store
+from sbora_core.adapter_io import AdapterFormatError
+from sbora_core.config import SBoRAConfig
+from sbora_core.data import DatasetError
+from sbora_core.job import Hyperparameters, TrainJob
+from sbora_core.models import UnknownModelError
+from sbora_core.train import Callbacks, Progress, train
 
 log = logging.getLogger(__name__)
 PROGRESS_WRITE_INTERVAL_S = 1.0
+
+
+class DatasetMissing(LookupError):
+    """A dataset the job needs was deleted after the job was queued."""
 
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
 
 
+def rows_updated(session: Session, statement: Update) -> int:
+    """Run an UPDATE; how many rows it changed (the conditional updates below decide ownership)."""
+    return cast(CursorResult[Any], session.execute(statement)).rowcount
+
+
 def claim(job_id: str, owner: str, lease_s: int) -> bool:
     """Atomically take the job if it is queued or its lease has expired."""
     now = utcnow()
     with session_scope() as session:
-        result = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.cancel_requested.is_(False),
-                   or_(Job.status == "queued",
-                       (Job.status == "running") & (Job.lease_expires_at < now)))
-            .values(status="running", lease_owner=owner, lease_expires_at=now + timedelta(seconds=lease_s),
-                    attempts=Job.attempts + 1, updated_at=now)
-        )
-        if result.rowcount != 1:
+        taken = rows_updated(session, update(Job)
+                             .where(Job.id == job_id, Job.cancel_requested.is_(False),
+                                    or_(Job.status == "queued",
+                                        (Job.status == "running") & (Job.lease_expires_at < now)))
+                             .values(status="running", lease_owner=owner,
+                                     lease_expires_at=now + timedelta(seconds=lease_s),
+                                     attempts=Job.attempts + 1, updated_at=now))
+        if taken != 1:
             return False
         job = session.get(Job, job_id)
         assert job is not None
@@ -59,11 +78,9 @@ def claim(job_id: str, owner: str, lease_s: int) -> bool:
 
 def renew_lease(job_id: str, owner: str, lease_s: int) -> bool:
     with session_scope() as session:
-        result = session.execute(
-            update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
-            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
-        )
-        return result.rowcount == 1
+        return rows_updated(session, update(Job)
+                            .where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
+                            .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))) == 1
 
 
 class Heartbeat(threading.Thread):
@@ -85,7 +102,7 @@ class Heartbeat(threading.Thread):
                 log.exception("lease renewal for %s failed", self.job_id)
 
 
-class DatabaseCallbacks:
+class DatabaseCallbacks(Callbacks):
     """sbora_core.train callbacks that record progress and events on the job row."""
 
     def __init__(self, job_id: str, heartbeat: Heartbeat) -> None:
@@ -107,7 +124,7 @@ class DatabaseCallbacks:
         self.pending.clear()
         self.last_write = time.monotonic()
 
-    def on_progress(self, p) -> None:
+    def on_progress(self, p: Progress) -> None:
         self.progress = {k: getattr(p, k) for k in ("step", "total_steps", "epoch", "loss", "learning_rate",
                                                     "tokens", "tokens_per_s", "elapsed_s", "eta_s")}
         self.pending.append(("metric", "", {"step": p.step, "loss": p.loss, "learning_rate": p.learning_rate,
@@ -142,12 +159,6 @@ class DatabaseCallbacks:
 
 def classify_error(exc: BaseException) -> tuple[str, str]:
     """A stable error code and a message a user can act on (no traceback)."""
-    import torch
-
-    from sbora_core.adapter_io import AdapterFormatError
-    from sbora_core.data import DatasetError
-    from sbora_core.models import UnknownModelError
-
     if isinstance(exc, DatasetError):
         return "invalid_dataset", str(exc)
     if isinstance(exc, UnknownModelError):
@@ -168,20 +179,15 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
 
 def _finish(job_id: str, owner: str, status: str, message: str, **values: Any) -> None:
     with session_scope() as session:
-        result = session.execute(
-            update(Job).where(Job.id == job_id, Job.lease_owner == owner)
-            .values(status=status, finished_at=utcnow(), lease_expires_at=None, updated_at=utcnow(), **values)
-        )
-        if result.rowcount == 1:
+        finished = rows_updated(session, update(Job).where(Job.id == job_id, Job.lease_owner == owner)
+                                .values(status=status, finished_at=utcnow(), lease_expires_at=None,
+                                        updated_at=utcnow(), **values))
+        if finished == 1:
             add_event(session, job_id, "status", message, {"status": status, **{k: v for k, v in values.items()
                                                                                 if k.startswith("error")}})
 
 
-def build_train_job(job: Job, train_path: str, val_path: str | None, output_dir: str):
-    from app import catalog
-    from sbora_core.config import SBoRAConfig
-    from sbora_core.train import Hyperparameters, TrainJob
-
+def build_train_job(job: Job, train_path: str, val_path: str | None, output_dir: str) -> TrainJob:
     return TrainJob(base_model=catalog.source_of(job.base_model), train_file=train_path, val_file=val_path,
                     output_dir=output_dir, sbora=SBoRAConfig(**job.method),
                     hyperparameters=Hyperparameters(**job.hyperparameters), quantization=job.quantization)
@@ -189,11 +195,8 @@ def build_train_job(job: Job, train_path: str, val_path: str | None, output_dir:
 
 def run_job(job_id: str) -> str | None:
     """Run the job if this worker can claim it; returns its final status, or None if not claimed."""
-    import torch
-
-    from sbora_core.train import train
-
     settings, store = get_settings(), get_store()
+    catalog.use_model_cache()
     torch.set_num_threads(settings.resolved_torch_threads)
     if os.getpriority(os.PRIO_PROCESS, 0) < settings.worker_nice:  # only ever lower our priority
         os.setpriority(os.PRIO_PROCESS, 0, settings.worker_nice)
@@ -207,16 +210,7 @@ def run_job(job_id: str) -> str | None:
     callbacks.on_log(f"{torch.get_num_threads()} torch threads at nice {os.getpriority(os.PRIO_PROCESS, 0)}")
     output_dir = store.local_path(f"jobs/{job_id}")
     try:
-        with session_scope() as session:
-            job = session.get(Job, job_id)
-            assert job is not None
-            paths = []
-            for dataset_id in (job.train_dataset_id, job.val_dataset_id):
-                dataset = session.get(Dataset, dataset_id) if dataset_id else None
-                if dataset_id and dataset is None:
-                    raise LookupError(f"dataset {dataset_id} was deleted")
-                paths.append(str(store.local_path(dataset.storage_key)) if dataset else None)
-            spec = build_train_job(job, paths[0], paths[1], str(output_dir))
+        spec = _train_job_of(job_id, store, output_dir)
         result = train(spec, callbacks, resume=True)
         callbacks.close()
         if heartbeat.lost:
@@ -235,7 +229,7 @@ def run_job(job_id: str) -> str | None:
         log.info("succeeded", extra={"adapter_id": adapter_id, "steps": result.metrics.get("steps")})
         shutil.rmtree(output_dir, ignore_errors=True)  # checkpoints are no longer needed
         return "succeeded"
-    except LookupError as exc:
+    except DatasetMissing as exc:
         callbacks.close()
         _finish(job_id, owner, "failed", str(exc), error_code="dataset_missing",
                 error_message=f"{exc}; upload it again and create a new job")
@@ -251,6 +245,21 @@ def run_job(job_id: str) -> str | None:
         return "failed"
     finally:
         heartbeat.stop_event.set()
+
+
+def _train_job_of(job_id: str, store: LocalArtifactStore, output_dir: Path) -> TrainJob:
+    """The job row as sbora_core's TrainJob, its datasets as files; DatasetMissing if one was deleted."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        paths: list[str | None] = []
+        for dataset_id in (job.train_dataset_id, job.val_dataset_id):
+            dataset = session.get(Dataset, dataset_id) if dataset_id else None
+            if dataset_id and dataset is None:
+                raise DatasetMissing(f"dataset {dataset_id} was deleted")
+            paths.append(str(store.local_path(dataset.storage_key)) if dataset else None)
+        assert paths[0] is not None
+        return build_train_job(job, paths[0], paths[1], str(output_dir))
 
 
 def _cancel_if_requested(job_id: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from typing import Annotated
 
@@ -14,8 +13,6 @@ from app.core.db import get_sessionmaker
 from app.core.security import tenant_for_key
 from app.models import Tenant
 from app.storage import LocalArtifactStore, get_store
-
-_ID = re.compile(r"^[a-z]{2,4}_[0-9a-f]{24}$")
 
 
 def get_session() -> Iterator[Session]:
@@ -46,8 +43,3 @@ def get_current_tenant(
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
-
-
-def well_formed_id(value: str) -> bool:
-    """Ids are opaque tokens we minted; anything else (a path, say) cannot name an object."""
-    return bool(_ID.match(value))

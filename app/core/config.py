@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -26,6 +27,8 @@ class Settings(BaseSettings):
         ["smollm2-135m-instruct"],
         description="base models offered to users: known names or local model directories (JSON list)",
     )
+    model_cache: Path | None = Field(None, description="where converted and downloaded base models are kept; "
+                                                       "default ~/.cache/sbora/models")
     max_upload_bytes: int = Field(100 * 1024 * 1024, description="largest dataset upload accepted")
     min_dataset_records: int = Field(1, description="fewest valid records a dataset may have")
     job_lease_s: int = Field(120, description="a running job whose worker is silent this long is taken over")
@@ -44,6 +47,8 @@ class Settings(BaseSettings):
     queued_stale_s: float = Field(60.0, description="a queued job unclaimed this long is enqueued again")
     max_concurrent_jobs: int = Field(4, description="per tenant: queued plus running jobs (429 beyond)")
     max_stored_bytes: int = Field(10 * 1024**3, description="per tenant: datasets plus adapters (413 beyond)")
+    log_format: Literal["json", "text"] = Field("json", description="log lines as JSON objects, or plain text")
+    log_level: str = Field("INFO", description="lowest level logged (DEBUG, INFO, WARNING, ...)")
 
     @property
     def resolved_database_url(self) -> str:

@@ -67,7 +67,7 @@ def test_unknown_or_foreign_models_are_not_found(oai, live, bob, adapter_id):
 
 def test_full_queue_answers_429_with_retry_after(live, alice):
     from app.core.config import get_settings
-    from app.inference import reset_engines
+    from app.engine_process import reset_engines
 
     settings = get_settings()
     saved = settings.engine_max_queue, settings.engine_max_batch_size

@@ -181,7 +181,7 @@ def test_corrupted_adapter_is_detected_and_reported(client, alice, stack, alice_
     original = weights.read_bytes()
     weights.write_bytes(original[:-8] + b"CORRUPT!")
     try:
-        from app.inference import reset_engines
+        from app.engine_process import reset_engines
 
         reset_engines()  # a fresh engine must load (and verify) the adapter from the store
         response = client.post("/generate", headers=alice, json={"prompt": "hi", "adapter_id": adapter_id})

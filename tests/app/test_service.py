@@ -177,7 +177,7 @@ def test_generation_survives_a_crashed_engine_process(client, alice):
     import signal
     import threading
 
-    from app.inference import get_engine_process
+    from app.engine_process import get_engine_process
 
     body = {"prompt": "The colour is", "max_new_tokens": 6}
     before = client.post("/generate", headers=alice, json=body)

@@ -20,7 +20,7 @@ from sbora_core.models import load_base_model
 
 
 def trained_adapter(base, variant="sbora_fa", r=4, seed=0, index_seed=0, targets=None):
-    config = SBoRAConfig(variant=variant, r=r, alpha=2 * r, index_seed=index_seed, base_model=base.fingerprint)
+    config = SBoRAConfig(variant=variant, r=r, alpha=2 * r, index_seed=index_seed, base_fingerprint=base.fingerprint)
     if targets:
         config.target_modules = targets
     layers = inject_adapter(base.model, config)

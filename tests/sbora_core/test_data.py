@@ -4,15 +4,9 @@ import json
 
 import pytest
 
-from sbora_core.data import (
-    IGNORE_INDEX,
-    DatasetError,
-    Example,
-    load_examples,
-    tokenize_example,
-    validate_dataset,
-)
+from sbora_core.data import DatasetError, load_examples, validate_dataset
 from sbora_core.testing import build_byte_tokenizer
+from sbora_core.tokenization import IGNORE_INDEX, Example, tokenize_example
 
 
 @pytest.fixture(scope="module")

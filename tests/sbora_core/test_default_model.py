@@ -53,7 +53,7 @@ def test_a_few_steps_lower_the_loss_on_a_fixed_batch(default_base):
     enc = tok(texts, return_tensors="pt", padding=True)
     batch = {**enc, "labels": enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)}
     model = default_base.model
-    inject_adapter(model, SBoRAConfig(r=8, alpha=16, base_model=default_base.fingerprint))
+    inject_adapter(model, SBoRAConfig(r=8, alpha=16, base_fingerprint=default_base.fingerprint))
     # FA trains d_out x r per layer: q, k, v, o, gate, up, down outputs of each of 30 blocks.
     assert trainable_parameters(model) == 30 * 8 * (576 + 192 + 192 + 576 + 1536 + 1536 + 576)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)

@@ -36,7 +36,7 @@ def engine(base):
 
 
 def make_adapter(base, variant="sbora_fa", index_seed=0, seed=0, r=8, indices=None):
-    config = SBoRAConfig(variant=variant, r=r, alpha=2 * r, index_seed=index_seed, base_model=base.fingerprint)
+    config = SBoRAConfig(variant=variant, r=r, alpha=2 * r, index_seed=index_seed, base_fingerprint=base.fingerprint)
     layers = inject_adapter(base.model, config, fast_path=False, indices=indices)
     torch.manual_seed(seed)
     with torch.no_grad():

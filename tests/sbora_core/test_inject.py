@@ -94,3 +94,18 @@ def test_fast_path_model_matches_unmerged_model(tiny, tiny_model_dir, batch, var
     out_plain.loss.backward()
     for name in fast:
         torch.testing.assert_close(fast[name].trainable.grad, plain[name].trainable.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("variant", ["sbora_fa", "sbora_fb", "lora"])
+def test_adapter_dropout_follows_the_model_mode(tiny, batch, variant):
+    """A model in eval mode gets adapter layers in eval mode: no dropout at inference, even unmerged."""
+    assert not tiny.model.training
+    layers = inject_adapter(tiny.model, SBoRAConfig(variant=variant, r=4, dropout=0.5), fast_path=False)
+    assert not any(layer.training for layer in layers.values())
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.trainable.normal_()
+        first, second = (tiny.model(input_ids=batch["input_ids"]).logits for _ in range(2))
+    assert torch.equal(first, second)
+    tiny.model.train()
+    assert all(layer.training for layer in layers.values())

@@ -27,10 +27,10 @@ def make_layer(variant: str, *, seed: int = 0, dropout: float = 0.0, random_fact
 def dense_delta(layer: SBoRALinear) -> torch.Tensor:
     """ΔW built explicitly from the definition: B·E_I^T (FA), E_J·A (FB), B·A (LoRA)."""
     s = layer.scaling
-    if layer.variant == "lora":
+    if layer.variant.name == "lora":
         return s * layer.sbora_B @ layer.sbora_A
     eye_in, eye_out = torch.eye(D_IN), torch.eye(D_OUT)
-    if layer.variant == "sbora_fa":
+    if layer.variant.name == "sbora_fa":
         fixed_A = eye_in[layer.sbora_indices]  # (r, d_in): row k is e_{I_k}
         return s * layer.sbora_B @ fixed_A
     fixed_B = eye_out[:, layer.sbora_indices]  # (d_out, r): column k is e_{J_k}

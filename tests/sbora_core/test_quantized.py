@@ -27,7 +27,7 @@ def train_steps(model, batch, params, steps=12, lr=1e-2):
 @pytest.mark.parametrize(("quantization", "variant"), [("nf4", "sbora_fa"), ("nf4", "sbora_fb"), ("int8", "sbora_fa")])
 def test_training_on_quantized_base_lowers_loss(tiny_model_dir, batch, quantization, variant):
     base = load_base_model(str(tiny_model_dir), quantization=quantization, device="cpu")
-    layers = inject_adapter(base.model, SBoRAConfig(variant=variant, r=8, alpha=16, base_model=base.fingerprint))
+    layers = inject_adapter(base.model, SBoRAConfig(variant=variant, r=8, alpha=16, base_fingerprint=base.fingerprint))
     assert all(is_quantized_linear(layer.base_layer) for layer in layers.values())
     assert not any(layer.merged for layer in layers.values()), "quantised bases use the unmerged forward"
     params = [p for p in base.model.parameters() if p.requires_grad]
@@ -39,7 +39,7 @@ def test_training_on_quantized_base_lowers_loss(tiny_model_dir, batch, quantizat
 
 def test_nf4_adapter_exports_to_full_precision_merged_model(tiny_model_dir, batch, tmp_path):
     base = load_base_model(str(tiny_model_dir), quantization="nf4", device="cpu")
-    config = SBoRAConfig(r=8, alpha=16, base_model=base.fingerprint)
+    config = SBoRAConfig(r=8, alpha=16, base_fingerprint=base.fingerprint)
     inject_adapter(base.model, config)
     train_steps(base.model, batch, [p for p in base.model.parameters() if p.requires_grad], steps=4)
     save_adapter(adapter_from_model(base.model, config), tmp_path / "adapter")

@@ -7,10 +7,12 @@ import torch
 
 from sbora_core.adapter_io import load_adapter
 from sbora_core.config import SBoRAConfig
-from sbora_core.data import load_examples, tokenize_examples
+from sbora_core.data import load_examples
 from sbora_core.evaluate import validation_loss
+from sbora_core.job import Hyperparameters, TrainJob
 from sbora_core.models import load_base_model
-from sbora_core.train import Callbacks, Hyperparameters, TrainJob, lr_factor, train
+from sbora_core.tokenization import tokenize_examples
+from sbora_core.train import Callbacks, lr_factor, train
 
 COLOURS = ["red", "green", "blue", "black", "white", "pink", "grey", "gold"]
 

@@ -16,8 +16,6 @@ import pytest
 import torch
 from stack import chat_lines, embedded_stack_with_worker, missing_dependency, train_tiny_adapter
 
-from app.update_map import module_map
-from sbora_core.adapter import ModuleDelta
 from sbora_core.adapter_io import load_adapter
 
 TINY = "tiny-llama"
@@ -80,14 +78,6 @@ def test_update_map_matches_the_adapter_file(live, stack, alice, tmp_path):
         assert client.get(f"/adapters/{adapter_id}/update-map", headers=bob).status_code == 404
         assert client.get(f"/adapters/{adapter_id}/update-map").status_code == 401
         assert client.get("/adapters/ad_000000000000000000000000/update-map", headers=auth).status_code == 404
-
-
-def test_lora_update_map_uses_column_norms_of_the_dense_product():
-    torch.manual_seed(0)
-    delta = ModuleDelta("lora", 0.5, (6, 5), A=torch.randn(3, 5), B=torch.randn(6, 3))
-    got = module_map("layers.0.q_proj", delta)
-    assert got.indices == list(range(5)) and got.dimension == 5
-    torch.testing.assert_close(torch.tensor(got.norms), delta.dense_delta().norm(dim=0), rtol=1e-5, atol=1e-6)
 
 
 def test_the_page_is_public_and_the_data_is_not(live):

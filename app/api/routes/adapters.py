@@ -1,15 +1,14 @@
 from __future__ import annotations
 
+from dataclasses import asdict
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import FileResponse
 
-from app import crud
 from app.api.deps import CurrentTenant, SessionDep, StoreDep
 from app.schemas import AdapterPublic, Page, UpdateMapPublic
-from app.storage import sha256_file_cached
-from app.update_map import update_map
+from app.services import adapters as registry
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
 
@@ -25,7 +24,7 @@ def list_adapters(session: SessionDep, tenant: CurrentTenant,
                   base_model: Annotated[str | None, Query(max_length=500)] = None,
                   limit: Annotated[int, Query(ge=1, le=200)] = 50,
                   offset: Annotated[int, Query(ge=0, le=10**9)] = 0) -> Page[AdapterPublic]:
-    rows, total = crud.list_adapters(session, tenant, base_model, limit, offset)
+    rows, total = registry.list_adapters(session, tenant, base_model, limit, offset)
     return Page(data=[AdapterPublic.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
 
 
@@ -36,10 +35,9 @@ def download_adapter(adapter_id: str, session: SessionDep, tenant: CurrentTenant
                      if_none_match: Annotated[str | None, Header()] = None) -> Response:
     """The adapter as a zip: the sparse format (index sets + factor), or `?format=peft` for
     PEFT's LoRA layout. The ETag is the archive's sha256."""
-    adapter = crud.get_adapter(session, tenant, adapter_id)
-    name = "sparse.zip" if format == "sparse" else "peft.zip"
-    path = store.local_path(f"{adapter.storage_key}/{name}")
-    etag = f'"{adapter.sha256 if format == "sparse" else sha256_file_cached(path)}"'
+    adapter = registry.get_adapter(session, tenant, adapter_id)
+    path, sha256 = registry.archive(adapter, format, store)
+    etag = f'"{sha256}"'
     if if_none_match == etag:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
     suffix = "" if format == "sparse" else "-peft"
@@ -49,7 +47,7 @@ def download_adapter(adapter_id: str, session: SessionDep, tenant: CurrentTenant
 
 @router.get("/{adapter_id}/metadata", response_model=AdapterPublic)
 def adapter_metadata(adapter_id: str, session: SessionDep, tenant: CurrentTenant) -> AdapterPublic:
-    return AdapterPublic.model_validate(crud.get_adapter(session, tenant, adapter_id))
+    return AdapterPublic.model_validate(registry.get_adapter(session, tenant, adapter_id))
 
 
 @router.get("/{adapter_id}/update-map", response_model=UpdateMapPublic)
@@ -57,10 +55,11 @@ def adapter_update_map(adapter_id: str, session: SessionDep, tenant: CurrentTena
                        store: StoreDep) -> UpdateMapPublic:
     """Per adapted layer: the columns (FA, LoRA) or rows (FB) the adapter changes, with the L2 norm of
     each one's change (alpha/r)·factor. The dashboard draws it as one heat strip per layer."""
-    adapter = crud.get_adapter(session, tenant, adapter_id)
-    return update_map(adapter.id, store.local_path(adapter.storage_key))
+    adapter = registry.get_adapter(session, tenant, adapter_id)
+    return UpdateMapPublic.model_validate({"adapter_id": adapter.id,
+                                           **asdict(registry.adapter_update_map(adapter, store))})
 
 
 @router.delete("/{adapter_id}", status_code=status.HTTP_204_NO_CONTENT)
 def delete_adapter(adapter_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> None:
-    crud.delete_adapter(session, tenant, adapter_id, store)
+    registry.delete_adapter(session, tenant, adapter_id, store)

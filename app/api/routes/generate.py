@@ -1,52 +1,19 @@
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import AsyncIterator
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
-from app import crud
 from app.api.deps import CurrentTenant, SessionDep
-from app.inference import Generation, resolve_target, start_generation
-from app.metrics import observe_generation
+from app.api.responses import ENGINE_RESTARTED
+from app.errors import Invalid
 from app.schemas import GenerateRequest, GenerateResponse
+from app.services.generation import complete, resolve_target, start_generation, stream_pieces
 from sbora_core.engine import Completion, SamplingParams
 
 router = APIRouter(tags=["generate"])
-# Every generation route can meet a restarted engine process (app.main maps EngineStopped to it).
-ENGINE_RESTARTED = {503: {"description": "the generation engine restarted; retry"}}
-
-
-async def stream_pieces(generation: Generation) -> AsyncIterator[str | Completion]:
-    """Text pieces, then the Completion; the request is cancelled if the client goes away."""
-    handle = generation.handle
-    loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue = asyncio.Queue()
-    # Pieces arrive on the engine client's thread; hand them to this event loop without holding a
-    # worker thread per waiting request.
-    handle.listen(lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item))
-    try:
-        while True:
-            item = await inbox.get()
-            if isinstance(item, BaseException):
-                raise item
-            if isinstance(item, Completion):
-                observe_generation(generation.started, item.completion_tokens)
-                yield item
-                return
-            yield item
-    finally:
-        handle.cancel()  # no-op once finished; frees the batch slot when the client left early
-
-
-async def complete(generation: Generation) -> Completion:
-    async for item in stream_pieces(generation):
-        if isinstance(item, Completion):
-            return item
-    raise RuntimeError("generation ended without a completion")
 
 
 @router.post("/generate", response_model=GenerateResponse,
@@ -57,7 +24,7 @@ async def generate(req: GenerateRequest, session: SessionDep, tenant: CurrentTen
     adapters (`adapter_id`; a list composes adapters with disjoint index sets). `stream: true`
     answers with server-sent events: `token` events, then one `done` event."""
     if (req.prompt is None) == (req.messages is None):
-        raise crud.Invalid("prompt", "give exactly one of prompt or messages")
+        raise Invalid("prompt", "give exactly one of prompt or messages")
     adapter_ids = [req.adapter_id] if isinstance(req.adapter_id, str) else list(req.adapter_id or [])
     model_id, adapters = resolve_target(session, tenant, req.base_model, adapter_ids)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])

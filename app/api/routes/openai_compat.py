@@ -11,49 +11,34 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
 
-from app import catalog, crud
+from app import catalog
 from app.api.deps import CurrentTenant, SessionDep
-from app.api.routes.generate import ENGINE_RESTARTED, complete, stream_pieces
-from app.api.routes.openai_finetune import adapter_of_model
-from app.inference import Generation, resolve_target, start_generation
-from app.schemas import ChatMessage
+from app.api.responses import ENGINE_RESTARTED
+from app.errors import NotFound
+from app.openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from app.services.adapters import get_adapter, list_adapters
+from app.services.fine_tuning import adapter_of_model
+from app.services.generation import (
+    Generation,
+    complete,
+    resolve_target,
+    start_generation,
+    stream_pieces,
+)
 from sbora_core.engine import Completion, SamplingParams
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (logit_bias, user, ...) are ignored
-    model: str = Field(..., min_length=1, max_length=500)
-    temperature: float = Field(1.0, ge=0, le=2)
-    top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
-    ignore_eos: bool = Field(False, description="keep generating past the end-of-text token (as in vLLM)")
-
-
-class CompletionRequest(_Sampling):
-    prompt: str = Field(..., max_length=1_000_000)
-    max_tokens: int = Field(16, ge=1)
-
-
-class ChatCompletionRequest(_Sampling):
-    messages: list[ChatMessage] = Field(..., min_length=1, max_length=1000)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-
-
-def _unknown_model(model: str) -> crud.NotFound:
-    return crud.NotFound(f"model {model!r} is neither a base model nor one of your adapters")
+def _unknown_model(model: str) -> NotFound:
+    return NotFound(f"model {model!r} is neither a base model nor one of your adapters")
 
 
 def _target(session, tenant, model: str) -> tuple[str, list]:
@@ -61,7 +46,7 @@ def _target(session, tenant, model: str) -> tuple[str, list]:
         return resolve_target(session, tenant, model, [])
     try:
         return resolve_target(session, tenant, None, [adapter_of_model(m) for m in model.split("+")])
-    except crud.NotFound as exc:
+    except NotFound as exc:
         raise _unknown_model(model) from exc
 
 
@@ -75,7 +60,7 @@ def _adapter_model_object(model: str, adapter, tenant) -> dict[str, Any]:
             "parent": adapter.base_model, "root": adapter.base_model}
 
 
-def _params(req: _Sampling, max_tokens: int) -> SamplingParams:
+def _params(req: SamplingRequest, max_tokens: int) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     return SamplingParams(max_tokens, req.temperature, req.top_p, stop, req.seed, req.ignore_eos)
 
@@ -89,7 +74,7 @@ def _usage(done: Completion) -> dict[str, int]:
             "total_tokens": done.prompt_tokens + done.completion_tokens}
 
 
-def _sse(generation: Generation, chunk) -> StreamingResponse:
+def _sse(generation: Generation, chunk: Callable[[str | None, str | None, bool], str]) -> StreamingResponse:
     async def events():
         first = True
         try:
@@ -109,7 +94,7 @@ def _sse(generation: Generation, chunk) -> StreamingResponse:
 
 @router.get("/models")
 def list_models(session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
-    rows, _ = crud.list_adapters(session, tenant, None, limit=10_000, offset=0)
+    rows, _ = list_adapters(session, tenant, None, limit=10_000, offset=0)
     data = [_base_model_object(m) for m in catalog.offered()] + [_adapter_model_object(a.id, a, tenant) for a in rows]
     return {"object": "list", "data": data}
 
@@ -120,8 +105,8 @@ def retrieve_model(model: str, session: SessionDep, tenant: CurrentTenant) -> di
     if model in catalog.offered():
         return _base_model_object(model)
     try:
-        return _adapter_model_object(model, crud.get_adapter(session, tenant, adapter_of_model(model)), tenant)
-    except crud.NotFound as exc:
+        return _adapter_model_object(model, get_adapter(session, tenant, adapter_of_model(model)), tenant)
+    except NotFound as exc:
         raise _unknown_model(model) from exc
 
 
@@ -136,7 +121,7 @@ async def completions(req: CompletionRequest, session: SessionDep, tenant: Curre
         return {"id": ident, "object": obj, "created": created, "model": req.model, "choices": [choice], **extra}
 
     if req.stream:
-        def chunk(text, finish, _first):
+        def chunk(text: str | None, finish: str | None, _first: bool) -> str:
             return json.dumps(body({"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}))
 
         return _sse(generation, chunk)
@@ -153,7 +138,7 @@ async def chat_completions(req: ChatCompletionRequest, session: SessionDep, tena
                                          _params(req, max_tokens))
     ident, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
     if req.stream:
-        def chunk(text, finish, first):
+        def chunk(text: str | None, finish: str | None, first: bool) -> str:
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if text is not None:
                 delta["content"] = text

@@ -14,23 +14,19 @@ adapter settings (variant, r, alpha, ...) and any native hyperparameter
 from __future__ import annotations
 
 import time
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Query, UploadFile
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from app import crud
 from app.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
+from app.errors import Invalid
 from app.models import Dataset, Job
+from app.openai_schemas import FineTuningJobCreate
 from app.queue import enqueue_job
-from app.schemas import HyperparametersSpec, JobCreate, MethodSpec
+from app.services import datasets, fine_tuning, jobs
+from app.services.fine_tuning import DEFAULT_LEARNING_RATE, fine_tuned_model
 
 router = APIRouter(prefix="/v1", tags=["openai fine-tuning"])
-DEFAULT_LEARNING_RATE = HyperparametersSpec().learning_rate
-# Our field names, as the OpenAI request spells them (for error messages' `param`).
-_OPENAI_FIELD = {"base_model": "model", "training_dataset_id": "training_file",
-                 "validation_dataset_id": "validation_file", "method": "method.sbora",
-                 "hyperparameters": "method.sbora.hyperparameters"}
 
 
 # -- files -------------------------------------------------------------------------------------
@@ -44,112 +40,29 @@ def upload_file(file: UploadFile, purpose: Annotated[str, Form(max_length=50)], 
                 tenant: CurrentTenant, settings: SettingsDep, store: StoreDep) -> dict[str, Any]:
     """A training or validation file (JSONL of {"messages": [...]} records, or any dataset shape)."""
     if purpose != "fine-tune":
-        raise crud.Invalid("purpose", f"purpose: only 'fine-tune' files are kept here, not {purpose!r}")
-    return file_object(crud.create_dataset(session, tenant, file.file, file.filename or "file.jsonl", settings, store))
+        raise Invalid("purpose", f"purpose: only 'fine-tune' files are kept here, not {purpose!r}")
+    return file_object(datasets.create_dataset(session, tenant, file.file, file.filename or "file.jsonl", settings, store))
 
 
 @router.get("/files")
 def list_files(session: SessionDep, tenant: CurrentTenant,
                limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000) -> dict[str, Any]:
-    rows, _ = crud.list_datasets(session, tenant, limit, 0)
+    rows, _ = datasets.list_datasets(session, tenant, limit, 0)
     return {"object": "list", "data": [file_object(r) for r in rows], "has_more": False}
 
 
 @router.get("/files/{file_id}")
 def get_file(file_id: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
-    return file_object(crud.get_dataset(session, tenant, file_id))
+    return file_object(datasets.get_dataset(session, tenant, file_id))
 
 
 @router.delete("/files/{file_id}")
 def delete_file(file_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> dict[str, Any]:
-    crud.delete_dataset(session, tenant, file_id, store)
+    datasets.delete_dataset(session, tenant, file_id, store)
     return {"id": file_id, "object": "file", "deleted": True}
 
 
 # -- jobs --------------------------------------------------------------------------------------
-Auto = Literal["auto"]
-
-
-class OpenAIHyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    n_epochs: Annotated[int, Field(ge=1, le=1000)] | Auto = "auto"
-    batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = "auto"
-    learning_rate_multiplier: Annotated[float, Field(gt=0, le=1000)] | Auto = "auto"
-
-
-class SBoRAHyperparameters(OpenAIHyperparameters):
-    """OpenAI's three plus any native hyperparameter (see HyperparametersSpec)."""
-
-    model_config = ConfigDict(extra="allow")
-
-
-class SBoRASettings(MethodSpec):
-    quantization: Literal["none", "nf4", "int8"] = "none"
-    hyperparameters: SBoRAHyperparameters = Field(default_factory=SBoRAHyperparameters)
-
-
-class Supervised(BaseModel):
-    hyperparameters: OpenAIHyperparameters = Field(default_factory=OpenAIHyperparameters)
-
-
-class FineTuneMethod(BaseModel):
-    type: Literal["supervised", "sbora"] = "supervised"
-    supervised: Supervised | None = None
-    sbora: SBoRASettings | None = None
-
-
-class FineTuningJobCreate(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # integrations, metadata, ... are accepted and ignored
-    model: str = Field(..., min_length=1, max_length=500)
-    training_file: str = Field(..., min_length=1, max_length=64)
-    validation_file: str | None = Field(None, max_length=64)
-    hyperparameters: OpenAIHyperparameters | None = Field(None, description="deprecated by OpenAI; use method")
-    method: FineTuneMethod = Field(default_factory=FineTuneMethod)
-    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
-    seed: int | None = Field(None, ge=0, le=2**31 - 1)
-
-
-def to_job_create(req: FineTuningJobCreate) -> JobCreate:
-    """Our job spec for an OpenAI request; crud.Invalid names the OpenAI field at fault."""
-    sbora = req.method.sbora if req.method.type == "sbora" else None
-    if req.method.type == "sbora" and sbora is None:
-        raise crud.Invalid("method.sbora", "method.sbora: required when method.type is 'sbora'")
-    openai_hp = (sbora.hyperparameters if sbora else
-                 req.method.supervised.hyperparameters if req.method.supervised else
-                 req.hyperparameters or OpenAIHyperparameters())
-    hp: dict[str, Any] = dict(sbora.hyperparameters.model_extra or {}) if sbora else {}
-    if openai_hp.n_epochs != "auto":
-        hp["epochs"] = openai_hp.n_epochs
-    if openai_hp.batch_size != "auto":
-        hp["batch_size"] = openai_hp.batch_size
-    if openai_hp.learning_rate_multiplier != "auto":
-        hp["learning_rate"] = DEFAULT_LEARNING_RATE * openai_hp.learning_rate_multiplier
-    if req.seed is not None:
-        hp["seed"] = req.seed
-    # sbora's adapter fields were validated with the request (SBoRASettings is a MethodSpec); only the
-    # native hyperparameters passed through as extras are checked here.
-    method = MethodSpec(**sbora.model_dump(exclude={"quantization", "hyperparameters"})) if sbora else MethodSpec()
-    where = "method.sbora.hyperparameters"
-    try:
-        hyperparameters = HyperparametersSpec(**hp)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise crud.Invalid(f"{where}.{field}", f"{where}.{field}: {first['msg']}") from exc
-    return JobCreate(base_model=req.model, training_dataset_id=req.training_file,
-                     validation_dataset_id=req.validation_file, method=method, hyperparameters=hyperparameters,
-                     quantization=sbora.quantization if sbora else "none", name=req.suffix)
-
-
-def fine_tuned_model(job: Job) -> str | None:
-    return f"ft:{job.base_model}:{job.name or ''}:{job.adapter_id}" if job.adapter_id else None
-
-
-def adapter_of_model(model: str) -> str:
-    """The adapter id in a fine-tuned model name (`ft:<base>:<suffix>:<adapter id>`), else the name itself."""
-    return model.rsplit(":", 1)[-1] if model.startswith("ft:") else model
-
-
 def job_object(job: Job) -> dict[str, Any]:
     hp = job.hyperparameters
     progress = job.progress or {}
@@ -172,14 +85,7 @@ def job_object(job: Job) -> dict[str, Any]:
 @router.post("/fine_tuning/jobs")
 def create_fine_tuning_job(req: FineTuningJobCreate, session: SessionDep, tenant: CurrentTenant,
                            settings: SettingsDep) -> dict[str, Any]:
-    spec = to_job_create(req)
-    try:
-        job = crud.create_job(session, tenant, spec, settings)
-    except crud.Invalid as exc:
-        head, _, rest = exc.field.partition(".")
-        field = _OPENAI_FIELD.get(head, head) + (f".{rest}" if rest else "")
-        message = exc.message.replace(head, _OPENAI_FIELD.get(head, head), 1).replace("POST /datasets", "POST /v1/files")
-        raise crud.Invalid(field, message, exc.errors) from exc
+    job = fine_tuning.create_job(session, tenant, req, settings)
     enqueue_job(job.id)
     return job_object(job)
 
@@ -195,23 +101,23 @@ def _after(items: list, after: str | None, key) -> list:
 @router.get("/fine_tuning/jobs")
 def list_fine_tuning_jobs(session: SessionDep, tenant: CurrentTenant, after: str | None = Query(None, max_length=64),
                           limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
-    rows, _ = crud.list_jobs(session, tenant, None, 10_000, 0)
+    rows, _ = jobs.list_jobs(session, tenant, None, 10_000, 0)
     rest = _after(rows, after, lambda j: j.id)
     return {"object": "list", "data": [job_object(j) for j in rest[:limit]], "has_more": len(rest) > limit}
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
 def get_fine_tuning_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
-    return job_object(crud.get_job(session, tenant, job_id))
+    return job_object(jobs.get_job(session, tenant, job_id))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
 def cancel_fine_tuning_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
-    return job_object(crud.cancel_job(session, tenant, job_id))
+    return job_object(jobs.cancel_job(session, tenant, job_id))
 
 
 def _all_events(session, tenant, job_id: str, kind: str | None = None) -> list:
-    rows, _ = crud.list_events(session, tenant, job_id, 0, 1_000_000, kind)
+    rows, _ = jobs.list_events(session, tenant, job_id, 0, 1_000_000, kind)
     return rows[::-1]  # newest first, as OpenAI lists them
 
 
@@ -236,7 +142,7 @@ def list_fine_tuning_checkpoints(job_id: str, session: SessionDep, tenant: Curre
                                  after: str | None = Query(None, max_length=64),
                                  limit: Annotated[int, Query(ge=1, le=100)] = 10) -> dict[str, Any]:
     """Resume points the worker saved (the newest few are kept on disk); only the final adapter is served."""
-    job = crud.get_job(session, tenant, job_id)
+    job = jobs.get_job(session, tenant, job_id)
     losses = {e.data.get("step"): e.data.get("loss") for e in _all_events(session, tenant, job_id, "metric")}
     checkpoints = _all_events(session, tenant, job_id, "checkpoint")
     rest = _after(checkpoints, after, lambda e: f"ftckpt-{e.id}")

@@ -1,4 +1,4 @@
-"""The reconciler: the database is the source of truth, so anything the broker lost is sent again.
+"""The reconciler, run by the API: the database is the source of truth, so anything the broker lost is sent again.
 
 It re-enqueues
 - queued jobs that nobody has claimed for `stale_s` (their message was lost:
@@ -21,6 +21,7 @@ from sqlalchemy import and_, or_, select
 from app.core.db import session_scope
 from app.models import Job, utcnow
 from app.queue import enqueue_job
+from app.services.jobs import add_event
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,6 @@ def stale_jobs(stale_s: float) -> list[str]:
 
 def reconcile_once(stale_s: float) -> list[str]:
     """Re-enqueue every stale job; returns their ids."""
-    from app.crud import add_event
-
     ids = stale_jobs(stale_s)
     for job_id in ids:
         if enqueue_job(job_id):

@@ -1,0 +1,33 @@
+"""Domain errors of the service; `app.main` maps each to an HTTP status.
+
+Kept free of database and web imports, so the generation engine's process and
+the workers can raise and catch them without loading either.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class NotFound(LookupError):
+    """No such object for this tenant (404)."""
+
+
+class Invalid(ValueError):
+    """Bad input (422): `field` names what to change, `errors` may carry line-numbered problems."""
+
+    def __init__(self, field: str, message: str, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.field, self.message, self.errors = field, message, errors
+
+
+class Conflict(RuntimeError):
+    """The object's state forbids the operation (409)."""
+
+
+class TooLarge(ValueError):
+    """Over a size limit or the tenant's storage quota (413)."""
+
+
+class QuotaExceeded(RuntimeError):
+    """A per-tenant limit on unfinished jobs (429)."""

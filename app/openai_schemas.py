@@ -1,0 +1,80 @@
+"""Request bodies of the OpenAI-compatible routes (inference under /v1, and fine-tuning).
+
+The adapter settings a fine-tuning request may carry under `method.sbora` are
+the service's own `MethodSpec`, so their defaults are sbora_core's.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.schemas import ChatMessage, MethodSpec
+
+
+# -- inference ---------------------------------------------------------------------------------
+class SamplingRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (logit_bias, user, ...) are ignored
+    model: str = Field(..., min_length=1, max_length=500)
+    temperature: float = Field(1.0, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    ignore_eos: bool = Field(False, description="keep generating past the end-of-text token (as in vLLM)")
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str = Field(..., max_length=1_000_000)
+    max_tokens: int = Field(16, ge=1)
+
+
+class ChatCompletionRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(..., min_length=1, max_length=1000)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+
+# -- fine-tuning -------------------------------------------------------------------------------
+Auto = Literal["auto"]
+
+
+class OpenAIHyperparameters(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    n_epochs: Annotated[int, Field(ge=1, le=1000)] | Auto = "auto"
+    batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = "auto"
+    learning_rate_multiplier: Annotated[float, Field(gt=0, le=1000)] | Auto = "auto"
+
+
+class SBoRAHyperparameters(OpenAIHyperparameters):
+    """OpenAI's three plus any native hyperparameter (see HyperparametersSpec)."""
+
+    model_config = ConfigDict(extra="allow")
+
+
+class SBoRASettings(MethodSpec):
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    hyperparameters: SBoRAHyperparameters = Field(default_factory=SBoRAHyperparameters)
+
+
+class Supervised(BaseModel):
+    hyperparameters: OpenAIHyperparameters = Field(default_factory=OpenAIHyperparameters)
+
+
+class FineTuneMethod(BaseModel):
+    type: Literal["supervised", "sbora"] = "supervised"
+    supervised: Supervised | None = None
+    sbora: SBoRASettings | None = None
+
+
+class FineTuningJobCreate(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # integrations, metadata, ... are accepted and ignored
+    model: str = Field(..., min_length=1, max_length=500)
+    training_file: str = Field(..., min_length=1, max_length=64)
+    validation_file: str | None = Field(None, max_length=64)
+    hyperparameters: OpenAIHyperparameters | None = Field(None, description="deprecated by OpenAI; use method")
+    method: FineTuneMethod = Field(default_factory=FineTuneMethod)
+    suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)

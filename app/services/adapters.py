@@ -1,0 +1,89 @@
+"""The adapter registry: adapters a job trained, their download archives, their update maps."""
+
+from __future__ import annotations
+
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Literal
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.ids import new_id
+from app.models import Adapter, Job, Tenant
+from app.services.queries import owned, page
+from app.storage import LocalArtifactStore, sha256_file_cached
+from sbora_core.adapter_io import CONFIG_FILE, WEIGHTS_FILE, export_peft, load_adapter
+from sbora_core.files import sha256_file
+from sbora_core.update_map import UpdateMap, update_map
+
+ArchiveFormat = Literal["sparse", "peft"]
+_ARCHIVES: dict[str, str] = {"sparse": "sparse.zip", "peft": "peft.zip"}
+
+
+def list_adapters(session: Session, tenant: Tenant, base_model: str | None, limit: int,
+                  offset: int) -> tuple[list[Adapter], int]:
+    query = select(Adapter).where(Adapter.tenant_id == tenant.id)
+    if base_model:
+        query = query.where(Adapter.base_model == base_model)
+    return page(session, query.order_by(Adapter.created_at.desc()), limit, offset)
+
+
+def get_adapter(session: Session, tenant: Tenant, adapter_id: str) -> Adapter:
+    return owned(session, Adapter, tenant, adapter_id, "adapter")
+
+
+def delete_adapter(session: Session, tenant: Tenant, adapter_id: str, store: LocalArtifactStore) -> None:
+    adapter = get_adapter(session, tenant, adapter_id)
+    key = adapter.storage_key
+    session.delete(adapter)
+    session.commit()
+    store.delete(key)
+
+
+def archive(adapter: Adapter, fmt: ArchiveFormat, store: LocalArtifactStore) -> tuple[Path, str]:
+    """The download archive of `adapter` in `fmt` and its sha256 (the download's ETag)."""
+    path = store.local_path(f"{adapter.storage_key}/{_ARCHIVES[fmt]}")
+    return path, adapter.sha256 if fmt == "sparse" else sha256_file_cached(path)
+
+
+def adapter_update_map(adapter: Adapter, store: LocalArtifactStore) -> UpdateMap:
+    return update_map(load_adapter(store.local_path(adapter.storage_key)))
+
+
+def _zip_dir(source: Path, target: Path) -> None:
+    # Fixed timestamps and order: the same adapter always gives the same archive bytes (stable ETag).
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as zipped:
+        for path in sorted(source.iterdir()):
+            if path.is_file():
+                info = zipfile.ZipInfo(path.name, date_time=(2020, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_DEFLATED
+                zipped.writestr(info, path.read_bytes())
+
+
+def register_adapter(session: Session, job: Job, adapter_dir: Path, store: LocalArtifactStore) -> Adapter:
+    """Copy a trained adapter into the registry with its two download archives (sparse, PEFT)."""
+    adapter = load_adapter(adapter_dir)
+    adapter_id = new_id("ad")
+    prefix = f"adapters/{adapter_id}"
+    for name in (WEIGHTS_FILE, CONFIG_FILE):
+        store.put_file(f"{prefix}/{name}", adapter_dir / name)
+    with tempfile.TemporaryDirectory() as tmp:
+        sparse_zip = Path(tmp) / "sparse.zip"
+        _zip_dir(adapter_dir, sparse_zip)
+        sparse = store.put_file(f"{prefix}/{_ARCHIVES['sparse']}", sparse_zip)
+        peft_dir = export_peft(adapter, Path(tmp) / "peft", job.base_model)
+        _zip_dir(peft_dir, Path(tmp) / "peft.zip")
+        store.put_file(f"{prefix}/{_ARCHIVES['peft']}", Path(tmp) / "peft.zip")
+    config = adapter.config
+    row = Adapter(
+        id=adapter_id, tenant_id=job.tenant_id, job_id=job.id, name=job.name, base_model=job.base_model,
+        base_fingerprint=config.base_fingerprint or "", variant=config.variant, r=config.r, alpha=config.alpha,
+        target_modules=sorted({n.split(".")[-1] for n in adapter.modules}),
+        trainable_params=adapter.trainable_params(), size_bytes=sparse.size, sha256=sparse.sha256,
+        weights_sha256=sha256_file(adapter_dir / WEIGHTS_FILE), storage_key=prefix,
+        metrics=dict(adapter.metadata.get("metrics", {})),
+    )
+    session.add(row)
+    return row

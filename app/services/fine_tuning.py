@@ -1,0 +1,82 @@
+"""OpenAI-style fine-tuning over the service's own jobs: the request mapping and model names.
+
+A fine-tuning request maps onto a `JobCreate`: n_epochs -> epochs,
+batch_size -> batch_size, learning_rate_multiplier -> a multiple of the
+default learning rate; `method.sbora` carries the adapter settings and any
+native hyperparameter. A finished job's adapter is served under the model name
+`ft:<base>:<suffix>:<adapter id>`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.errors import Invalid
+from app.models import Job, Tenant
+from app.openai_schemas import FineTuningJobCreate, OpenAIHyperparameters
+from app.schemas import HyperparametersSpec, JobCreate, MethodSpec
+from app.services import jobs
+from sbora_core.job import Hyperparameters
+
+DEFAULT_LEARNING_RATE = Hyperparameters().learning_rate
+# Our field names, as the OpenAI request spells them (for errors' `param`).
+_OPENAI_FIELD = {"base_model": "model", "training_dataset_id": "training_file",
+                 "validation_dataset_id": "validation_file", "method": "method.sbora",
+                 "hyperparameters": "method.sbora.hyperparameters"}
+
+
+def to_job_create(req: FineTuningJobCreate) -> JobCreate:
+    """Our job spec for an OpenAI request; Invalid names the OpenAI field at fault."""
+    sbora = req.method.sbora if req.method.type == "sbora" else None
+    if req.method.type == "sbora" and sbora is None:
+        raise Invalid("method.sbora", "method.sbora: required when method.type is 'sbora'")
+    openai_hp = (sbora.hyperparameters if sbora else
+                 req.method.supervised.hyperparameters if req.method.supervised else
+                 req.hyperparameters or OpenAIHyperparameters())
+    hp: dict[str, Any] = dict(sbora.hyperparameters.model_extra or {}) if sbora else {}
+    if openai_hp.n_epochs != "auto":
+        hp["epochs"] = openai_hp.n_epochs
+    if openai_hp.batch_size != "auto":
+        hp["batch_size"] = openai_hp.batch_size
+    if openai_hp.learning_rate_multiplier != "auto":
+        hp["learning_rate"] = DEFAULT_LEARNING_RATE * openai_hp.learning_rate_multiplier
+    if req.seed is not None:
+        hp["seed"] = req.seed
+    # sbora's adapter fields were validated with the request (SBoRASettings is a MethodSpec); only the
+    # native hyperparameters passed through as extras are checked here.
+    method = MethodSpec(**sbora.model_dump(exclude={"quantization", "hyperparameters"})) if sbora else MethodSpec()
+    where = "method.sbora.hyperparameters"
+    try:
+        hyperparameters = HyperparametersSpec(**hp)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise Invalid(f"{where}.{field}", f"{where}.{field}: {first['msg']}") from exc
+    return JobCreate(base_model=req.model, training_dataset_id=req.training_file,
+                     validation_dataset_id=req.validation_file, method=method, hyperparameters=hyperparameters,
+                     quantization=sbora.quantization if sbora else "none", name=req.suffix)
+
+
+def create_job(session: Session, tenant: Tenant, req: FineTuningJobCreate, settings: Settings) -> Job:
+    """The job for an OpenAI fine-tuning request; Invalid names the field as the OpenAI request spells it."""
+    spec = to_job_create(req)
+    try:
+        return jobs.create_job(session, tenant, spec, settings)
+    except Invalid as exc:
+        head, _, rest = exc.field.partition(".")
+        field = _OPENAI_FIELD.get(head, head) + (f".{rest}" if rest else "")
+        message = exc.message.replace(head, _OPENAI_FIELD.get(head, head), 1).replace("POST /datasets", "POST /v1/files")
+        raise Invalid(field, message, exc.errors) from exc
+
+
+def fine_tuned_model(job: Job) -> str | None:
+    return f"ft:{job.base_model}:{job.name or ''}:{job.adapter_id}" if job.adapter_id else None
+
+
+def adapter_of_model(model: str) -> str:
+    """The adapter id in a fine-tuned model name (`ft:<base>:<suffix>:<adapter id>`), else the name itself."""
+    return model.rsplit(":", 1)[-1] if model.startswith("ft:") else model

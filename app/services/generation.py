@@ -1,0 +1,97 @@
+"""Generation: the engine process (`app.engine_process`), started on first use, and what every
+generation route shares.
+
+`resolve_target` turns a request's model and adapter ids into a base model and
+the tenant's adapters; `start_generation` hands the request to the engine
+process, which checks it against the model (token budget, context length),
+loads and verifies the adapters through its cache and queues it;
+`stream_pieces` / `complete` read the answer on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from sqlalchemy.orm import Session
+
+from app import catalog
+from app.core.config import get_settings
+from app.engine_process import AdapterRef, RemoteRequest, get_engine_process
+from app.errors import Invalid
+from app.metrics import observe_generation
+from app.models import Adapter, Tenant
+from app.services.adapters import get_adapter
+from app.storage import get_store
+from sbora_core.engine import Completion, SamplingParams
+
+
+@dataclass
+class Generation:
+    handle: RemoteRequest
+    model_id: str
+    adapter_ids: list[str]
+    started: float = field(default_factory=time.perf_counter)
+
+
+def resolve_target(session: Session, tenant: Tenant, model: str | None, adapter_ids: list[str]) -> tuple[str, list[Adapter]]:
+    """The base model and the tenant's adapters a request names; Invalid/NotFound otherwise."""
+    if len(set(adapter_ids)) != len(adapter_ids):
+        raise Invalid("adapter_id", "adapter_id: an adapter is listed twice")
+    adapters = [get_adapter(session, tenant, a) for a in adapter_ids]
+    bases = {a.base_model for a in adapters} | ({model} if model else set())
+    if len(bases) > 1:
+        raise Invalid("adapter_id", f"adapter_id: the adapters and the base model differ: {sorted(bases)}")
+    model_id = bases.pop() if bases else next(iter(catalog.offered()))
+    try:
+        catalog.source_of(model_id)
+    except catalog.UnknownBaseModel as exc:
+        raise Invalid("base_model", str(exc)) from exc
+    return model_id, adapters
+
+
+def start_generation(model_id: str, adapters: list[Adapter], prompt: str | None,
+                     messages: list[dict[str, str]] | None, params: SamplingParams) -> Generation:
+    """Queue the request in the engine process; Invalid, QueueFull or AdapterIntegrityError when it is
+    refused (blocking: call in a thread)."""
+    settings = get_settings()
+    if params.max_new_tokens > settings.generate_max_new_tokens:
+        raise Invalid("max_new_tokens", f"max_new_tokens: at most {settings.generate_max_new_tokens}")
+    store = get_store()
+    refs = [AdapterRef(a.id, str(store.local_path(a.storage_key)), a.weights_sha256) for a in adapters]
+    handle = get_engine_process().submit(model_id, catalog.source_of(model_id), refs, prompt, messages, params)
+    return Generation(handle, model_id, [a.id for a in adapters])
+
+
+async def stream_pieces(generation: Generation) -> AsyncIterator[str | Completion]:
+    """Text pieces, then the Completion; the request is cancelled if the client goes away."""
+    handle = generation.handle
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue = asyncio.Queue()
+    # Pieces arrive on the engine client's thread; hand them to this event loop without holding a
+    # worker thread per waiting request.
+    def deliver(item: object) -> None:
+        loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+    handle.listen(deliver)
+    try:
+        while True:
+            item = await inbox.get()
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, Completion):
+                observe_generation(generation.started, item.completion_tokens)
+                yield item
+                return
+            yield item
+    finally:
+        handle.cancel()  # no-op once finished; frees the batch slot when the client left early
+
+
+async def complete(generation: Generation) -> Completion:
+    async for item in stream_pieces(generation):
+        if isinstance(item, Completion):
+            return item
+    raise RuntimeError("generation ended without a completion")

@@ -1,0 +1,91 @@
+"""Jobs: validated against the model before they are queued, listed, cancelled; their events."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app import catalog
+from app.core.config import Settings
+from app.errors import Conflict, Invalid
+from app.models import TERMINAL_STATUSES, Job, JobEvent, Tenant, utcnow
+from app.schemas import JobCreate
+from app.services.datasets import check_dataset_ref
+from app.services.queries import owned, page
+from app.services.quotas import check_unfinished_jobs
+from sbora_core.config import ConfigError
+from sbora_core.job import Hyperparameters
+
+
+def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Settings) -> Job:
+    """Validate everything a worker would trip over, then record the job as queued.
+
+    The stored method and hyperparameters are complete (defaults filled in), so
+    a queued job trains as it was accepted even if a default changes later.
+    """
+    check_unfinished_jobs(session, tenant, settings)
+    try:
+        catalog.source_of(spec.base_model)
+    except catalog.UnknownBaseModel as exc:
+        raise Invalid("base_model", str(exc)) from exc
+    check_dataset_ref(session, tenant, spec.training_dataset_id, "training_dataset_id")
+    check_dataset_ref(session, tenant, spec.validation_dataset_id, "validation_dataset_id")
+    method = spec.method.model_dump()
+    try:
+        catalog.check_method(spec.base_model, method)
+    except ConfigError as exc:
+        raise Invalid(f"method.{exc.field}", f"method.{exc}") from exc
+    hyperparameters = spec.hyperparameters.model_dump()
+    try:
+        Hyperparameters(**hyperparameters)
+    except ConfigError as exc:
+        raise Invalid(f"hyperparameters.{exc.field}", f"hyperparameters.{exc}") from exc
+    job = Job(tenant_id=tenant.id, name=spec.name, base_model=spec.base_model, quantization=spec.quantization,
+              method=method, hyperparameters=hyperparameters, train_dataset_id=spec.training_dataset_id,
+              val_dataset_id=spec.validation_dataset_id, status="queued")
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, "status", "queued", {"status": "queued"})
+    session.commit()
+    return job
+
+
+def list_jobs(session: Session, tenant: Tenant, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
+    query = select(Job).where(Job.tenant_id == tenant.id)
+    if status:
+        query = query.where(Job.status == status)
+    return page(session, query.order_by(Job.created_at.desc()), limit, offset)
+
+
+def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    return owned(session, Job, tenant, job_id, "job")
+
+
+def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+    """Queued jobs end at once; running ones stop within one optimiser step."""
+    job = get_job(session, tenant, job_id)
+    if job.status in TERMINAL_STATUSES:
+        raise Conflict(f"job {job_id} already {job.status}")
+    job.cancel_requested = True
+    if job.status == "queued":
+        job.status, job.finished_at = "cancelled", utcnow()
+        add_event(session, job.id, "status", "cancelled before it started", {"status": "cancelled"})
+    else:
+        add_event(session, job.id, "log", "cancellation requested")
+    session.commit()
+    return job
+
+
+def add_event(session: Session, job_id: str, kind: str, message: str = "", data: dict[str, Any] | None = None) -> None:
+    session.add(JobEvent(job_id=job_id, kind=kind, message=message, data=data or {}))
+
+
+def list_events(session: Session, tenant: Tenant, job_id: str, after: int, limit: int,
+                kind: str | None = None) -> tuple[list[JobEvent], int]:
+    get_job(session, tenant, job_id)
+    query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
+    if kind:
+        query = query.where(JobEvent.kind == kind)
+    return page(session, query.order_by(JobEvent.id), limit, 0)

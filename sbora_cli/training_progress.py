@@ -1,0 +1,46 @@
+"""`sbora train`'s view of a run: a progress bar, eval and checkpoint lines, and a clean Ctrl-C.
+
+Imported only by `sbora train`, so the other commands start without loading torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.progress import Progress
+
+from sbora_cli.local import console
+from sbora_core.train import Callbacks
+from sbora_core.train import Progress as TrainingProgress
+
+
+class ConsoleCallbacks(Callbacks):
+    """Training callbacks that draw a progress bar and stop cleanly on Ctrl-C."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.task = bar.add_task("training", total=None, loss="-", tps="-")
+        self.cancelled = False
+
+    def interrupt(self, *_: Any) -> None:
+        if self.cancelled:
+            raise KeyboardInterrupt
+        self.cancelled = True
+        console.print("[yellow]stopping after this step (Ctrl-C again to abort without a checkpoint)[/yellow]")
+
+    def on_progress(self, p: TrainingProgress) -> None:
+        self.bar.update(self.task, completed=p.step, total=p.total_steps, loss=f"{p.loss:.4f}",
+                        tps=f"{p.tokens_per_s:,.0f}")
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        console.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        console.print(f"[dim]checkpoint {path}[/dim]")
+
+    def on_log(self, message: str) -> None:
+        console.print(f"[dim]{message}[/dim]")
+
+    def should_cancel(self) -> bool:
+        return self.cancelled
