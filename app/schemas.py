@@ -99,6 +99,8 @@ class HyperparametersSpec(BaseModel):
     keep_checkpoints: int = spec_field(Hyperparameters, "keep_checkpoints", ge=1, le=100)
     val_fraction: float = spec_field(Hyperparameters, "val_fraction", ge=0, lt=1)
     eval_batch_size: int = spec_field(Hyperparameters, "eval_batch_size", ge=1, le=4096)
+    gradient_checkpointing: bool = spec_field(Hyperparameters, "gradient_checkpointing")
+    packing: bool = spec_field(Hyperparameters, "packing")
 
 
 class JobCreate(BaseModel):

@@ -157,7 +157,7 @@ def apply_adapter(
         layer.load_delta(adapter.modules[name])
     if fast_path:
         for layer in layers.values():
-            if layer.variant.fused is not None and not layer.quantized:
+            if layer.mergeable_for_training:
                 layer.merge()
 
 

@@ -150,10 +150,10 @@ def adapter_layers(model: nn.Module) -> Iterator[tuple[str, SBoRALinear]]:
 
 
 def enable_fast_path(model: nn.Module) -> int:
-    """Merge every full-precision SBoRA layer so training runs one matmul per layer."""
+    """Merge every SBoRA layer on an fp32 weight so training runs one matmul per layer."""
     count = 0
     for _, layer in adapter_layers(model):
-        if layer.variant.fused is not None and not layer.quantized:
+        if layer.mergeable_for_training:
             layer.merge()
             count += 1
     return count

@@ -35,6 +35,10 @@ class Hyperparameters:
     keep_checkpoints: int = field(default=2, metadata={"help": "how many recent checkpoints to keep"})
     val_fraction: float = field(default=0.0, metadata={"help": "fraction of the training file held out for validation"})
     eval_batch_size: int = field(default=8, metadata={"help": "examples per validation batch"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass: far less memory for about a third more compute"})
+    packing: bool = field(default=False, metadata={
+        "help": "pack short examples into full max_seq_len rows, with no attention across examples"})
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "grad_accum", "max_seq_len", "keep_checkpoints", "eval_batch_size"):
@@ -58,6 +62,9 @@ class Hyperparameters:
             raise ConfigError("val_fraction", f"must be in [0, 1), got {self.val_fraction!r}")
         if not is_int(self.seed) or self.seed < 0:
             raise ConfigError("seed", f"must be a non-negative integer, got {self.seed!r}")
+        for name in ("gradient_checkpointing", "packing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(name, f"must be true or false, got {getattr(self, name)!r}")
 
 
 def _positive_int(name: str, value: Any) -> None:

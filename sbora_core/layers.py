@@ -6,18 +6,26 @@ named `sbora_*` so that freezing, saving and loading can filter by name.
 
 Two ways to compute the same function:
 - unmerged: `y = W0 x + (alpha/r) B x[I]` (FA) or `y = W0 x; y[J] += (alpha/r) A x` (FB).
-  Works on every base, quantised ones included.
-- merged ("fast path", full-precision bases only): the r columns (FA) or rows
-  (FB) of the live weight hold `W0 + (alpha/r) * factor`, so the forward is one
-  ordinary matmul. A custom autograd function gives the factor its gradient
-  while saving only `x[..., I]` (FA). The region is rewritten lazily, on the
-  first forward after the factor changed, and the original region is kept so
-  that unmerge is bit-exact. "Changed" is decided by comparing with a snapshot
-  of the factor: fused optimisers update parameters without bumping their
-  version counters, so those cannot be trusted.
+  Works on every base, quantised and half-precision ones included.
+- merged ("fast path", fp32 bases only): the r columns (FA) or rows (FB) of the
+  live weight hold `W0 + (alpha/r) * factor`, so the forward is one ordinary
+  matmul. A custom autograd function gives the factor its gradient while saving
+  only `x[..., I]` (FA). The region is rewritten lazily, on the first forward
+  after the factor changed, and the original region is kept so that unmerge is
+  bit-exact. On a bf16 or fp16 weight the sum would round small updates away,
+  so those bases keep the adapter term separate (the unmerged path).
+
+"Changed" must be known without reading anything back from the GPU: the trainer
+marks the factors stale after each optimiser step (`follow_optimizer`), and a
+factor's version counter catches in-place edits made anywhere else. (Fused
+optimisers update parameters without bumping version counters, so the counter
+alone cannot tell.)
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,6 +49,18 @@ def is_quantized_linear(module: nn.Module) -> bool:
 def is_adaptable_linear(module: nn.Module) -> bool:
     """Linear layers an adapter can wrap (bitsandbytes layers subclass nn.Linear)."""
     return isinstance(module, nn.Linear)
+
+
+def follow_optimizer(optimizer: torch.optim.Optimizer, layers: Iterable[SBoRALinear]) -> None:
+    """After each step of `optimizer`, mark the layers' factors stale: merged regions are rewritten
+    on their next forward. Needed for fused optimisers, which leave version counters alone."""
+    layers = list(layers)
+
+    def stepped(*_: Any) -> None:
+        for layer in layers:
+            layer.factors_stale = True
+
+    optimizer.register_step_post_hook(stepped)
 
 
 class SBoRALinear(nn.Module):
@@ -82,7 +102,8 @@ class SBoRALinear(nn.Module):
             setattr(self, f"sbora_{name}", nn.Parameter(value))
         # Set while the live weight holds the adapter: the original region, for a bit-exact unmerge.
         self._original_region: torch.Tensor | None = None
-        self._merged_factors: list[torch.Tensor] = []  # factor values the merged region was built from
+        self._merged_versions: tuple[int, ...] = ()  # factor version counters when the region was written
+        self.factors_stale = False  # set by the trainer after an optimiser step
 
     # -- helpers -----------------------------------------------------------------
     def _weight_device(self) -> torch.device:
@@ -97,10 +118,17 @@ class SBoRALinear(nn.Module):
         return [p for p in (self.sbora_A, self.sbora_B) if p is not None]
 
     def _remember_factors(self) -> None:
-        self._merged_factors = [p.detach().clone() for p in self._factors()]
+        self._merged_versions = tuple(p._version for p in self._factors())
+        self.factors_stale = False
 
     def _factors_changed(self) -> bool:
-        return any(not torch.equal(p, s) for p, s in zip(self._factors(), self._merged_factors, strict=True))
+        return self.factors_stale or tuple(p._version for p in self._factors()) != self._merged_versions
+
+    @property
+    def mergeable_for_training(self) -> bool:
+        """The fast path applies: the variant has one and the weight is fp32 (not quantised, not half)."""
+        return (self.variant.fused is not None and not self.quantized
+                and self.base_layer.weight.dtype == torch.float32)
 
     @property
     def merged(self) -> bool:
@@ -155,15 +183,17 @@ class SBoRALinear(nn.Module):
             return
         self.variant.put_region(self.base_layer.weight.data, self.sbora_indices, self._original_region)
         self._original_region = None
-        self._merged_factors = []
+        self._merged_versions = ()
 
     def _sync_region(self, force: bool = False) -> None:
         # The factor changed since the region was written (an optimiser step): rewrite it.
         if not force and not self._factors_changed():
             return
         assert self._original_region is not None
+        # No finiteness check here (a read back to the host per layer per step): a non-finite factor
+        # makes the next loss non-finite, which the trainer checks once per step.
         new = self.variant.merged_region(self._original_region, self.scaling, self.sbora_A, self.sbora_B,
-                                         "training step")
+                                         "training step", check=force)
         self.variant.put_region(self.base_layer.weight.data, self.sbora_indices, new)
         self._remember_factors()
 
@@ -174,7 +204,7 @@ class SBoRALinear(nn.Module):
         return self._forward_unmerged(x)
 
     def _forward_unmerged(self, x: torch.Tensor) -> torch.Tensor:
-        return self.variant.forward_unmerged(self.base_layer(x), x, self.sbora_indices, self.sbora_A,
+        return self.variant.forward_unmerged(self.base_layer, x, self.sbora_indices, self.sbora_A,
                                              self.sbora_B, self.scaling, self.sbora_dropout)
 
     def _forward_merged(self, x: torch.Tensor) -> torch.Tensor:

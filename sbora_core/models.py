@@ -228,19 +228,33 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def default_dtype(device: torch.device) -> torch.dtype:
+    """The frozen base's dtype (and a 4-bit base's compute dtype) on `device`.
+
+    On a GPU, bf16 (fp16 where the GPU lacks bf16): half the weight memory of fp32, the
+    dtype the tensor cores run at. On a CPU, fp32: bf16 matmuls are slow there.
+    Trainable factors and their optimiser state stay fp32 either way.
+    """
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
 def load_base_model(
     name: str,
     quantization: str = "none",
     device: torch.device | str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
 ) -> BaseModel:
-    """Load a causal LM and its tokenizer; NF4/int8 through bitsandbytes."""
+    """Load a causal LM and its tokenizer; NF4/int8 through bitsandbytes. `dtype` defaults to
+    `default_dtype(device)`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization: must be one of {', '.join(QUANTIZATIONS)}, got {quantization!r}")
     path = resolve_model(name)
     device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -32,6 +32,7 @@ class TokenizedExample:
     input_ids: list[int]
     labels: list[int]  # IGNORE_INDEX where no loss is taken
     line: int
+    position_ids: list[int] | None = None  # packed rows: positions restart at each example
 
     @property
     def n_target_tokens(self) -> int:
@@ -102,17 +103,52 @@ def tokenize_examples(tokenizer: Any, examples: list[Example], max_seq_len: int)
     return out
 
 
+def pack_examples(examples: list[TokenizedExample], max_seq_len: int) -> list[TokenizedExample]:
+    """Examples concatenated, in order, into rows of at most `max_seq_len` tokens.
+
+    Each example keeps its own positions (they restart at 0), which is how the model tells the
+    examples of a row apart: attention stays within an example. The first label of each example
+    is masked: in a row it would be predicted from the previous example's last token.
+    """
+    rows: list[TokenizedExample] = []
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    first_line = 0
+    for example in examples:
+        if ids and len(ids) + len(example.input_ids) > max_seq_len:
+            rows.append(TokenizedExample(ids, labels, first_line, positions))
+            ids, labels, positions = [], [], []
+        if not ids:
+            first_line = example.line
+        ids.extend(example.input_ids)
+        labels.extend([IGNORE_INDEX, *example.labels[1:]])
+        positions.extend(range(len(example.input_ids)))
+    if ids:
+        rows.append(TokenizedExample(ids, labels, first_line, positions))
+    return rows
+
+
 def collate(examples: list[TokenizedExample], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded tensors: input_ids, attention_mask and labels (-100 on padding)."""
+    """Right-padded tensors: input_ids, attention_mask and labels (-100 on padding); packed rows
+    also get position_ids (the padding counts as one more sequence, which no token attends to)."""
     longest = max(len(e.input_ids) for e in examples)
     ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     labels = torch.full((len(examples), longest), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(examples), longest), dtype=torch.long)
+    packed = any(e.position_ids is not None for e in examples)
+    positions = torch.zeros((len(examples), longest), dtype=torch.long)
     for row, example in enumerate(examples):
         n = len(example.input_ids)
         ids[row, :n] = torch.tensor(example.input_ids)
         labels[row, :n] = torch.tensor(example.labels)
         mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        if packed:
+            positions[row, :n] = torch.tensor(example.position_ids or list(range(n)))
+            positions[row, n:] = torch.arange(longest - n)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    if packed:
+        batch["position_ids"] = positions
+    return batch
 
 

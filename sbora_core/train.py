@@ -19,6 +19,7 @@ from (seed, e), and dropout draws from the global generator saved in checkpoints
 from __future__ import annotations
 
 import math
+import platform
 import random
 import time
 from collections.abc import Iterator
@@ -42,8 +43,15 @@ from sbora_core.data import load_examples
 from sbora_core.evaluate import validation_loss
 from sbora_core.inject import adapter_from_model, inject_adapter, trainable_parameters
 from sbora_core.job import Hyperparameters, TrainJob
+from sbora_core.layers import follow_optimizer
 from sbora_core.models import BaseModel, load_base_model
-from sbora_core.tokenization import IGNORE_INDEX, TokenizedExample, collate, tokenize_examples
+from sbora_core.tokenization import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    collate,
+    pack_examples,
+    tokenize_examples,
+)
 
 
 @dataclass
@@ -131,10 +139,47 @@ def _make_optimizer(params: list[torch.nn.Parameter], hp: Hyperparameters, devic
 
 def _token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum of next-token cross-entropy over target tokens (labels != -100)."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    if "position_ids" in batch:  # packed rows: the positions tell the examples apart, no mask
+        inputs = {"position_ids": batch["position_ids"]}
+    else:
+        inputs = {"attention_mask": batch["attention_mask"]}
+    logits = model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits
     shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
     shift_labels = batch["labels"][:, 1:].reshape(-1)
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def backward_pass(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], autocast: Any,
+                  device: torch.device) -> tuple[torch.Tensor, int]:
+    """Forward and backward over one step's micro-batches (CPU tensors from `collate`).
+
+    Returns the step's mean loss per target token, still on the device (read it once, not per
+    micro-batch), and the tokens processed (padding excluded, counted before the copy to the device).
+    """
+    step_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in micro:
+        on_device = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast:
+            loss = _token_loss_sum(model, on_device) / max(1, step_targets)
+        loss.backward()
+        total += loss.detach()
+    return total, tokens
+
+
+def autocast_for(device: torch.device) -> Any:
+    """bf16 autocast on a GPU that has bf16 (factors stay fp32, their matmuls run in bf16); off elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def device_name(device: torch.device) -> str:
+    """What a run ran on, for the adapter's metadata: the GPU's name, or the CPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
 
 
 # -- a run -------------------------------------------------------------------------------------
@@ -168,9 +213,7 @@ class Run:
         self.pad_id = self.base.tokenizer.pad_token_id
         self.batches = micro_batches(self.train_examples, self.hp, self.pos)
         self.batches_per_epoch = max(1, math.ceil(len(self.train_examples) / self.hp.batch_size))
-        cuda_bf16 = self.base.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cuda_bf16
-                         else torch.autocast(self.base.device.type, enabled=False))
+        self.autocast = autocast_for(self.base.device)
 
     @property
     def elapsed_s(self) -> float:
@@ -183,20 +226,14 @@ class Run:
 
     def step(self) -> float:
         """One optimiser step; the step's mean loss per target token."""
-        hp, device = self.hp, self.base.device
+        hp = self.hp
         micro = [collate(next(self.batches), self.pad_id) for _ in range(hp.grad_accum)]
-        step_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
         self.optimizer.zero_grad(set_to_none=True)
-        loss_sum = 0.0
-        for batch in micro:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            with self.autocast:
-                loss = _token_loss_sum(self.model, batch) / max(1, step_targets)
-            loss.backward()
-            loss_sum += loss.item()
-            self.pos.tokens += int(batch["attention_mask"].sum())
+        loss, tokens = backward_pass(self.model, micro, self.autocast, self.base.device)
+        self.pos.tokens += tokens
         if hp.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, hp.max_grad_norm)
+        loss_sum = float(loss)  # the step's one read back from the device
         if not math.isfinite(loss_sum):
             raise FloatingPointError(
                 f"training diverged at step {self.pos.step + 1} (loss {loss_sum}); lower learning_rate")
@@ -274,6 +311,7 @@ class Run:
             "hyperparameters": asdict(self.hp),
             "metrics": {k: v for k, v in metrics.items() if k not in ("loss_curve", "val_curve")},
             "device": str(self.base.device),
+            "device_name": device_name(self.base.device),
             "total_time_s": time.perf_counter() - self.started,
         }
         adapter_dir = save_adapter(adapter_from_model(self.model, self.config, metadata),
@@ -303,13 +341,28 @@ def prepare(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool =
     val_examples = tokenize_examples(base.tokenizer, val_records, hp.max_seq_len)
     if not train_examples:
         raise ConfigError("train_file", "no example has a completion left after truncation; raise max_seq_len")
-    cb.on_log(f"loaded {base.name} ({job.quantization}) on {base.device}; "
-              f"{len(train_examples)} training and {len(val_examples)} validation examples")
+    packed = ""
+    if hp.packing:
+        rows = pack_examples(train_examples, hp.max_seq_len)
+        packed = f" ({len(train_examples)} packed into {len(rows)} rows)"
+        train_examples = rows
+    weights = next(base.model.parameters()).dtype
+    cb.on_log(f"loaded {base.name} ({job.quantization}, {str(weights).removeprefix('torch.')}) on "
+              f"{device_name(base.device)}; {len(train_examples)} training{packed} and {len(val_examples)} "
+              "validation examples")
 
     config = SBoRAConfig.from_dict({**job.sbora.to_dict(), "base_fingerprint": base.fingerprint})
-    inject_adapter(base.model, config)
+    layers = list(inject_adapter(base.model, config).values())
+    if hp.gradient_checkpointing:
+        # Non-reentrant: works with a frozen base (no input needs grad) and replays dropout exactly.
+        checkpointing = {"use_reentrant": False}
+        if hasattr(base.model, "activation_checkpointing_enable"):  # the name in newer transformers
+            base.model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+        else:
+            base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
     params = [p for p in base.model.parameters() if p.requires_grad]
     optimizer = _make_optimizer(params, hp, base.device)
+    follow_optimizer(optimizer, layers)
     steps_per_epoch = math.ceil(math.ceil(len(train_examples) / hp.batch_size) / hp.grad_accum)
     total_steps = hp.max_steps or hp.epochs * steps_per_epoch
     warmup = hp.warmup_steps or int(hp.warmup_ratio * total_steps)

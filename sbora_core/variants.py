@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 if TYPE_CHECKING:
     from sbora_core.adapter import ModuleDelta
@@ -109,6 +110,43 @@ class _FusedRows(torch.autograd.Function):
         return gx, None, None, gA, None, None
 
 
+class _AddColumns(torch.autograd.Function):
+    """FA unmerged on a plain linear base: y = x W^T (+ b) + (alpha/r) (keep ⊙ x[..., I]) B^T.
+
+    Autograd would give the adapter's share of grad_x as a full-size zero tensor with r columns
+    filled (the backward of index_select), then add it to the base's share: two extra passes over
+    an activation per layer. Here it goes into the base's grad_x, r columns in place. `keep` is the
+    dropout mask divided by (1 - p), or None.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx: Any, x, weight, bias, factor, indices, scaling, keep):
+        x_sel = x.index_select(-1, indices)  # (..., r)
+        if keep is not None:
+            x_sel = x_sel * keep
+        y = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        y = y + scaling * F.linear(x_sel, factor.to(x.dtype))  # (..., d_out)
+        ctx.save_for_backward(x_sel, weight, factor, indices, keep)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx: Any, gy):
+        x_sel, weight, factor, indices, keep = ctx.saved_tensors
+        gx = gB = None
+        if ctx.needs_input_grad[0]:
+            gx = gy.matmul(weight.to(gy.dtype))  # (..., d_in)
+            g_sel = gy.matmul(factor.to(gy.dtype)) * ctx.scaling  # (..., r)
+            gx.index_add_(-1, indices, g_sel if keep is None else g_sel * keep)
+        if ctx.needs_input_grad[3]:
+            gy2 = gy.reshape(-1, gy.shape[-1])  # (N, d_out)
+            xs2 = x_sel.reshape(-1, x_sel.shape[-1]).to(gy.dtype)  # (N, r)
+            gB = (gy2.t().matmul(xs2) * ctx.scaling).to(factor.dtype)  # (d_out, r)
+        return gx, None, None, gB, None, None, None
+
+
 # -- the variants -----------------------------------------------------------------------------------
 class Variant:
     """What one kind of adapter update is; subclasses fill in every method."""
@@ -154,10 +192,14 @@ class Variant:
         raise NotImplementedError
 
     def merged_region(self, original: Tensor, scaling: float, A: Tensor | None, B: Tensor | None,
-                      where: str) -> Tensor:
-        """original + the region's change, in the weight's dtype, refusing non-finite results."""
+                      where: str, check: bool = True) -> Tensor:
+        """original + the region's change, in the weight's dtype, refusing non-finite results.
+
+        `check=False` skips the finiteness check, a read back to the host: the training loop
+        rewrites regions after every step and checks the loss once per step instead."""
         factor = self.trained_factor(A, B).detach().to(dtype=original.dtype, device=original.device)
-        return refuse_non_finite(torch.add(original, factor, alpha=scaling), where)
+        new = torch.add(original, factor, alpha=scaling)
+        return refuse_non_finite(new, where) if check else new
 
     def add_to_region(self, weight: Tensor, indices: Tensor, original: Tensor, factor: Tensor,
                       scaling: float) -> None:
@@ -166,9 +208,9 @@ class Variant:
         self.put_region(weight, indices, torch.add(original, factor, alpha=scaling))
 
     # Forwards ------------------------------------------------------------------------------------
-    def forward_unmerged(self, y: Tensor, x: Tensor, indices: Tensor | None, A: Tensor | None,
-                         B: Tensor | None, scaling: float, dropout: Any) -> Tensor:
-        """y = W0 x (+ b) plus this variant's update of x, with dropout on the adapter's input."""
+    def forward_unmerged(self, base: nn.Module, x: Tensor, indices: Tensor | None, A: Tensor | None,
+                         B: Tensor | None, scaling: float, dropout: nn.Module) -> Tensor:
+        """base(x) plus this variant's update of x, with dropout on the adapter's input."""
         raise NotImplementedError
 
     def dropout_correction(self, x: Tensor, indices: Tensor, factor: Tensor, scaling: float, dropout: Any,
@@ -230,11 +272,21 @@ class SBoRAFA(Variant):
         assert B is not None
         return B * scaling  # (d_out, r)
 
-    def forward_unmerged(self, y, x, indices, A, B, scaling, dropout):
-        assert B is not None
+    def forward_unmerged(self, base, x, indices, A, B, scaling, dropout):
+        assert B is not None and indices is not None
         # Select first, then drop out: the same distribution as dropout(x)[..., I], r/d_in of the work.
-        x_sel = dropout(x.index_select(-1, indices))  # (..., r)
-        return y + scaling * F.linear(x_sel.to(B.dtype), B).to(y.dtype)
+        keep = dropout(torch.ones(*x.shape[:-1], indices.numel(), dtype=x.dtype, device=x.device)) \
+            if dropout.training and isinstance(dropout, nn.Dropout) else None  # (..., r) mask / (1 - p)
+        if type(base) is nn.Linear:
+            return _AddColumns.apply(x, base.weight, base.bias, B, indices, scaling, keep)
+        # A quantised base runs its own kernels; the update joins them in one addmm: y + s x_I B^T.
+        x_sel = x.index_select(-1, indices)  # (..., r)
+        if keep is not None:
+            x_sel = x_sel * keep
+        y = base(x)  # (..., d_out)
+        flat = torch.addmm(y.reshape(-1, y.shape[-1]), x_sel.reshape(-1, x_sel.shape[-1]).to(y.dtype),
+                           B.to(y.dtype).t(), alpha=scaling)
+        return flat.view(y.shape)
 
     def dropout_correction(self, x, indices, factor, scaling, dropout, d_out):
         x_sel = x.index_select(-1, indices)  # (..., r)
@@ -297,8 +349,9 @@ class SBoRAFB(Variant):
         # The rows hold `original` now: one accumulate is cheaper than building the sum and copying it.
         weight.index_add_(0, indices, factor.detach().to(dtype=weight.dtype, device=weight.device), alpha=scaling)
 
-    def forward_unmerged(self, y, x, indices, A, B, scaling, dropout):
+    def forward_unmerged(self, base, x, indices, A, B, scaling, dropout):
         assert A is not None
+        y = base(x)
         ax = scaling * F.linear(dropout(x).to(A.dtype), A)  # (..., r)
         return y.index_add(-1, indices, ax.to(y.dtype))
 
@@ -359,14 +412,15 @@ class LoRA(Variant):
         assert A is not None and B is not None
         return (B @ A) * scaling  # (d_out, d_in)
 
-    def merged_region(self, original, scaling, A, B, where):
+    def merged_region(self, original, scaling, A, B, where, check=True):
         assert A is not None and B is not None
         like = original  # the weight's dtype and device
         new = torch.addmm(original, B.detach().to(like), A.detach().to(like), alpha=scaling)
-        return refuse_non_finite(new, where)
+        return refuse_non_finite(new, where) if check else new
 
-    def forward_unmerged(self, y, x, indices, A, B, scaling, dropout):
+    def forward_unmerged(self, base, x, indices, A, B, scaling, dropout):
         assert A is not None and B is not None
+        y = base(x)
         ax = F.linear(dropout(x).to(A.dtype), A)  # (..., r)
         return y + scaling * F.linear(ax, B).to(y.dtype)
 

@@ -17,6 +17,17 @@ def pytest_configure(config: pytest.Config) -> None:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    reason = pytest.mark.skip(reason="needs a CUDA GPU and torch sees none (run `make TORCH_SPEC=torch test` on one)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(reason)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama")

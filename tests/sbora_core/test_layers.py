@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from sbora_core.inject import draw_indices
-from sbora_core.layers import SBoRALinear
+from sbora_core.layers import SBoRALinear, follow_optimizer
 
 D_OUT, D_IN, R = 24, 16, 4
 
@@ -109,10 +109,12 @@ def test_fast_path_follows_optimiser_steps(variant, fused):
     """After each step the merged region equals W0 + (alpha/r)·factor, as the unmerged layer computes.
 
     Fused AdamW updates parameters without bumping their version counter; the
-    layer must notice the change all the same."""
+    layer learns of each step from the optimiser (as the trainer wires it), and
+    never reads the factor back to compare."""
     fast, plain = make_layer(variant, random_factor=False), make_layer(variant, random_factor=False)
     fast.merge()
     opt_fast = torch.optim.AdamW([fast.trainable], lr=0.05, fused=fused)
+    follow_optimizer(opt_fast, [fast])
     opt_plain = torch.optim.AdamW([plain.trainable], lr=0.05, fused=fused)
     x, target = torch.randn(8, D_IN), torch.randn(8, D_OUT)
     for _ in range(5):
@@ -170,3 +172,38 @@ def test_merge_refuses_non_finite_values_and_leaves_weight_untouched():
 def test_trainable_parameter_counts(variant, count):
     layer = make_layer(variant)
     assert sum(p.numel() for p in layer.parameters() if p.requires_grad) == count
+
+
+@pytest.mark.parametrize("variant", ["sbora_fa", "sbora_fb"])
+def test_fast_path_sees_in_place_edits_of_the_factor(variant):
+    """Edits outside an optimiser (loading a checkpoint, a test's normal_()) bump the version counter."""
+    fast, plain = make_layer(variant, random_factor=False), make_layer(variant, random_factor=False)
+    fast.merge()
+    x = torch.randn(8, D_IN)
+    with torch.no_grad():
+        fast(x)  # the region is written for the zero factor
+        for layer in (fast, plain):
+            torch.manual_seed(3)
+            layer.trainable.normal_()
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_bases_keep_the_adapter_term_separate():
+    """Writing W0 + (alpha/r)·B into a bf16 weight would round small updates away: no fast path there."""
+    torch.manual_seed(0)
+    base = nn.Linear(D_IN, D_OUT).to(torch.bfloat16)
+    original = base.weight.detach().clone()
+    layer = SBoRALinear(base, "sbora_fa", 4, 8.0, indices=draw_indices(D_IN, 4, 0, "l"))
+    assert not layer.mergeable_for_training
+    opt = torch.optim.AdamW([layer.trainable], lr=1e-5)  # early steps of a real run: tiny updates
+    x = torch.randn(8, D_IN, dtype=torch.bfloat16)
+    for _ in range(3):
+        opt.zero_grad()
+        layer(x).float().square().mean().backward()
+        opt.step()
+    assert torch.equal(base.weight, original)  # the base weight never changes
+    assert layer.trainable.dtype == torch.float32 and bool(layer.trainable.abs().sum() > 0)
+    # Why: these fp32 factors, merged into the bf16 weight, would mostly vanish in the rounding.
+    region = original.index_select(1, layer.sbora_indices)
+    merged = (region.float() + layer.scaling * layer.trainable.detach()).to(torch.bfloat16)
+    assert (merged == region).float().mean() > 0.5

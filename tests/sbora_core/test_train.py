@@ -92,6 +92,7 @@ def test_short_run_lowers_validation_loss_and_reports(tiny_model_dir, files, tmp
     metrics = adapter.metadata["metrics"]
     assert metrics["steps"] == 30 and metrics["trainable_params"] == adapter.trainable_params()
     assert metrics["val_loss"] == result.metrics["val_loss"] and metrics["wall_time_s"] > 0
+    assert adapter.metadata["device"] == "cpu" and adapter.metadata["device_name"].startswith("CPU")
 
 
 def test_cancel_stops_at_the_next_step_and_keeps_a_checkpoint(tiny_model_dir, files, tmp_path):
