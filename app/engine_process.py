@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.config import get_settings
-from app.errors import Invalid
+from app.errors import Invalid, without_paths
 from sbora_core.adapter_io import AdapterMismatchError
 from sbora_core.engine import (
     AdapterIntegrityError,
@@ -282,7 +282,7 @@ def _forward(replies: multiprocessing.Queue, handles: dict, rid: str, item: obje
     if isinstance(item, Completion):
         replies.put((rid, "done", item))
     else:
-        replies.put((rid, "failed", f"generation failed: {item}"))
+        replies.put((rid, "failed", without_paths(f"generation failed: {item}")))
 
 
 def _new_engine(source: str, limits: EngineLimits):
@@ -300,7 +300,12 @@ def _submit(engine, adapters: list[AdapterRef], prompt: str | None,
 
     tokenizer = engine.tokenizer
     if messages is not None:
-        ids = tokenizer(render_chat(tokenizer, messages, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        try:
+            text = render_chat(tokenizer, messages, add_generation_prompt=True)
+        except Exception as exc:  # the model's chat template refuses them (a jinja error, say)
+            raise RequestRejected("messages", f"messages: the model's chat template cannot render them "
+                                              f"({type(exc).__name__}: {exc})") from exc
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(prompt or "")["input_ids"]
     if not ids:
@@ -322,6 +327,6 @@ def _classify(exc: Exception) -> tuple:
     if isinstance(exc, QueueFull):
         return "queue_full", exc.retry_after_s
     if isinstance(exc, (AdapterIntegrityError, AdapterMismatchError)):
-        return "integrity", str(exc)
+        return "integrity", without_paths(str(exc))
     log.exception("generation request failed")
-    return "failed", f"generation failed: {type(exc).__name__}: {exc}"
+    return "failed", without_paths(f"generation failed: {type(exc).__name__}: {exc}")

@@ -6,6 +6,7 @@ the workers can raise and catch them without loading either.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -31,3 +32,12 @@ class TooLarge(ValueError):
 
 class QuotaExceeded(RuntimeError):
     """A per-tenant limit on unfinished jobs (429)."""
+
+
+_PATH = re.compile(r"(?<![\w.:/~-])/(?:[\w.@+~-]+/)+([\w.@+~-]*)")
+
+
+def without_paths(text: str) -> str:
+    """`text` with every absolute filesystem path cut to its last component: job events and error
+    messages reach every tenant, the server's directory layout must not."""
+    return _PATH.sub(lambda m: m.group(1) or "…", text)

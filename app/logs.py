@@ -56,3 +56,6 @@ def configure_logging(fmt: str | None = None, level: str | None = None) -> None:
         logger.propagate = True
     # Our own request log carries route, status and duration; uvicorn's access line would repeat it.
     logging.getLogger("uvicorn.access").disabled = True
+    # bitsandbytes warns on every CPU 4-bit job that an optional kernels package is missing: noise
+    # that says nothing about the job.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

@@ -38,7 +38,7 @@ log = logging.getLogger("app")
 async def lifespan(_: FastAPI):
     upgrade_database()
     settings = get_settings()
-    reconciler = Reconciler(settings.reconcile_interval_s, settings.queued_stale_s)
+    reconciler = Reconciler(settings.reconcile_interval_s)
     reconciler.start()
     yield
     reconciler.stop()

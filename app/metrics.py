@@ -23,6 +23,7 @@ from sqlalchemy import func, select
 from app.core.db import get_sessionmaker
 from app.engine_process import engine_cache_stats
 from app.models import JOB_STATUSES, Job
+from app.services.workers import live_workers
 
 REGISTRY = CollectorRegistry()
 
@@ -53,6 +54,12 @@ class ServiceState:
         with get_sessionmaker()() as session:
             counts = dict(session.execute(select(Job.status, func.count()).group_by(Job.status)).all())
             running = session.scalars(select(Job.progress).where(Job.status == "running")).all()
+            live = [(w.queue, w.kind) for w in live_workers(session)]
+        workers = GaugeMetricFamily("sbora_workers_live", "training workers heard from in the last three "
+                                    "heartbeats", labels=["queue", "kind"])
+        for queue, kind in sorted(set(live)):
+            workers.add_metric([queue, kind], live.count((queue, kind)))
+        yield workers
         jobs = GaugeMetricFamily("sbora_jobs", "jobs by state", labels=["state"])
         for state in JOB_STATUSES:
             jobs.add_metric([state], counts.get(state, 0))

@@ -5,21 +5,50 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 from app.ids import new_id
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+LEASED_STATUSES = ("running", "cancelling")  # a worker holds the job
+UNFINISHED_STATUSES = ("queued", *LEASED_STATUSES)
 
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timestamps are UTC and time-zone aware on the way in and out, whatever the database keeps:
+    SQLite stores them without a zone, PostgreSQL answers in the session's zone."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        return self.process_bind_param(value, dialect)
+
+
 class Base(DeclarativeBase):
-    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: DateTime(timezone=True)}
+    type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON, datetime: UTCDateTime()}
 
 
 class Timestamps:
@@ -75,10 +104,30 @@ class Job(Timestamps, Base):
     adapter_id: Mapped[str | None] = mapped_column(String(40), default=None)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
-    lease_owner: Mapped[str | None] = mapped_column(String(200), default=None)
+    lease_owner: Mapped[str | None] = mapped_column(String(200), default=None)  # host:pid:thread of the runner
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    worker_node: Mapped[str | None] = mapped_column(String(200), default=None)  # the Celery worker running it
+    # The attempt the last broker message was sent for, and when: the reconciler sends at most one
+    # message per attempt (see app.reconcile).
+    enqueued_attempt: Mapped[int] = mapped_column(Integer, default=0)
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Worker(Base):
+    """A training worker's heartbeat: written every few seconds by the worker's main process."""
+
+    __tablename__ = "workers"
+    node: Mapped[str] = mapped_column(String(200), primary_key=True)  # Celery node name, e.g. cpu@host
+    hostname: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    queue: Mapped[str] = mapped_column(String(100), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # cpu or gpu
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    job_id: Mapped[str | None] = mapped_column(String(40), default=None)  # what it runs now
+    idle_since: Mapped[datetime | None] = mapped_column(default=utcnow)  # None while it runs a job
 
 
 class JobEvent(Base):

@@ -215,7 +215,7 @@ class GenerateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base_model: str | None = Field(None, description="defaults to the adapter's base, else the first model")
     prompt: str | None = Field(None, max_length=1_000_000)
-    messages: list[ChatMessage] | None = Field(None, max_length=1000)
+    messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1000)
     adapter_id: str | list[str] | None = None
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0, le=10)

@@ -3,19 +3,27 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from sbora_cli.local import console, fail
+from sbora_cli.supervisor import Supervised
 
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys (run on the server).")
 LOCAL_TENANT = "local"
+
+
+def worker_kind() -> str:
+    """cpu or gpu: what the worker's name says it trains on."""
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
 
 
 def worker_command_line(queue: str | None = None, name: str = "worker") -> list[str]:
@@ -39,7 +47,9 @@ def worker_command(
     queue: Annotated[str | None, typer.Option(help="queue to consume (default SBORA_TRAIN_QUEUE)")] = None,
 ) -> None:
     """Run one training worker in the foreground (start one per GPU, with CUDA_VISIBLE_DEVICES set)."""
-    os.execv(sys.executable, worker_command_line(queue, name=f"gpu{os.environ.get('CUDA_VISIBLE_DEVICES', '')}"))
+    kind = worker_kind()
+    device = os.environ.get("CUDA_VISIBLE_DEVICES", "") if kind == "gpu" else ""
+    os.execv(sys.executable, worker_command_line(queue, name=f"{kind}{device}"))
 
 
 def local_key(data_dir: Path) -> str:
@@ -77,22 +87,25 @@ def serve_command(
         console.print(f"preparing base model {model_id} ...")
         catalog.prepare(model_id)  # the default model converts once, here
     key = local_key(settings.data_dir)
-    worker_proc = subprocess.Popen(worker_command_line(name="local")) if worker else None
     url = f"http://{host}:{port}"
-    # Plain lines (no wrapping or markup) so they can be copied into a shell.
+    # Plain lines (no wrapping or markup) so they can be copied into a shell; the key alone on
+    # stdout, so `KEY=$(sbora serve ... | head -1)`-style scripts and eyes find it, whatever the
+    # worker prints on stderr.
     typer.echo(f"\nsbora-server at {url}  (API docs: {url}/docs)", err=True)
-    typer.echo(f"API key for tenant '{LOCAL_TENANT}': {key}", err=True)
+    typer.echo(f"API key for tenant '{LOCAL_TENANT}' (next line), for the shell:", err=True)
     typer.echo(f"  export SBORA_URL={url} SBORA_API_KEY={key}\n", err=True)
+    typer.echo(key)
+    sys.stdout.flush()
+    configure_logging()
+    command = worker_command_line(name=worker_kind())
+    supervisor = Supervised("worker", lambda: subprocess.Popen(command)) if worker else None
     try:
-        configure_logging()
+        if supervisor is not None:
+            supervisor.start()
         uvicorn.run("app.main:app", host=host, port=port, log_config=None)
     finally:
-        if worker_proc is not None and worker_proc.poll() is None:
-            worker_proc.send_signal(signal.SIGTERM)
-            try:
-                worker_proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                worker_proc.kill()
+        if supervisor is not None:
+            supervisor.stop()
 
 
 @keys_app.command("create")
@@ -119,12 +132,14 @@ def keys_list() -> None:
     from app.models import ApiKey, Tenant
 
     table = Table("id", "tenant", "prefix", "name", "created", "revoked")
+    # `sbora keys revoke` needs the id whole: never wrapped or cut, whatever the terminal's width.
+    table.columns[0].no_wrap, table.columns[0].min_width = True, len("key_") + 24
     with session_scope() as session:
         for key, tenant in session.execute(select(ApiKey, Tenant).join(Tenant, ApiKey.tenant_id == Tenant.id)
                                            .order_by(ApiKey.created_at)):
             table.add_row(key.id, tenant.name, key.prefix + "…", key.name, f"{key.created_at:%Y-%m-%d %H:%M}",
                           f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "")
-    console.print(table)
+    Console().print(table)  # a listing: stdout
 
 
 @keys_app.command("revoke")

@@ -20,13 +20,15 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from sqlalchemy import CursorResult, Update, or_, update
+from sqlalchemy import CursorResult, Update, update
 from sqlalchemy.orm import Session
 
 from app import catalog
-from app.core.config import get_settings
+from app.core.config import Settings, get_settings
 from app.core.db import session_scope
-from app.models import Dataset, Job, utcnow
+from app.errors import without_paths
+from app.models import LEASED_STATUSES, Dataset, Job, utcnow
+from app.services import workers
 from app.services.adapters import register_adapter
 from app.services.jobs import add_event
 from app.storage import LocalArtifactStore, get_store
@@ -46,7 +48,12 @@ class DatasetMissing(LookupError):
 
 
 def worker_name() -> str:
+    """The lease owner: this machine, process and thread."""
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
+
+
+def worker_kind() -> str:
+    return "gpu" if torch.cuda.is_available() else "cpu"
 
 
 def rows_updated(session: Session, statement: Update) -> int:
@@ -54,32 +61,47 @@ def rows_updated(session: Session, statement: Update) -> int:
     return cast(CursorResult[Any], session.execute(statement)).rowcount
 
 
-def claim(job_id: str, owner: str, lease_s: int) -> bool:
-    """Atomically take the job if it is queued or its lease has expired."""
+def claim(job_id: str, owner: str, node: str, lease_s: int) -> bool:
+    """Atomically take the job if it is queued, or running under a holder that is certainly dead
+    (lease expired, its worker silent, or its process gone from this machine): a killed worker's
+    job is taken over at once, not after its whole lease."""
     now = utcnow()
     with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.cancel_requested:
+            return False
+        if job.status == "queued":
+            takeable = Job.status == "queued"
+        elif job.status == "running" and workers.holder_dead(session, job, now):
+            # Compare-and-swap on the dead holder: of several claimants exactly one wins.
+            takeable = (Job.status == "running") & (Job.lease_owner == job.lease_owner)
+        else:
+            return False
+        previous = job.lease_owner
         taken = rows_updated(session, update(Job)
-                             .where(Job.id == job_id, Job.cancel_requested.is_(False),
-                                    or_(Job.status == "queued",
-                                        (Job.status == "running") & (Job.lease_expires_at < now)))
-                             .values(status="running", lease_owner=owner,
+                             .where(Job.id == job_id, Job.cancel_requested.is_(False), takeable)
+                             .values(status="running", lease_owner=owner, worker_node=node,
                                      lease_expires_at=now + timedelta(seconds=lease_s),
-                                     attempts=Job.attempts + 1, updated_at=now))
+                                     attempts=Job.attempts + 1, updated_at=now)
+                             .execution_options(synchronize_session=False))
         if taken != 1:
             return False
-        job = session.get(Job, job_id)
-        assert job is not None
+        session.refresh(job)
         if job.started_at is None:
             job.started_at = now
-        add_event(session, job_id, "status", f"running (attempt {job.attempts}) on {owner}",
-                  {"status": "running", "attempt": job.attempts, "worker": owner})
+        took_over = f", taking over from {previous}" if previous else ""
+        add_event(session, job_id, "status", f"running (attempt {job.attempts}) on {node or owner}{took_over}",
+                  {"status": "running", "attempt": job.attempts, "worker": node or owner})
+        if node:
+            workers.set_job(session, node, job_id)
     return True
 
 
 def renew_lease(job_id: str, owner: str, lease_s: int) -> bool:
     with session_scope() as session:
         return rows_updated(session, update(Job)
-                            .where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
+                            .where(Job.id == job_id, Job.lease_owner == owner,
+                                   Job.status.in_(LEASED_STATUSES))
                             .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))) == 1
 
 
@@ -141,8 +163,8 @@ class DatabaseCallbacks(Callbacks):
         self._flush(force=True)
 
     def on_log(self, message: str) -> None:
-        log.info("%s", message)  # also in the worker's own log, tagged with the job id
-        self.pending.append(("log", message, {}))
+        log.info("%s", message)  # also in the worker's own log (paths included), tagged with the job id
+        self.pending.append(("log", without_paths(message), {}))
         self._flush()
 
     def should_cancel(self) -> bool:
@@ -178,6 +200,8 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
 
 
 def _finish(job_id: str, owner: str, status: str, message: str, **values: Any) -> None:
+    if values.get("error_message"):
+        values["error_message"] = without_paths(values["error_message"])
     with session_scope() as session:
         finished = rows_updated(session, update(Job).where(Job.id == job_id, Job.lease_owner == owner)
                                 .values(status=status, finished_at=utcnow(), lease_expires_at=None,
@@ -193,17 +217,27 @@ def build_train_job(job: Job, train_path: str, val_path: str | None, output_dir:
                     hyperparameters=Hyperparameters(**job.hyperparameters), quantization=job.quantization)
 
 
-def run_job(job_id: str) -> str | None:
-    """Run the job if this worker can claim it; returns its final status, or None if not claimed."""
+def run_job(job_id: str, node: str = "") -> str | None:
+    """Run the job if this worker (Celery node `node`) can claim it; returns its final status, or
+    None if not claimed."""
     settings, store = get_settings(), get_store()
     catalog.use_model_cache()
     torch.set_num_threads(settings.resolved_torch_threads)
     if os.getpriority(os.PRIO_PROCESS, 0) < settings.worker_nice:  # only ever lower our priority
         os.setpriority(os.PRIO_PROCESS, 0, settings.worker_nice)
     owner = worker_name()
-    if not claim(job_id, owner, settings.job_lease_s):
+    if not claim(job_id, owner, node, settings.job_lease_s):
         _cancel_if_requested(job_id)
         return None
+    try:
+        return _run_claimed(job_id, owner, settings, store)
+    finally:
+        if node:
+            with session_scope() as session:
+                workers.set_job(session, node, None)
+
+
+def _run_claimed(job_id: str, owner: str, settings: Settings, store: LocalArtifactStore) -> str | None:
     heartbeat = Heartbeat(job_id, owner, settings.job_lease_s)
     heartbeat.start()
     callbacks = DatabaseCallbacks(job_id, heartbeat)

@@ -1,30 +1,66 @@
-"""The Celery worker's side: the training task, a thin wrapper that hands a job id to the runner.
+"""The Celery worker's side: the training task (a thin wrapper that hands a job id to the runner), and
+the worker's lifecycle: its heartbeat, and pool processes that die with it.
 
 Start a worker with `celery -A worker.tasks worker` (`sbora worker` does).
 """
 
 from __future__ import annotations
 
-from celery.signals import setup_logging
+import ctypes
+import signal
+import sys
+from typing import Any
+
+from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown
 
 from app import logs
+from app.core.config import get_settings
+from app.core.db import get_engine
 from app.queue import TRAIN_TASK, get_celery
-from worker.runner import run_job
+from worker.heartbeat import WorkerHeartbeat
+from worker.runner import run_job, worker_kind
 
 # `celery -A worker.tasks` looks for this name.
 celery = get_celery()
+_heartbeat: WorkerHeartbeat | None = None
 
 
 @setup_logging.connect
-def _structured_logs(**_) -> None:
+def _structured_logs(**_: Any) -> None:
     """Celery leaves logging alone when this signal has a receiver: ours writes JSON lines."""
     logs.configure_logging()
 
 
-@celery.task(name=TRAIN_TASK, acks_late=True, ignore_result=True)
-def train_job(job_id: str) -> None:
+@worker_ready.connect
+def _start_heartbeat(sender: Any = None, **_: Any) -> None:
+    global _heartbeat
+    queues = [q.name for q in sender.task_consumer.queues] if sender is not None else []
+    _heartbeat = WorkerHeartbeat(sender.hostname, queues[0] if queues else get_settings().train_queue,
+                                 worker_kind())
+    _heartbeat.start()
+
+
+@worker_shutdown.connect
+def _stop_heartbeat(**_: Any) -> None:
+    if _heartbeat is not None:
+        _heartbeat.stop()
+
+
+@worker_process_init.connect
+def _new_pool_process(**_: Any) -> None:
+    """A forked pool process: its own database connections, and it dies with the worker."""
+    # The heartbeat's connections came over with the fork; two processes on one connection corrupt
+    # it (PostgreSQL: DuplicatePreparedStatement). Drop them here without closing them for the parent.
+    get_engine().dispose(close=False)
+    # A pool process whose worker was killed must not train on as an orphan (Linux: PR_SET_PDEATHSIG).
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+
+
+@celery.task(name=TRAIN_TASK, acks_late=True, ignore_result=True, bind=True)
+def train_job(self: Any, job_id: str) -> None:
     token = logs.job_id.set(job_id)  # every log line of this run carries the job id
     try:
-        run_job(job_id)
+        run_job(job_id, node=self.request.hostname or "")
     finally:
         logs.job_id.reset(token)

@@ -43,8 +43,12 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address `sbora serve` binds")
     port: int = Field(8000, description="port `sbora serve` binds")
     train_queue: str = Field("train", description="Celery queue training jobs go to")
-    reconcile_interval_s: float = Field(15.0, description="how often the API looks for jobs the broker lost")
-    queued_stale_s: float = Field(60.0, description="a queued job unclaimed this long is enqueued again")
+    reconcile_interval_s: float = Field(5.0, description="how often the API looks for jobs to send again: "
+                                                         "a dead worker's, or one whose message was lost")
+    queued_stale_s: float = Field(60.0, description="a queued job that an idle live worker has not taken "
+                                                    "for this long lost its message and is sent again")
+    worker_heartbeat_s: float = Field(2.0, description="how often a worker says it is alive; three missed "
+                                                       "beats and its jobs are taken over")
     max_concurrent_jobs: int = Field(4, description="per tenant: queued plus running jobs (429 beyond)")
     max_stored_bytes: int = Field(10 * 1024**3, description="per tenant: datasets plus adapters (413 beyond)")
     log_format: Literal["json", "text"] = Field("json", description="log lines as JSON objects, or plain text")

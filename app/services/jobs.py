@@ -44,7 +44,8 @@ def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Sett
         raise Invalid(f"hyperparameters.{exc.field}", f"hyperparameters.{exc}") from exc
     job = Job(tenant_id=tenant.id, name=spec.name, base_model=spec.base_model, quantization=spec.quantization,
               method=method, hyperparameters=hyperparameters, train_dataset_id=spec.training_dataset_id,
-              val_dataset_id=spec.validation_dataset_id, status="queued")
+              val_dataset_id=spec.validation_dataset_id, status="queued",
+              enqueued_attempt=1, enqueued_at=utcnow())  # the route sends the message for attempt 1
     session.add(job)
     session.flush()
     add_event(session, job.id, "status", "queued", {"status": "queued"})
@@ -64,16 +65,21 @@ def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
 
 
 def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
-    """Queued jobs end at once; running ones stop within one optimiser step."""
+    """Queued jobs end at once; running ones are `cancelling` until their worker stops, within one
+    optimiser step (then `cancelled`)."""
     job = get_job(session, tenant, job_id)
     if job.status in TERMINAL_STATUSES:
         raise Conflict(f"job {job_id} already {job.status}")
+    if job.status == "cancelling":
+        return job
     job.cancel_requested = True
     if job.status == "queued":
         job.status, job.finished_at = "cancelled", utcnow()
         add_event(session, job.id, "status", "cancelled before it started", {"status": "cancelled"})
     else:
-        add_event(session, job.id, "log", "cancellation requested")
+        job.status = "cancelling"
+        add_event(session, job.id, "status", "cancelling: the worker stops after this step",
+                  {"status": "cancelling"})
     session.commit()
     return job
 

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.errors import QuotaExceeded, TooLarge
-from app.models import Adapter, Dataset, Job, Tenant
+from app.models import UNFINISHED_STATUSES, Adapter, Dataset, Job, Tenant
 
 
 def stored_bytes(session: Session, tenant: Tenant) -> int:
@@ -27,7 +27,7 @@ def check_storage(session: Session, tenant: Tenant, more_bytes: int, settings: S
 def check_unfinished_jobs(session: Session, tenant: Tenant, settings: Settings) -> None:
     """QuotaExceeded when the tenant already has as many queued and running jobs as allowed."""
     unfinished = session.scalar(select(func.count()).select_from(Job).where(
-        Job.tenant_id == tenant.id, Job.status.in_(("queued", "running")))) or 0
+        Job.tenant_id == tenant.id, Job.status.in_(UNFINISHED_STATUSES))) or 0
     if unfinished >= settings.max_concurrent_jobs:
         raise QuotaExceeded(f"{unfinished} jobs are queued or running, the limit per tenant is "
                             f"{settings.max_concurrent_jobs}; wait for one to finish or cancel one")

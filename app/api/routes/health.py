@@ -5,8 +5,10 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
 from app import metrics
-from app.core.db import get_engine
+from app.core.config import get_settings
+from app.core.db import get_engine, get_sessionmaker
 from app.queue import broker_reachable
+from app.services import workers
 from app.storage import get_store
 
 router = APIRouter(tags=["health"])
@@ -18,14 +20,21 @@ def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "not ready: the checks say what is missing"}})
 def readyz() -> JSONResponse:
-    """Database, broker and artifact store are reachable (503 naming what is not)."""
+    """Database, broker and artifact store reachable, and a live worker on the training queue
+    (503 naming what is not); `workers` counts the live workers per queue."""
     checks: dict[str, str] = {}
+    live: dict[str, int] = {}
     try:
         with get_engine().connect() as conn:
             conn.execute(text("SELECT 1"))
         checks["database"] = "ok"
+        with get_sessionmaker()() as session:
+            for worker in workers.live_workers(session):
+                live[worker.queue] = live.get(worker.queue, 0) + 1
+        queue = get_settings().train_queue
+        checks["workers"] = "ok" if live.get(queue) else f"no live worker on queue {queue!r}"
     except Exception as exc:
         checks["database"] = f"unreachable: {type(exc).__name__}"
     checks["broker"] = "ok" if broker_reachable() else "unreachable"
@@ -38,7 +47,7 @@ def readyz() -> JSONResponse:
     except OSError as exc:
         checks["store"] = f"not writable: {exc.strerror}"
     ready = all(v == "ok" for v in checks.values())
-    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
+    return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks, "workers": live},
                         status_code=200 if ready else 503)
 
 

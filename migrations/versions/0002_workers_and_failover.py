@@ -1,0 +1,47 @@
+"""worker heartbeats; jobs record their worker and the attempt their last message was for
+
+Revision ID: 0002
+Revises: 0001
+Create Date: 2026-11-28 17:00:00
+"""
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0002"
+down_revision = "0001"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "workers",
+        sa.Column("node", sa.String(length=200), nullable=False),
+        sa.Column("hostname", sa.String(length=200), nullable=False),
+        sa.Column("pid", sa.Integer(), nullable=False),
+        sa.Column("queue", sa.String(length=100), nullable=False),
+        sa.Column("kind", sa.String(length=8), nullable=False),
+        sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("last_seen_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("job_id", sa.String(length=40), nullable=True),
+        sa.Column("idle_since", sa.DateTime(timezone=True), nullable=True),
+        sa.PrimaryKeyConstraint("node"),
+    )
+    with op.batch_alter_table("workers", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_workers_queue"), ["queue"], unique=False)
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("worker_node", sa.String(length=200), nullable=True))
+        batch_op.add_column(sa.Column("enqueued_attempt", sa.Integer(), nullable=False, server_default="0"))
+        batch_op.add_column(sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("enqueued_at")
+        batch_op.drop_column("enqueued_attempt")
+        batch_op.drop_column("worker_node")
+    with op.batch_alter_table("workers", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_workers_queue"))
+    op.drop_table("workers")
