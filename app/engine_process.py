@@ -24,11 +24,13 @@ import multiprocessing
 import queue
 import secrets
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from app.core.config import get_settings
+from app.core.processes import exit_reason
 from app.errors import Invalid, without_paths
 from sbora_core.adapter_io import AdapterMismatchError
 from sbora_core.engine import (
@@ -205,14 +207,43 @@ def get_engine_process() -> EngineProcess:
     with _engine_lock:
         if _engine is None or not _engine.alive():
             if _engine is not None:
-                log.error("the generation engine process exited (code %s); starting a new one",
-                          _engine.process.exitcode)
+                log.error("the generation engine process (pid %s) %s; starting a new one", _engine.process.pid,
+                          exit_reason(_engine.process.exitcode))
                 _engine.close()
             settings = get_settings()
             _engine = EngineProcess(EngineLimits(settings.engine_max_batch_size, settings.engine_max_queue,
                                                  settings.adapter_cache_bytes, settings.resolved_torch_threads,
                                                  settings.model_cache))
         return _engine
+
+
+class EngineWatchdog(threading.Thread):
+    """Restarts an engine process that died, without waiting for the next request to notice; one
+    that keeps dying is restarted after 1, 2, 4 ... up to 30 s."""
+
+    def __init__(self, interval_s: float = 1.0) -> None:
+        super().__init__(daemon=True, name="engine-watchdog")
+        self.interval_s = interval_s
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        failures, last_start = 0, time.monotonic()
+        while not self.stop_event.wait(self.interval_s):
+            engine = _engine
+            if engine is None or engine.alive():
+                continue
+            failures = 0 if time.monotonic() - last_start >= 60 else failures + 1
+            if failures and self.stop_event.wait(min(30.0, 2.0 ** (failures - 1))):
+                return
+            try:
+                get_engine_process()
+            except Exception:  # could not even start: try again next round
+                log.exception("could not restart the generation engine process")
+            last_start = time.monotonic()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.join(timeout=5)
 
 
 def reset_engines() -> None:

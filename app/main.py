@@ -25,7 +25,7 @@ from app.api.routes import (
     openai_finetune,
 )
 from app.core.config import get_settings
-from app.engine_process import EngineStopped, reset_engines
+from app.engine_process import EngineStopped, EngineWatchdog, reset_engines
 from app.errors import Conflict, Invalid, NotFound, QuotaExceeded, TooLarge
 from app.migrate import upgrade_database
 from app.reconcile import Reconciler
@@ -40,7 +40,10 @@ async def lifespan(_: FastAPI):
     settings = get_settings()
     reconciler = Reconciler(settings.reconcile_interval_s)
     reconciler.start()
+    watchdog = EngineWatchdog()
+    watchdog.start()
     yield
+    watchdog.stop()
     reconciler.stop()
     reset_engines()
 

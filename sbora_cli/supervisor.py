@@ -14,19 +14,11 @@ import threading
 import time
 from collections.abc import Callable
 
+from app.core.processes import exit_reason
+
 log = logging.getLogger("sbora.supervisor")
 STABLE_S = 60.0
 MAX_BACKOFF_S = 30.0
-
-
-def exit_reason(code: int) -> str:
-    """`killed by SIGKILL`, or `exited with code 3`."""
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
 
 
 class Supervised(threading.Thread):

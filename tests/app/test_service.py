@@ -193,6 +193,11 @@ def test_generation_survives_a_crashed_engine_process(client, alice):
     caller.join(timeout=60)
     assert answers and answers[0].status_code == 503, answers and answers[0].text
     assert answers[0].headers["retry-after"] == "1" and "retry" in answers[0].json()["detail"]
+    # The watchdog starts a new engine process on its own, before any request asks for one.
+    import app.engine_process as engines
+
+    wait_for(lambda: engines._engine is not None and engines._engine.process.pid != engine.process.pid
+             and engines._engine.alive(), 30, 0.1, "the watchdog to start a new engine")
 
     after = client.post("/generate", headers=alice, json=body)
     assert after.status_code == 200, after.text

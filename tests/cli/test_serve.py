@@ -15,7 +15,8 @@ import httpx
 import psutil
 from stack import wait_for
 
-from sbora_cli.supervisor import Supervised, exit_reason
+from app.core.processes import exit_reason
+from sbora_cli.supervisor import Supervised
 
 
 def serve_env(tmp_path, tiny_model_dir) -> dict[str, str]:
