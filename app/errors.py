@@ -11,7 +11,19 @@ from typing import Any
 
 
 class NotFound(LookupError):
-    """No such object for this tenant (404)."""
+    """No such object for this tenant (404); `param` names the request field that named it, if any."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class Unsupported(ValueError):
+    """A request parameter this server does not implement (400), rather than silently ignored."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param, self.message = param, message
 
 
 class Invalid(ValueError):

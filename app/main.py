@@ -26,7 +26,7 @@ from app.api.routes import (
 )
 from app.core.config import get_settings
 from app.engine_process import EngineStopped, EngineWatchdog, reset_engines
-from app.errors import Conflict, Invalid, NotFound, QuotaExceeded, TooLarge
+from app.errors import Conflict, Invalid, NotFound, QuotaExceeded, TooLarge, Unsupported
 from app.migrate import upgrade_database
 from app.reconcile import Reconciler
 from app.web import install_dashboard
@@ -95,7 +95,11 @@ def create_app() -> FastAPI:
 
     @app.exception_handler(NotFound)
     async def not_found(request: Request, exc: NotFound) -> JSONResponse:
-        return error(request, 404, str(exc))
+        return error(request, 404, str(exc), param=exc.param)
+
+    @app.exception_handler(Unsupported)
+    async def unsupported(request: Request, exc: Unsupported) -> JSONResponse:
+        return error(request, 400, exc.message, param=exc.param)
 
     @app.exception_handler(Invalid)
     async def invalid(request: Request, exc: Invalid) -> JSONResponse:
@@ -137,7 +141,9 @@ def create_app() -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
-        first = ".".join(str(p) for p in errors[0]["loc"][1:]) if errors else None
+        # A body that is not JSON has no field to name (its loc holds a character position).
+        named = [e for e in errors if e["type"] != "json_invalid"]
+        first = ".".join(str(p) for p in named[0]["loc"][1:]) if named else None
         return error(request, 422, errors, param=first or None)
 
     return app

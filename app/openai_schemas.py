@@ -6,14 +6,33 @@ the service's own `MethodSpec`, so their defaults are sbora_core's.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas import ChatMessage, MethodSpec
+from app.schemas import MethodSpec
 
 
 # -- inference ---------------------------------------------------------------------------------
+class ContentPart(BaseModel):
+    """A part of a message's content; only text parts are served (others answer 400 naming them)."""
+
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(..., max_length=100)
+    text: str | None = Field(None, max_length=1_000_000)
+
+
+class OpenAIMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... are accepted and ignored
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[ContentPart] | None = Field(None, max_length=1_000_000)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
 class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (logit_bias, user, ...) are ignored
     model: str = Field(..., min_length=1, max_length=500)
@@ -22,19 +41,33 @@ class SamplingRequest(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
-    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    stream_options: StreamOptions | None = None
+    n: int = Field(1, ge=1, le=128, description="choices per prompt; only 1 is served (more answers 400)")
     ignore_eos: bool = Field(False, description="keep generating past the end-of-text token (as in vLLM)")
+    # Parameters this server does not implement: declared so that a request using them answers 400
+    # naming the parameter, instead of having it silently ignored.
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str = Field(..., max_length=1_000_000)
+    prompt: str | list[str] = Field(..., max_length=1_000_000)
     max_tokens: int = Field(16, ge=1)
+    logprobs: int | None = Field(None, ge=0, le=20, description="alternatives reported per token")
+    echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=128)
+    suffix: str | None = None
 
 
 class ChatCompletionRequest(SamplingRequest):
-    messages: list[ChatMessage] = Field(..., min_length=1, max_length=1000)
+    messages: list[OpenAIMessage] = Field(..., min_length=1, max_length=1000)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
 # -- fine-tuning -------------------------------------------------------------------------------

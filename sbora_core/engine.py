@@ -53,6 +53,16 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
+
+
+@dataclass
+class TokenLogprob:
+    """One generated token with its log-probability, and the most likely alternatives at its place."""
+
+    token: str
+    logprob: float
+    top: list[tuple[str, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -61,6 +71,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop", "length" or "cancelled"
+    logprobs: list[TokenLogprob] | None = None  # when the request asked for them
 
 
 class EventStream:
@@ -163,6 +174,7 @@ class _Row:
         self.handle = handle
         self.params = handle.params
         self.produced: list[int] = []
+        self.logprobs: list[TokenLogprob] | None = [] if self.params.logprobs is not None else None
         self.text = ""
         self.emitted = 0
         self.finish: str | None = None
@@ -207,7 +219,16 @@ class _Row:
         finish = reason or self.finish or "length"
         if len(self.text) > self.emitted and finish != "cancelled":
             self.handle.emit(self.text[self.emitted:])
-        self.handle.emit(Completion(self.text, len(self.handle.prompt_ids), len(self.produced), finish))
+        self.handle.emit(Completion(self.text, len(self.handle.prompt_ids), len(self.produced), finish,
+                                    self.logprobs))
+
+    def record_logprob(self, token: int, logprobs: torch.Tensor, tokenizer) -> None:
+        """Keep the log-probability of `token` (already in `produced`) and the top alternatives."""
+        assert self.logprobs is not None and self.params.logprobs is not None
+        top = logprobs.topk(self.params.logprobs) if self.params.logprobs else None
+        alternatives = [] if top is None else [(tokenizer.decode([int(t)]), float(v))
+                                               for v, t in zip(top.values, top.indices, strict=True)]
+        self.logprobs.append(TokenLogprob(tokenizer.decode([token]), float(logprobs[token]), alternatives))
 
 
 class Engine:
@@ -347,7 +368,10 @@ class Engine:
                     row.finish = "cancelled"
                     continue
                 token = greedy[i] if row.params.temperature <= 0 else row.sample(logits[i])
+                produced = len(row.produced)
                 row.push(token, self.tokenizer, self.eos)
+                if row.logprobs is not None and len(row.produced) > produced:  # a token kept, not EOS
+                    row.record_logprob(token, torch.log_softmax(logits[i].float(), dim=-1), self.tokenizer)
             self.stats["generated_tokens"] += len(rows)
             self.step_seconds = 0.9 * self.step_seconds + 0.1 * (time.perf_counter() - started)
             keep = [i for i, row in enumerate(rows) if row.finish is None]

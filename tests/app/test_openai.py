@@ -94,6 +94,92 @@ def test_full_queue_answers_429_with_retry_after(live, alice):
     assert limited and all(retry is not None and int(retry) >= 1 for retry in limited)
 
 
+# -- what current SDKs and agent frameworks send ---------------------------------------------
+def test_content_parts_the_developer_role_and_usage_in_streams(oai, adapter_id):
+    plain = oai.chat.completions.create(model=adapter_id, messages=MESSAGES, max_tokens=8, temperature=0)
+    parts = oai.chat.completions.create(model=adapter_id, max_tokens=8, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "Item 2: "}, {"type": "text", "text": "which colour?"}]}])
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    as_system = oai.chat.completions.create(model=adapter_id, max_tokens=8, temperature=0,
+                                            messages=[{"role": "system", "content": "Be brief."}, *MESSAGES])
+    as_developer = oai.chat.completions.create(model=adapter_id, max_tokens=8, temperature=0,
+                                               messages=[{"role": "developer", "content": "Be brief."}, *MESSAGES])
+    assert as_developer.choices[0].message.content == as_system.choices[0].message.content
+
+    chunks = list(oai.chat.completions.create(model=adapter_id, messages=MESSAGES, max_tokens=8, temperature=0,
+                                              stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    assert "".join(c.choices[0].delta.content or "" for c in chunks[:-1]) == plain.choices[0].message.content
+    streamed = list(oai.completions.create(model=TINY, prompt="The colour is", max_tokens=5, temperature=0,
+                                           stream=True, stream_options={"include_usage": True}))
+    assert streamed[-1].usage.completion_tokens > 0 and streamed[-1].choices == []
+
+
+def test_list_prompts_get_a_choice_each(oai):
+    prompts = ["The colour is", "Item 2: which"]
+    alone = [oai.completions.create(model=TINY, prompt=p, max_tokens=5, temperature=0).choices[0].text
+             for p in prompts]
+    together = oai.completions.create(model=TINY, prompt=prompts, max_tokens=5, temperature=0)
+    assert [c.index for c in together.choices] == [0, 1]
+    assert [c.text for c in together.choices] == alone
+    streamed = oai.completions.create(model=TINY, prompt=prompts, max_tokens=5, temperature=0, stream=True)
+    texts = ["", ""]
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+    assert texts == alone
+
+
+def test_logprobs_on_completions_and_chat(oai, adapter_id):
+    completion = oai.completions.create(model=TINY, prompt="The colour is", max_tokens=5, temperature=0, logprobs=2)
+    lp = completion.choices[0].logprobs
+    assert len(lp.tokens) == completion.usage.completion_tokens == len(lp.token_logprobs)
+    assert "".join(lp.tokens) == completion.choices[0].text
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert chosen <= 0 and len(top) == 2
+        assert chosen == pytest.approx(max(top.values()))  # greedy: the chosen token is the likeliest
+
+    chat = oai.chat.completions.create(model=adapter_id, messages=MESSAGES, max_tokens=6, temperature=0,
+                                       logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(t.top_logprobs) == 3 and t.logprob <= 0 and bytes(t.bytes).decode() == t.token for t in content)
+    without = oai.chat.completions.create(model=adapter_id, messages=MESSAGES, max_tokens=6, temperature=0)
+    assert without.choices[0].logprobs is None
+
+
+def test_parameters_the_server_does_not_implement_answer_400_naming_them(oai, adapter_id):
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}
+    for extra, param in (({"tools": [tool]}, "tools"), ({"response_format": {"type": "json_object"}}, "response_format"),
+                         ({"n": 2}, "n")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            oai.chat.completions.create(model=adapter_id, messages=MESSAGES, max_tokens=2, **extra)
+        assert refused.value.body["param"] == param, refused.value.body
+    with pytest.raises(openai.BadRequestError) as image:
+        oai.chat.completions.create(model=adapter_id, max_tokens=2, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}])
+    assert image.value.body["param"] == "messages[0].content[1].type" and "image_url" in image.value.message
+    # response_format text is what the server does anyway: accepted.
+    oai.chat.completions.create(model=adapter_id, messages=MESSAGES, max_tokens=2, response_format={"type": "text"})
+
+
+def test_errors_name_the_request_s_own_fields(oai, live, alice):
+    with pytest.raises(openai.UnprocessableEntityError) as too_long:
+        oai.chat.completions.create(model=TINY, messages=MESSAGES, max_tokens=10**6)
+    assert too_long.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.NotFoundError) as unknown:
+        oai.chat.completions.create(model="no-such-model", messages=MESSAGES)
+    assert unknown.value.body["param"] == "model"
+    broken = httpx.post(f"{live.url}/v1/chat/completions", content=b'{"model": "x", "messages": [',
+                        headers={**alice, "Content-Type": "application/json"})
+    assert broken.status_code == 422 and broken.json()["error"]["param"] is None
+
+
+def test_file_content_returns_the_upload(oai):
+    upload = oai.files.create(file=("c.jsonl", chat_lines(8, offset=300)), purpose="fine-tune")
+    assert oai.files.content(upload.id).read() == chat_lines(8, offset=300)
+
+
 # -- fine-tuning: files, jobs, events, checkpoints, cancel -------------------------------------
 def sbora_method(**hyperparameters) -> dict:
     return {"type": "sbora", "sbora": {"variant": "sbora_fb", "r": 4, "alpha": 8, "hyperparameters": {

@@ -2,17 +2,20 @@
 
 `model` is a base model id or one of the tenant's adapter ids; an adapter's
 `parent` in /v1/models is its base; a fine-tuned model name
-(`ft:<base>:<suffix>:<adapter id>`) names its adapter. Several adapters with disjoint index sets
-compose when joined with '+' (`ad_...+ad_...`).
+(`ft:<base>:<suffix>:<adapter id>`, or `...:ckpt-step-N` for a checkpoint) names
+its adapter. Several adapters with disjoint index sets compose when joined with
+'+' (`ad_...+ad_...`). Parameters the server does not implement answer 400
+naming them; errors name the request's own fields (`model`, `max_tokens`, ...).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
@@ -21,8 +24,13 @@ from fastapi.responses import StreamingResponse
 from app import catalog
 from app.api.deps import CurrentTenant, SessionDep
 from app.api.responses import ENGINE_RESTARTED
-from app.errors import NotFound
-from app.openai_schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from app.errors import Invalid, NotFound, Unsupported
+from app.openai_schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAIMessage,
+    SamplingRequest,
+)
 from app.services.adapters import get_adapter, list_adapters
 from app.services.fine_tuning import adapter_of_model
 from app.services.generation import (
@@ -32,22 +40,24 @@ from app.services.generation import (
     start_generation,
     stream_pieces,
 )
-from sbora_core.engine import Completion, SamplingParams
+from sbora_core.engine import Completion, SamplingParams, TokenLogprob
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
 def _unknown_model(model: str) -> NotFound:
-    return NotFound(f"model {model!r} is neither a base model nor one of your adapters")
+    return NotFound(f"model {model!r} is neither a base model nor one of your adapters", param="model")
 
 
 def _target(session, tenant, model: str) -> tuple[str, list]:
-    if model in catalog.offered():
-        return resolve_target(session, tenant, model, [])
     try:
+        if model in catalog.offered():
+            return resolve_target(session, tenant, model, [])
         return resolve_target(session, tenant, None, [adapter_of_model(m) for m in model.split("+")])
     except NotFound as exc:
         raise _unknown_model(model) from exc
+    except Invalid as exc:  # the adapters a `model` names do not go together
+        raise Invalid("model", exc.message.replace("adapter_id", "model")) from exc
 
 
 def _base_model_object(model: str) -> dict[str, Any]:
@@ -60,33 +70,132 @@ def _adapter_model_object(model: str, adapter, tenant) -> dict[str, Any]:
             "parent": adapter.base_model, "root": adapter.base_model}
 
 
-def _params(req: SamplingRequest, max_tokens: int) -> SamplingParams:
+def _refuse_unimplemented(req: SamplingRequest) -> None:
+    """400 naming the first parameter this server would otherwise have to ignore."""
+    for name in ("tools", "tool_choice", "functions", "function_call"):
+        if getattr(req, name):
+            raise Unsupported(name, f"{name}: tool and function calling is not supported by this server")
+    if req.response_format and req.response_format.get("type", "text") != "text":
+        raise Unsupported("response_format", "response_format: only {'type': 'text'} is supported")
+    if req.n != 1:
+        raise Unsupported("n", "n: one choice per prompt is supported; send the request again for another")
+
+
+def _params(req: SamplingRequest, max_tokens: int, logprobs: int | None) -> SamplingParams:
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
-    return SamplingParams(max_tokens, req.temperature, req.top_p, stop, req.seed, req.ignore_eos)
+    return SamplingParams(max_tokens, req.temperature, req.top_p, stop, req.seed, req.ignore_eos, logprobs)
+
+
+async def _start(model_id: str, adapters: list, prompt: str | None, messages: list[dict[str, str]] | None,
+                 params: SamplingParams, max_tokens_field: str) -> Generation:
+    """start_generation, with errors naming the OpenAI request's fields."""
+    try:
+        return await run_in_threadpool(start_generation, model_id, adapters, prompt, messages, params)
+    except Invalid as exc:
+        field = {"adapter_id": "model", "max_new_tokens": max_tokens_field}.get(exc.field, exc.field)
+        if field == "prompt" and messages is not None:
+            field = "messages"
+        raise Invalid(field, exc.message.replace(exc.field, field, 1), exc.errors) from exc
+
+
+def _chat_messages(messages: list[OpenAIMessage]) -> list[dict[str, str]]:
+    """OpenAI messages as the engine takes them: the developer role is a system turn, content parts
+    are joined when they are text, and anything else answers 400 naming it."""
+    out = []
+    for i, message in enumerate(messages):
+        if message.role in ("tool", "function"):
+            raise Unsupported(f"messages[{i}].role", f"messages[{i}].role: {message.role!r} messages need tool "
+                                                     "calling, which this server does not support")
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if part.type != "text" or part.text is None:
+                    raise Unsupported(f"messages[{i}].content[{j}].type",
+                                      f"messages[{i}].content[{j}]: only text parts are supported, not {part.type!r}")
+            content = "".join(part.text or "" for part in message.content)
+        else:
+            content = message.content or ""
+        out.append({"role": "system" if message.role == "developer" else message.role, "content": content})
+    return out
 
 
 def _finish(done: Completion) -> str:
     return "stop" if done.finish_reason == "stop" else "length"
 
 
-def _usage(done: Completion) -> dict[str, int]:
-    return {"prompt_tokens": done.prompt_tokens, "completion_tokens": done.completion_tokens,
-            "total_tokens": done.prompt_tokens + done.completion_tokens}
+def _usage(done: list[Completion]) -> dict[str, int]:
+    prompt, completion = sum(d.prompt_tokens for d in done), sum(d.completion_tokens for d in done)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _sse(generation: Generation, chunk: Callable[[str | None, str | None, bool], str]) -> StreamingResponse:
-    async def events():
-        first = True
+def _chat_logprobs(tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    if tokens is None:
+        return None
+
+    def entry(token: str, logprob: float) -> dict[str, Any]:
+        return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+    return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(a, lp) for a, lp in t.top]}
+                        for t in tokens], "refusal": None}
+
+
+def _completion_logprobs(tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    if tokens is None:
+        return None
+    offsets, at = [], 0
+    for t in tokens:
+        offsets.append(at)
+        at += len(t.token)
+    return {"tokens": [t.token for t in tokens], "token_logprobs": [t.logprob for t in tokens],
+            "top_logprobs": [dict(t.top) for t in tokens], "text_offset": offsets}
+
+
+async def _merged(generations: list[Generation]) -> AsyncIterator[tuple[int, str | Completion]]:
+    """The pieces of several generations as they come, each with its index."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
         try:
             async for item in stream_pieces(generation):
+                await queue.put((index, item))
+        except Exception as exc:
+            await queue.put((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(generations)]
+    try:
+        done = 0
+        while done < len(generations):
+            index, item = await queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, Completion):
+                done += 1
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _sse(generations: list[Generation], chunk: Callable[[int, str | None, str | None, bool], str],
+         usage_chunk: Callable[[list[Completion]], str] | None) -> StreamingResponse:
+    """Server-sent events: `chunk(index, text, finish, first)` per piece, then, when asked for
+    (stream_options.include_usage), `usage_chunk(completions)` with the usage, then [DONE]."""
+
+    async def events() -> AsyncIterator[str]:
+        first = [True] * len(generations)
+        completions: list[Completion] = []
+        try:
+            async for index, item in _merged(generations):
                 if isinstance(item, Completion):
-                    yield f"data: {chunk(None, _finish(item), first)}\n\n"
-                    break
-                yield f"data: {chunk(item, None, first)}\n\n"
-                first = False
+                    completions.append(item)
+                    yield f"data: {chunk(index, None, _finish(item), first[index])}\n\n"
+                    continue
+                yield f"data: {chunk(index, item, None, first[index])}\n\n"
+                first[index] = False
         except Exception as exc:  # the status line is sent already: report in the stream, as OpenAI does
             yield f"data: {json.dumps({'error': {'message': str(exc), 'type': 'server_error'}})}\n\n"
             return
+        if usage_chunk is not None:
+            yield f"data: {usage_chunk(completions)}\n\n"
         yield "data: [DONE]\n\n"
 
     return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -112,42 +221,66 @@ def retrieve_model(model: str, session: SessionDep, tenant: CurrentTenant) -> di
 
 @router.post("/completions", responses=ENGINE_RESTARTED)
 async def completions(req: CompletionRequest, session: SessionDep, tenant: CurrentTenant):
+    _refuse_unimplemented(req)
+    for name in ("echo", "best_of", "suffix"):
+        if getattr(req, name) not in (None, False, 1):
+            raise Unsupported(name, f"{name}: not supported by this server")
+    if req.stream and req.logprobs is not None:
+        raise Unsupported("logprobs", "logprobs: available without stream only")
+    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    if not prompts:
+        raise Invalid("prompt", "prompt: give a string or a non-empty list of strings")
     model_id, adapters = _target(session, tenant, req.model)
-    generation = await run_in_threadpool(start_generation, model_id, adapters, req.prompt, None,
-                                         _params(req, req.max_tokens))
+    params = _params(req, req.max_tokens, req.logprobs)
+    generations = [await _start(model_id, adapters, p, None, params, "max_tokens") for p in prompts]
     ident, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
 
-    def body(choice: dict[str, Any], obj: Literal["text_completion"] = "text_completion", **extra) -> dict:
-        return {"id": ident, "object": obj, "created": created, "model": req.model, "choices": [choice], **extra}
+    def body(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": ident, "object": "text_completion", "created": created, "model": req.model,
+                "choices": choices, **extra}
 
     if req.stream:
-        def chunk(text: str | None, finish: str | None, _first: bool) -> str:
-            return json.dumps(body({"text": text or "", "index": 0, "logprobs": None, "finish_reason": finish}))
+        def chunk(index: int, text: str | None, finish: str | None, _first: bool) -> str:
+            return json.dumps(body([{"text": text or "", "index": index, "logprobs": None, "finish_reason": finish}]))
 
-        return _sse(generation, chunk)
-    done = await complete(generation)
-    return body({"text": done.text, "index": 0, "logprobs": None, "finish_reason": _finish(done)}, usage=_usage(done))
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        return _sse(generations, chunk,
+                    (lambda done: json.dumps(body([], usage=_usage(done)))) if include_usage else None)
+    done = [await complete(g) for g in generations]
+    return body([{"text": d.text, "index": i, "logprobs": _completion_logprobs(d.logprobs), "finish_reason": _finish(d)}
+                 for i, d in enumerate(done)], usage=_usage(done))
 
 
 @router.post("/chat/completions", responses=ENGINE_RESTARTED)
 async def chat_completions(req: ChatCompletionRequest, session: SessionDep, tenant: CurrentTenant):
+    _refuse_unimplemented(req)
+    if req.stream and req.logprobs:
+        raise Unsupported("logprobs", "logprobs: available without stream only")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise Invalid("top_logprobs", "top_logprobs: needs logprobs: true")
+    messages = _chat_messages(req.messages)
     model_id, adapters = _target(session, tenant, req.model)
     max_tokens = req.max_completion_tokens or req.max_tokens or 256
-    messages = [m.model_dump() for m in req.messages]
-    generation = await run_in_threadpool(start_generation, model_id, adapters, None, messages,
-                                         _params(req, max_tokens))
+    field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
+    params = _params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+    generation = await _start(model_id, adapters, None, messages, params, field)
     ident, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+
+    def body(obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+        return {"id": ident, "object": obj, "created": created, "model": req.model, "choices": choices, **extra}
+
     if req.stream:
-        def chunk(text: str | None, finish: str | None, first: bool) -> str:
+        def chunk(index: int, text: str | None, finish: str | None, first: bool) -> str:
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if text is not None:
                 delta["content"] = text
-            return json.dumps({"id": ident, "object": "chat.completion.chunk", "created": created, "model": req.model,
-                               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+            return json.dumps(body("chat.completion.chunk", [{"index": index, "delta": delta, "finish_reason": finish}]))
 
-        return _sse(generation, chunk)
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
+        return _sse([generation], chunk,
+                    (lambda done: json.dumps(body("chat.completion.chunk", [], usage=_usage(done))))
+                    if include_usage else None)
     done = await complete(generation)
-    return {"id": ident, "object": "chat.completion", "created": created, "model": req.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": done.text},
-                         "finish_reason": _finish(done)}],
-            "usage": _usage(done)}
+    return body("chat.completion", [{"index": 0, "message": {"role": "assistant", "content": done.text},
+                                     "logprobs": _chat_logprobs(done.logprobs), "finish_reason": _finish(done)}],
+                usage=_usage([done]))

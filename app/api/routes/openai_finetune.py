@@ -17,6 +17,7 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Query, UploadFile
+from fastapi.responses import FileResponse
 
 from app.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from app.errors import Invalid
@@ -56,6 +57,15 @@ def get_file(file_id: str, session: SessionDep, tenant: CurrentTenant) -> dict[s
     return file_object(datasets.get_dataset(session, tenant, file_id))
 
 
+@router.get("/files/{file_id}/content", response_class=FileResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def file_content(file_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> FileResponse:
+    """The file's bytes, as uploaded."""
+    dataset = datasets.get_dataset(session, tenant, file_id)
+    return FileResponse(store.local_path(dataset.storage_key), media_type="application/octet-stream",
+                        filename=dataset.filename)
+
+
 @router.delete("/files/{file_id}")
 def delete_file(file_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> dict[str, Any]:
     datasets.delete_dataset(session, tenant, file_id, store)
@@ -71,7 +81,9 @@ def job_object(job: Job) -> dict[str, Any]:
         "id": job.id, "object": "fine_tuning.job", "created_at": int(job.created_at.timestamp()),
         "finished_at": int(job.finished_at.timestamp()) if job.finished_at else None,
         "model": job.base_model, "fine_tuned_model": fine_tuned_model(job), "organization_id": job.tenant_id,
-        "status": job.status, "training_file": job.train_dataset_id, "validation_file": job.val_dataset_id,
+        # OpenAI's job has no `cancelling`: a job that is stopping still runs.
+        "status": "running" if job.status == "cancelling" else job.status,
+        "training_file": job.train_dataset_id, "validation_file": job.val_dataset_id,
         "hyperparameters": {"n_epochs": hp.get("epochs"), "batch_size": hp.get("batch_size"),
                             "learning_rate_multiplier": hp.get("learning_rate", 0) / DEFAULT_LEARNING_RATE},
         "method": {"type": "sbora", "sbora": {**job.method, "quantization": job.quantization, "hyperparameters": hp}},
