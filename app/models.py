@@ -158,3 +158,4 @@ class Adapter(Timestamps, Base):
     weights_sha256: Mapped[str] = mapped_column(String(64))  # of adapter_model.safetensors, checked on load
     storage_key: Mapped[str] = mapped_column(String(255))  # folder holding the adapter files
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    checkpoint_step: Mapped[int | None] = mapped_column(Integer, default=None)  # a job's checkpoint, servable

@@ -191,6 +191,7 @@ class AdapterPublic(BaseModel):
     size_bytes: int
     sha256: str
     metrics: dict[str, Any]
+    checkpoint_step: int | None = Field(None, description="set on a job's checkpoint, registered while it trained")
     created_at: datetime
     updated_at: datetime
 

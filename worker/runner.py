@@ -29,7 +29,7 @@ from app.core.db import session_scope
 from app.errors import without_paths
 from app.models import LEASED_STATUSES, Dataset, Job, utcnow
 from app.services import workers
-from app.services.adapters import register_adapter
+from app.services.adapters import register_adapter, register_checkpoint
 from app.services.jobs import add_event
 from app.storage import LocalArtifactStore, get_store
 from sbora_core.adapter_io import AdapterFormatError
@@ -127,9 +127,10 @@ class Heartbeat(threading.Thread):
 class DatabaseCallbacks(Callbacks):
     """sbora_core.train callbacks that record progress and events on the job row."""
 
-    def __init__(self, job_id: str, heartbeat: Heartbeat) -> None:
+    def __init__(self, job_id: str, heartbeat: Heartbeat, store: LocalArtifactStore) -> None:
         self.job_id = job_id
         self.heartbeat = heartbeat
+        self.store = store
         self.pending: list[tuple[str, str, dict[str, Any]]] = []
         self.progress: dict[str, Any] | None = None
         self.last_write = 0.0
@@ -158,8 +159,18 @@ class DatabaseCallbacks(Callbacks):
                              {"step": step, **metrics}))
         self._flush(force=True)
 
-    def on_checkpoint(self, step: int, path) -> None:
-        self.pending.append(("checkpoint", f"checkpoint at step {step}", {"step": step}))
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        """Record the checkpoint and register it as an adapter, servable as `ft:...:ckpt-step-N`."""
+        loss = self.progress.get("loss") if self.progress and self.progress.get("step") == step else None
+        with session_scope() as session:
+            job = session.get(Job, self.job_id)
+            assert job is not None
+            keep = int(job.hyperparameters.get("keep_checkpoints", 2))
+            stale = register_checkpoint(session, job, step, path, self.store, keep,
+                                        {"step": step, "train_loss": loss})
+        for key in stale:
+            self.store.delete(key)
+        self.pending.append(("checkpoint", f"checkpoint at step {step}", {"step": step, "train_loss": loss}))
         self._flush(force=True)
 
     def on_log(self, message: str) -> None:
@@ -240,7 +251,7 @@ def run_job(job_id: str, node: str = "") -> str | None:
 def _run_claimed(job_id: str, owner: str, settings: Settings, store: LocalArtifactStore) -> str | None:
     heartbeat = Heartbeat(job_id, owner, settings.job_lease_s)
     heartbeat.start()
-    callbacks = DatabaseCallbacks(job_id, heartbeat)
+    callbacks = DatabaseCallbacks(job_id, heartbeat, store)
     callbacks.on_log(f"{torch.get_num_threads()} torch threads at nice {os.getpriority(os.PRIO_PROCESS, 0)}")
     output_dir = store.local_path(f"jobs/{job_id}")
     try:

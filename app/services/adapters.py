@@ -23,8 +23,11 @@ _ARCHIVES: dict[str, str] = {"sparse": "sparse.zip", "peft": "peft.zip"}
 
 
 def list_adapters(session: Session, tenant: Tenant, base_model: str | None, limit: int,
-                  offset: int) -> tuple[list[Adapter], int]:
+                  offset: int, checkpoints: bool = False) -> tuple[list[Adapter], int]:
+    """The tenant's adapters, newest first; a job's checkpoints only with `checkpoints`."""
     query = select(Adapter).where(Adapter.tenant_id == tenant.id)
+    if not checkpoints:
+        query = query.where(Adapter.checkpoint_step.is_(None))
     if base_model:
         query = query.where(Adapter.base_model == base_model)
     return page(session, query.order_by(Adapter.created_at.desc()), limit, offset)
@@ -53,17 +56,20 @@ def adapter_update_map(adapter: Adapter, store: LocalArtifactStore) -> UpdateMap
 
 
 def _zip_dir(source: Path, target: Path) -> None:
+    """The adapter's two files (a checkpoint's folder also holds the trainer's state: left out)."""
     # Fixed timestamps and order: the same adapter always gives the same archive bytes (stable ETag).
     with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as zipped:
         for path in sorted(source.iterdir()):
-            if path.is_file():
+            if path.name in (CONFIG_FILE, WEIGHTS_FILE):
                 info = zipfile.ZipInfo(path.name, date_time=(2020, 1, 1, 0, 0, 0))
                 info.compress_type = zipfile.ZIP_DEFLATED
                 zipped.writestr(info, path.read_bytes())
 
 
-def register_adapter(session: Session, job: Job, adapter_dir: Path, store: LocalArtifactStore) -> Adapter:
-    """Copy a trained adapter into the registry with its two download archives (sparse, PEFT)."""
+def register_adapter(session: Session, job: Job, adapter_dir: Path, store: LocalArtifactStore,
+                     checkpoint_step: int | None = None, metrics: dict | None = None) -> Adapter:
+    """Copy a trained adapter (or a job's checkpoint) into the registry with its two download
+    archives (sparse, PEFT)."""
     adapter = load_adapter(adapter_dir)
     adapter_id = new_id("ad")
     prefix = f"adapters/{adapter_id}"
@@ -83,7 +89,31 @@ def register_adapter(session: Session, job: Job, adapter_dir: Path, store: Local
         target_modules=sorted({n.split(".")[-1] for n in adapter.modules}),
         trainable_params=adapter.trainable_params(), size_bytes=sparse.size, sha256=sparse.sha256,
         weights_sha256=sha256_file(adapter_dir / WEIGHTS_FILE), storage_key=prefix,
-        metrics=dict(adapter.metadata.get("metrics", {})),
+        metrics=metrics if metrics is not None else dict(adapter.metadata.get("metrics", {})),
+        checkpoint_step=checkpoint_step,
     )
     session.add(row)
     return row
+
+
+def register_checkpoint(session: Session, job: Job, step: int, checkpoint_dir: Path, store: LocalArtifactStore,
+                        keep: int, metrics: dict) -> list[str]:
+    """A job's checkpoint as a servable adapter (`ft:...:ckpt-step-N`); the job keeps its `keep` newest.
+
+    A resumed job may write a step again: that step's earlier registration is replaced. Returns
+    the storage keys of the registrations dropped, to delete once the session has committed.
+    """
+    older = list(session.scalars(select(Adapter).where(Adapter.job_id == job.id, Adapter.checkpoint_step.is_not(None))
+                                 .order_by(Adapter.checkpoint_step.desc())))
+    register_adapter(session, job, checkpoint_dir, store, checkpoint_step=step, metrics=metrics)
+    kept = [a for a in older if a.checkpoint_step != step][: max(0, keep - 1)]
+    dropped = [a for a in older if a not in kept]
+    for stale in dropped:
+        session.delete(stale)
+    return [stale.storage_key for stale in dropped]
+
+
+def checkpoints_of(session: Session, job: Job) -> list[Adapter]:
+    """The job's registered checkpoints, newest first."""
+    return list(session.scalars(select(Adapter).where(Adapter.job_id == job.id, Adapter.checkpoint_step.is_not(None))
+                                .order_by(Adapter.checkpoint_step.desc())))

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.errors import Invalid
-from app.models import Job, Tenant
+from app.models import Adapter, Job, Tenant
 from app.openai_schemas import FineTuningJobCreate, OpenAIHyperparameters
 from app.schemas import HyperparametersSpec, JobCreate, MethodSpec
 from app.services import jobs
@@ -77,6 +77,15 @@ def fine_tuned_model(job: Job) -> str | None:
     return f"ft:{job.base_model}:{job.name or ''}:{job.adapter_id}" if job.adapter_id else None
 
 
+def checkpoint_model(job: Job, adapter: Adapter) -> str:
+    """A checkpoint's model name, as OpenAI spells them: the fine-tuned name plus `:ckpt-step-N`."""
+    return f"ft:{job.base_model}:{job.name or ''}:{adapter.id}:ckpt-step-{adapter.checkpoint_step}"
+
+
 def adapter_of_model(model: str) -> str:
-    """The adapter id in a fine-tuned model name (`ft:<base>:<suffix>:<adapter id>`), else the name itself."""
-    return model.rsplit(":", 1)[-1] if model.startswith("ft:") else model
+    """The adapter id a model name names: `ft:<base>:<suffix>:<adapter id>`, with `:ckpt-step-N` for
+    a checkpoint, or an adapter id itself."""
+    if not model.startswith("ft:"):
+        return model
+    parts = model.split(":")
+    return parts[-2] if parts[-1].startswith("ckpt-step-") and len(parts) > 2 else parts[-1]

@@ -1,4 +1,5 @@
-"""worker heartbeats; jobs record their worker and the attempt their last message was for
+"""worker heartbeats; jobs record their worker and the attempt their last message was for; checkpoints
+registered as adapters
 
 Revision ID: 0002
 Revises: 0001
@@ -35,9 +36,13 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("worker_node", sa.String(length=200), nullable=True))
         batch_op.add_column(sa.Column("enqueued_attempt", sa.Integer(), nullable=False, server_default="0"))
         batch_op.add_column(sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=True))
+    with op.batch_alter_table("adapters", schema=None) as batch_op:
+        batch_op.add_column(sa.Column("checkpoint_step", sa.Integer(), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("adapters", schema=None) as batch_op:
+        batch_op.drop_column("checkpoint_step")
     with op.batch_alter_table("jobs", schema=None) as batch_op:
         batch_op.drop_column("enqueued_at")
         batch_op.drop_column("enqueued_attempt")

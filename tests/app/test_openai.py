@@ -211,8 +211,18 @@ def test_fine_tuning_flow_ends_in_a_model_chat_can_use(oai, client, alice):
     assert oai.fine_tuning.jobs.list_events(job.id, limit=1, after=first_page.data[0].id).data[0].id == first_page.data[1].id
 
     checkpoints = oai.fine_tuning.jobs.checkpoints.list(job.id).data
-    assert sorted(c.step_number for c in checkpoints) == [2, 4]
+    assert [c.step_number for c in checkpoints] == [4, 2]  # newest first
     assert all(c.fine_tuning_job_id == job.id and c.metrics.train_loss is not None for c in checkpoints)
+    # A checkpoint is a model: chat with it by its name, and it is not the final adapter.
+    first = checkpoints[-1].fine_tuned_model_checkpoint
+    assert first.startswith(f"ft:{TINY}:colours:") and first.endswith(":ckpt-step-2")
+    early = oai.chat.completions.create(model=first, messages=MESSAGES, max_tokens=6, temperature=0)
+    assert early.model == first and early.choices[0].message.content is not None
+    assert oai.models.retrieve(first).id == first
+    registered = client.get("/adapters", headers=alice, params={"checkpoints": True, "limit": 200}).json()["data"]
+    steps = sorted(a["checkpoint_step"] for a in registered if a["job_id"] == job.id and a["checkpoint_step"])
+    assert steps == [2, 4]
+    assert all(a["checkpoint_step"] is None for a in client.get("/adapters", headers=alice).json()["data"])
 
     assert oai.models.retrieve(done.fine_tuned_model).model_extra["parent"] == TINY
     assert oai.models.retrieve(TINY).id == TINY

@@ -23,8 +23,11 @@ class ArchiveResponse(FileResponse):
 def list_adapters(session: SessionDep, tenant: CurrentTenant,
                   base_model: Annotated[str | None, Query(max_length=500)] = None,
                   limit: Annotated[int, Query(ge=1, le=200)] = 50,
-                  offset: Annotated[int, Query(ge=0, le=10**9)] = 0) -> Page[AdapterPublic]:
-    rows, total = registry.list_adapters(session, tenant, base_model, limit, offset)
+                  offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
+                  checkpoints: Annotated[bool, Query(description="include jobs' registered checkpoints")] = False,
+                  ) -> Page[AdapterPublic]:
+    """The registry, newest first: trained adapters, and with `checkpoints=true` jobs' checkpoints too."""
+    rows, total = registry.list_adapters(session, tenant, base_model, limit, offset, checkpoints)
     return Page(data=[AdapterPublic.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
 
 

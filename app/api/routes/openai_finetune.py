@@ -24,8 +24,8 @@ from app.errors import Invalid
 from app.models import Dataset, Job
 from app.openai_schemas import FineTuningJobCreate
 from app.queue import enqueue_job
-from app.services import datasets, fine_tuning, jobs
-from app.services.fine_tuning import DEFAULT_LEARNING_RATE, fine_tuned_model
+from app.services import adapters, datasets, fine_tuning, jobs
+from app.services.fine_tuning import DEFAULT_LEARNING_RATE, checkpoint_model, fine_tuned_model
 
 router = APIRouter(prefix="/v1", tags=["openai fine-tuning"])
 
@@ -153,15 +153,14 @@ def list_fine_tuning_events(job_id: str, session: SessionDep, tenant: CurrentTen
 def list_fine_tuning_checkpoints(job_id: str, session: SessionDep, tenant: CurrentTenant,
                                  after: str | None = Query(None, max_length=64),
                                  limit: Annotated[int, Query(ge=1, le=100)] = 10) -> dict[str, Any]:
-    """Resume points the worker saved (the newest few are kept on disk); only the final adapter is served."""
+    """The job's newest checkpoints (hyperparameters.keep_checkpoints of them), newest first; each
+    is servable: its `fine_tuned_model_checkpoint` works as `model` in chat and completions."""
     job = jobs.get_job(session, tenant, job_id)
-    losses = {e.data.get("step"): e.data.get("loss") for e in _all_events(session, tenant, job_id, "metric")}
-    checkpoints = _all_events(session, tenant, job_id, "checkpoint")
-    rest = _after(checkpoints, after, lambda e: f"ftckpt-{e.id}")
-    data = [{"id": f"ftckpt-{e.id}", "object": "fine_tuning.job.checkpoint", "created_at": int(e.created_at.timestamp()),
-             "fine_tuned_model_checkpoint": f"{job.id}:step-{e.data.get('step')}", "fine_tuning_job_id": job.id,
-             "step_number": e.data.get("step"), "metrics": {"step": e.data.get("step"),
-                                                             "train_loss": losses.get(e.data.get("step"))}}
-            for e in rest[:limit]]
+    rest = _after(adapters.checkpoints_of(session, job), after, lambda a: f"ftckpt-{a.id}")
+    data = [{"id": f"ftckpt-{a.id}", "object": "fine_tuning.job.checkpoint", "created_at": int(a.created_at.timestamp()),
+             "fine_tuned_model_checkpoint": checkpoint_model(job, a), "fine_tuning_job_id": job.id,
+             "step_number": a.checkpoint_step, "metrics": {"step": a.checkpoint_step,
+                                                            "train_loss": a.metrics.get("train_loss")}}
+            for a in rest[:limit]]
     return {"object": "list", "data": data, "has_more": len(rest) > limit,
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}
