@@ -119,7 +119,7 @@ class Worker(Base):
     """A training worker's heartbeat: written every few seconds by the worker's main process."""
 
     __tablename__ = "workers"
-    node: Mapped[str] = mapped_column(String(200), primary_key=True)  # Celery node name, e.g. cpu@host
+    node: Mapped[str] = mapped_column(String(200), primary_key=True)  # Celery node name#pid: cpu@host#4242
     hostname: Mapped[str] = mapped_column(String(200))
     pid: Mapped[int] = mapped_column(Integer)
     queue: Mapped[str] = mapped_column(String(100), index=True)

@@ -85,6 +85,7 @@ def reconcile_once(settings: Settings | None = None) -> list[str]:
                               "its worker stopped; the next one resumes from the last checkpoint"))
         # A worker idle this long would have taken any message waiting on its queue.
         stale = timedelta(seconds=settings.queued_stale_s)
+        workers.forget_long_dead(session, now)
         idle_long = any(w.queue == settings.train_queue and w.idle_since is not None and now - w.idle_since >= stale
                         for w in workers.live_workers(session, now))
         queued = session.scalars(select(Job).where(Job.status == "queued", Job.cancel_requested.is_(False)))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
-from sqlalchemy import CursorResult, Update, update
+from sqlalchemy import CursorResult, Update, select, update
 from sqlalchemy.orm import Session
 
 from app import catalog
@@ -28,6 +28,7 @@ from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.errors import without_paths
 from app.models import LEASED_STATUSES, Dataset, Job, utcnow
+from app.queue import enqueue_job
 from app.services import workers
 from app.services.adapters import register_adapter, register_checkpoint
 from app.services.jobs import add_event
@@ -228,16 +229,33 @@ def build_train_job(job: Job, train_path: str, val_path: str | None, output_dir:
                     hyperparameters=Hyperparameters(**job.hyperparameters), quantization=job.quantization)
 
 
+def orphaned_job(exclude: str) -> str | None:
+    """A running job whose holder is dead (the oldest), other than `exclude`."""
+    now = utcnow()
+    with session_scope() as session:
+        running = session.scalars(select(Job).where(Job.status == "running", Job.id != exclude,
+                                                    Job.cancel_requested.is_(False)).order_by(Job.updated_at))
+        return next((job.id for job in running if workers.holder_dead(session, job, now)), None)
+
+
 def run_job(job_id: str, node: str = "") -> str | None:
     """Run the job if this worker (Celery node `node`) can claim it; returns its final status, or
-    None if not claimed."""
+    None if not claimed.
+
+    A dead worker's job goes first: its message sits behind every queued job, but it was admitted
+    long ago and has work to lose. So before taking `job_id`, a worker takes over any orphaned
+    job, and sends `job_id`'s message back for another worker."""
     settings, store = get_settings(), get_store()
     catalog.use_model_cache()
     torch.set_num_threads(settings.resolved_torch_threads)
     if os.getpriority(os.PRIO_PROCESS, 0) < settings.worker_nice:  # only ever lower our priority
         os.setpriority(os.PRIO_PROCESS, 0, settings.worker_nice)
     owner = worker_name()
-    if not claim(job_id, owner, node, settings.job_lease_s):
+    orphan = orphaned_job(exclude=job_id)
+    if orphan is not None and claim(orphan, owner, node, settings.job_lease_s):
+        _send_back(job_id, orphan)
+        job_id = orphan
+    elif not claim(job_id, owner, node, settings.job_lease_s):
         _cancel_if_requested(job_id)
         return None
     try:
@@ -305,6 +323,16 @@ def _train_job_of(job_id: str, store: LocalArtifactStore, output_dir: Path) -> T
             paths.append(str(store.local_path(dataset.storage_key)) if dataset else None)
         assert paths[0] is not None
         return build_train_job(job, paths[0], paths[1], str(output_dir))
+
+
+def _send_back(job_id: str, taken_instead: str) -> None:
+    """Put a queued job's message back on the broker: this worker took over `taken_instead`."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != "queued":
+            return
+    if enqueue_job(job_id):
+        log.info("sent %s back to the queue; resuming the orphaned %s first", job_id, taken_instead)
 
 
 def _cancel_if_requested(job_id: str) -> None:

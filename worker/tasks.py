@@ -7,6 +7,7 @@ Start a worker with `celery -A worker.tasks worker` (`sbora worker` does).
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 import sys
 from typing import Any
@@ -17,6 +18,7 @@ from app import logs
 from app.core.config import get_settings
 from app.core.db import get_engine
 from app.queue import TRAIN_TASK, get_celery
+from app.services.workers import incarnation
 from worker.heartbeat import WorkerHeartbeat
 from worker.runner import run_job, worker_kind
 
@@ -35,8 +37,8 @@ def _structured_logs(**_: Any) -> None:
 def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     global _heartbeat
     queues = [q.name for q in sender.task_consumer.queues] if sender is not None else []
-    _heartbeat = WorkerHeartbeat(sender.hostname, queues[0] if queues else get_settings().train_queue,
-                                 worker_kind())
+    _heartbeat = WorkerHeartbeat(incarnation(sender.hostname, os.getpid()),
+                                 queues[0] if queues else get_settings().train_queue, worker_kind())
     _heartbeat.start()
 
 
@@ -61,6 +63,7 @@ def _new_pool_process(**_: Any) -> None:
 def train_job(self: Any, job_id: str) -> None:
     token = logs.job_id.set(job_id)  # every log line of this run carries the job id
     try:
-        run_job(job_id, node=self.request.hostname or "")
+        # This pool process's worker is its parent: the incarnation whose heartbeat vouches for it.
+        run_job(job_id, node=incarnation(self.request.hostname or "", os.getppid()))
     finally:
         logs.job_id.reset(token)

@@ -19,6 +19,13 @@ from app.core.config import get_settings
 from app.models import Job, Worker, utcnow
 
 DEAD_AFTER_BEATS = 3
+FORGET_AFTER = timedelta(days=1)  # rows of workers that died without saying goodbye
+
+
+def incarnation(node: str, pid: int) -> str:
+    """A worker process's key: its Celery node name and its pid. A worker restarted under the same
+    name is a new incarnation, so its heartbeats never vouch for the jobs the dead one held."""
+    return f"{node}#{pid}"
 
 
 def dead_after() -> timedelta:
@@ -45,6 +52,10 @@ def set_job(session: Session, node: str, job_id: str | None) -> None:
 def forget(session: Session, node: str) -> None:
     """A worker that shuts down cleanly takes its row with it."""
     session.execute(delete(Worker).where(Worker.node == node))
+
+
+def forget_long_dead(session: Session, now: datetime) -> None:
+    session.execute(delete(Worker).where(Worker.last_seen_at < now - FORGET_AFTER))
 
 
 def live_workers(session: Session, now: datetime | None = None) -> list[Worker]:

@@ -79,11 +79,12 @@ def factors(client, headers, adapter_id):
 
 
 def live_nodes() -> set[str]:
+    """Live workers by their Celery node name (`w0@host`; the rows add `#pid`)."""
     from app.core.db import session_scope
     from app.services.workers import live_workers
 
     with session_scope() as session:
-        return {w.node for w in live_workers(session)}
+        return {w.node.split("#")[0] for w in live_workers(session)}
 
 
 def node_of(index: int) -> str:
