@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sbora_core.adapter import SparseAdapter
 from sbora_core.adapter_io import WEIGHTS_FILE, AdapterMismatchError, load_adapter
@@ -31,6 +32,10 @@ from sbora_core.files import sha256_file
 from sbora_core.merge import RegionCache, check_disjoint, merge_adapters
 from sbora_core.models import BaseModel
 from sbora_core.row_adapters import RowAdapterHooks, build_banks
+
+# The KV cache's name in a forward's arguments and outputs: `cache` in recent transformers 5.x,
+# `past_key_values` before (an older name now a deprecated alias).
+CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
 class QueueFull(RuntimeError):
@@ -359,8 +364,9 @@ class Engine:
         cache = None
         while rows:
             started = time.perf_counter()
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True)
-            cache = out.cache
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                             **{CACHE_FIELD: cache})
+            cache = getattr(out, CACHE_FIELD)
             logits = out.logits[:, -1]  # (B, V)
             greedy = logits.argmax(-1).tolist()
             for i, row in enumerate(rows):
