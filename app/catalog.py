@@ -65,6 +65,13 @@ def tokenizer(model_id: str) -> Any:
     return AutoTokenizer.from_pretrained(prepare(model_id))
 
 
+def target_shapes(model_id: str, method: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """(d_out, d_in) of every layer `method` adapts on the model (read from its config, no weights)."""
+    use_model_cache()
+    layers = check_config(models.meta_model(source_of(model_id)), SBoRAConfig(**method))
+    return {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
+
+
 def check_method(model_id: str, method: dict[str, Any]) -> None:
     """ConfigError naming the field when the adapter does not fit the model (rank, targets)."""
     use_model_cache()

@@ -72,6 +72,7 @@ class AdapterRef:
     id: str
     path: str
     weights_sha256: str | None
+    weight: float = 1.0  # its update is multiplied by this (composition with per-adapter weights)
 
 
 class RemoteRequest(EventStream):
@@ -345,7 +346,7 @@ def _submit(engine, adapters: list[AdapterRef], prompt: str | None,
     if len(ids) + params.max_new_tokens > context:
         raise RequestRejected("prompt", f"prompt: {len(ids)} tokens + max_new_tokens {params.max_new_tokens} "
                                         f"exceed the model's context of {context} tokens")
-    loaded = [engine.adapter(a.id, Path(a.path), a.weights_sha256) for a in adapters]
+    loaded = [engine.weighted(engine.adapter(a.id, Path(a.path), a.weights_sha256), a.weight) for a in adapters]
     try:
         return engine.submit(ids, loaded, params)
     except ValueError as exc:  # adapters whose index sets overlap

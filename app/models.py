@@ -15,6 +15,7 @@ from sqlalchemy import (
     Integer,
     String,
     Text,
+    UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -128,6 +129,36 @@ class Worker(Base):
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     job_id: Mapped[str | None] = mapped_column(String(40), default=None)  # what it runs now
     idle_since: Mapped[datetime | None] = mapped_column(default=utcnow)  # None while it runs a job
+
+
+class AdapterGroup(Timestamps, Base):
+    """Adapters of one tenant, base model and variant whose index sets are disjoint by construction:
+    every member takes its own slot, a block of r indices of each layer's permutation (drawn from the
+    group's index seed), so any subset of members composes exactly."""
+
+    __tablename__ = "adapter_groups"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("grp"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(200))
+    base_model: Mapped[str] = mapped_column(String(500))
+    variant: Mapped[str] = mapped_column(String(16))
+    r: Mapped[int] = mapped_column(Integer)
+    target_modules: Mapped[list[Any]] = mapped_column(default=list)  # ["all-linear"] for every linear layer
+    index_seed: Mapped[int] = mapped_column(Integer)
+
+
+class GroupSlot(Base):
+    """A slot of a group, held by a job while it is queued or running, then by its adapter."""
+
+    __tablename__ = "group_slots"
+    __table_args__ = (UniqueConstraint("group_id", "slot"),)  # two jobs never get one slot
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    group_id: Mapped[str] = mapped_column(ForeignKey("adapter_groups.id"), index=True)
+    slot: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[str] = mapped_column(String(40), unique=True)
+    adapter_id: Mapped[str | None] = mapped_column(String(40), default=None, index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class JobEvent(Base):

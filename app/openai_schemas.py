@@ -89,6 +89,7 @@ class SBoRAHyperparameters(OpenAIHyperparameters):
 
 class SBoRASettings(MethodSpec):
     quantization: Literal["none", "nf4", "int8"] = "none"
+    group: str | None = Field(None, max_length=64, description="an adapter group id (see POST /groups)")
     hyperparameters: SBoRAHyperparameters = Field(default_factory=SBoRAHyperparameters)
 
 

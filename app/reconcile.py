@@ -32,7 +32,7 @@ from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.models import LEASED_STATUSES, Job, utcnow
 from app.queue import enqueue_job
-from app.services import workers
+from app.services import groups, workers
 from app.services.jobs import add_event
 
 log = logging.getLogger(__name__)
@@ -78,6 +78,7 @@ def reconcile_once(settings: Settings | None = None) -> list[str]:
                 continue
             if job.status == "cancelling":
                 job.status, job.finished_at, job.lease_expires_at = "cancelled", now, None
+                groups.release_job(session, job.id)
                 add_event(session, job.id, "status", "cancelled (its worker stopped)", {"status": "cancelled"})
                 acted.append(job.id)
             elif job.enqueued_attempt <= job.attempts:  # no message yet for the next attempt

@@ -112,6 +112,8 @@ class JobCreate(BaseModel):
     quantization: Literal["none", "nf4", "int8"] = "none"
     hyperparameters: HyperparametersSpec = Field(default_factory=HyperparametersSpec)
     name: str | None = Field(None, max_length=200)
+    group: str | None = Field(None, max_length=64, description="an adapter group id: the job takes a free slot "
+                                                                "of it and the group's variant, rank and targets")
 
 
 class JobError(BaseModel):
@@ -196,6 +198,60 @@ class AdapterPublic(BaseModel):
     updated_at: datetime
 
 
+class ComposeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    adapter_ids: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(..., min_length=1,
+                                                                                                max_length=64)
+    weights: list[Annotated[float, Field(allow_inf_nan=False, ge=-100, le=100)]] | None = Field(
+        None, description="one per adapter: each update is multiplied by its weight (default 1)")
+    name: str | None = Field(None, max_length=200)
+
+
+# -- adapter groups ------------------------------------------------------------------------------
+class GroupCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., min_length=1, max_length=200)
+    base_model: str = Field("smollm2-135m-instruct", min_length=1, max_length=500)
+    variant: Literal["sbora_fa", "sbora_fb", "lora"] = Field("sbora_fa", description="sbora_fa or sbora_fb")
+    r: int = Field(8, ge=1, le=65536, description="rank of every member")
+    target_modules: ModuleNames | Literal["all-linear"] = spec_field(SBoRAConfig, "target_modules")
+
+
+class GroupLayer(BaseModel):
+    name: str
+    dimension: int = Field(description="what the variant selects from: in_features (FA) or out_features (FB)")
+    capacity: int
+    used: int
+    free: int
+
+
+class GroupMember(BaseModel):
+    slot: int
+    job_id: str
+    adapter_id: str | None
+    status: str | None = Field(description="the job's status")
+
+
+class GroupPublic(BaseModel):
+    id: str
+    owner: str
+    name: str
+    base_model: str
+    variant: str
+    r: int
+    target_modules: list[str]
+    capacity: int = Field(description="members the group can hold: min over layers of dimension // r")
+    used: int
+    free: int
+    created_at: datetime
+    updated_at: datetime
+
+
+class GroupDetail(GroupPublic):
+    layers: list[GroupLayer]
+    members: list[GroupMember]
+
+
 class ModelPublic(BaseModel):
     id: str
     model_type: str | None = None
@@ -218,6 +274,8 @@ class GenerateRequest(BaseModel):
     prompt: str | None = Field(None, max_length=1_000_000)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1000)
     adapter_id: str | list[str] | None = None
+    adapter_weights: list[Annotated[float, Field(allow_inf_nan=False, ge=-100, le=100)]] | None = Field(
+        None, max_length=64, description="one per adapter_id: each adapter's update is multiplied by its weight")
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0, le=10)
     top_p: float = Field(1.0, gt=0, le=1)

@@ -8,7 +8,7 @@ inference engine all work from this form.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -65,6 +65,7 @@ class SparseAdapter:
     config: SBoRAConfig
     modules: dict[str, ModuleDelta]
     metadata: dict[str, Any] = field(default_factory=dict)
+    name: str | None = None  # what messages call it (a registry id); not stored in the files
 
     @property
     def fingerprint(self) -> str | None:
@@ -72,6 +73,12 @@ class SparseAdapter:
 
     def trainable_params(self) -> int:
         return sum(m.trainable_params() for m in self.modules.values())
+
+    def scaled(self, weight: float) -> SparseAdapter:
+        """This adapter with every update multiplied by `weight` (the factors are shared, not copied):
+        exact, since each region's change is (alpha/r)·factor and only the scaling moves."""
+        modules = {n: replace(d, scaling=d.scaling * weight) for n, d in self.modules.items()}
+        return SparseAdapter(self.config, modules, self.metadata, f"{self.name or 'adapter'}×{weight:g}")
 
     def nbytes(self) -> int:
         """Bytes of tensor data (factors and index sets as stored: int32 indices)."""

@@ -56,6 +56,10 @@ class SBoRAConfig:
     index_seed: int = field(
         default=0, metadata={"help": "seed from which each layer's index set is drawn reproducibly"}
     )
+    index_slot: int = field(
+        default=0, metadata={"help": "which block of r indices of each layer's permutation (drawn from index_seed) "
+                                     "the adapter takes: adapters with one seed and different slots are disjoint"}
+    )
     base_fingerprint: str | None = field(
         default=None, metadata={"help": "fingerprint of the base model's weights (set by training)"}
     )
@@ -81,6 +85,8 @@ class SBoRAConfig:
             self.target_modules = names
         if not is_int(self.index_seed) or self.index_seed < 0:
             raise ConfigError("index_seed", f"must be a non-negative integer, got {self.index_seed!r}")
+        if not is_int(self.index_slot) or self.index_slot < 0:
+            raise ConfigError("index_slot", f"must be a non-negative integer, got {self.index_slot!r}")
 
     @property
     def scaling(self) -> float:
@@ -103,5 +109,6 @@ class SBoRAConfig:
         return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
-# The fields a user sets; `base_fingerprint` is recorded by training.
-USER_FIELDS = tuple(f.name for f in fields(SBoRAConfig) if f.name != "base_fingerprint")
+# The fields a user sets; `base_fingerprint` is recorded by training, `index_slot` given out by an
+# adapter group (app.services.groups).
+USER_FIELDS = tuple(f.name for f in fields(SBoRAConfig) if f.name not in ("base_fingerprint", "index_slot"))

@@ -270,12 +270,25 @@ class Engine:
         if weights_sha256 is not None and sha256_file(path / WEIGHTS_FILE) != weights_sha256:
             raise AdapterIntegrityError(f"adapter {key}: its stored weights do not match their sha256")
         adapter = load_adapter(path)
+        adapter.name = key
         if adapter.fingerprint != self.base.fingerprint:
             raise AdapterMismatchError(
                 f"adapter {key} was trained on base model {adapter.fingerprint}, not {self.base.fingerprint}"
             )
         self.cache.put(key, adapter)
         return adapter
+
+    def weighted(self, adapter: SparseAdapter, weight: float) -> SparseAdapter:
+        """`adapter` scaled by `weight`, kept in the cache so that requests with the same weights share
+        one object (and so a merged batch)."""
+        if weight == 1.0:
+            return adapter
+        key = f"{adapter.name}*{weight!r}"
+        cached = self.cache.get(key)
+        if cached is None:
+            cached = adapter.scaled(weight)
+            self.cache.put(key, cached)
+        return cached
 
     # -- requests ------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], adapters: Sequence[SparseAdapter] = (),

@@ -78,6 +78,14 @@ def check_rank(config: SBoRAConfig, shapes: dict[str, tuple[int, int]]) -> None:
                 f"selects from in {name} (shape {d_out}x{d_in}); use r <= "
                 f"{min(variant.selection_dim(*s) for s in shapes.values())}"
             )
+    if variant.sparse and config.index_slot >= slot_capacity(config, shapes):
+        raise ConfigError("index_slot", f"slot {config.index_slot} does not fit: r={config.r} gives "
+                                        f"{slot_capacity(config, shapes)} disjoint slots on these layers")
+
+
+def slot_capacity(config: SBoRAConfig, shapes: dict[str, tuple[int, int]]) -> int:
+    """How many disjoint index sets of size r every targeted layer holds: min over layers of dim // r."""
+    return min(config.kind.selection_dim(d_out, d_in) // config.r for d_out, d_in in shapes.values())
 
 
 def check_config(model: nn.Module, config: SBoRAConfig) -> dict[str, nn.Linear]:
@@ -90,15 +98,20 @@ def check_config(model: nn.Module, config: SBoRAConfig) -> dict[str, nn.Linear]:
     return targets
 
 
-def draw_indices(dim: int, r: int, seed: int, module_name: str) -> torch.Tensor:
+def draw_indices(dim: int, r: int, seed: int, module_name: str, slot: int = 0) -> torch.Tensor:
     """r distinct indices in [0, dim), uniform without replacement, reproducible per layer.
 
     The generator's seed mixes the adapter's `index_seed` with the module name,
     so every layer gets its own set and the same config always gets the same sets.
+    The set is block `slot` of the layer's permutation: adapters that share an
+    `index_seed` and take different slots change disjoint columns (FA) or rows
+    (FB) of every layer, so they compose exactly (slot 0 is the plain draw).
     """
+    if (slot + 1) * r > dim:
+        raise ConfigError("index_slot", f"slot {slot} needs {(slot + 1) * r} indices; {module_name} has {dim}")
     digest = hashlib.sha256(f"{seed}:{module_name}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
-    return torch.randperm(dim, generator=generator)[:r].sort().values  # (r,) int64
+    return torch.randperm(dim, generator=generator)[slot * r:(slot + 1) * r].sort().values  # (r,) int64
 
 
 def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
@@ -131,9 +144,8 @@ def inject_adapter(
         layer_indices = None
         if variant.sparse:
             dim = variant.selection_dim(base.out_features, base.in_features)
-            layer_indices = (
-                indices[name] if indices is not None else draw_indices(dim, config.r, config.index_seed, name)
-            )
+            layer_indices = indices[name] if indices is not None else draw_indices(
+                dim, config.r, config.index_seed, name, config.index_slot)
         layer = SBoRALinear(base, variant, config.r, config.alpha, config.dropout, layer_indices)
         layer.train(base.training)  # a new module starts in training mode: dropout must follow the model's
         _set_submodule(model, name, layer)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sbora_core.adapter import ModuleDelta, SparseAdapter
+from sbora_core.config import SBoRAConfig
 from sbora_core.inject import linear_modules
 from sbora_core.layers import is_quantized_linear
 from sbora_core.variants import Variant, check_factor
@@ -24,35 +25,83 @@ class AdapterOverlapError(ValueError):
     """Two adapters change the same weights of a layer, so they cannot be composed."""
 
 
-def find_overlap(adapters: list[SparseAdapter]) -> tuple[str, list[int], str] | None:
-    """The first layer where two adapters' regions intersect: (layer, indices, kind), or None.
+def find_overlap(adapters: list[SparseAdapter]) -> tuple[str, list[int], str, int, int] | None:
+    """The first layer where two adapters' regions intersect: (layer, indices, kind, i, j) with i, j
+    the positions of the two adapters in `adapters`, or None.
 
     Column sets (FA) and row sets (FB) are disjoint when they share no index.
     FA columns always cross FB rows, and LoRA changes every weight, so those
     pairs overlap whatever their indices.
     """
-    seen: dict[str, list[ModuleDelta]] = {}
-    for adapter in adapters:
+    seen: dict[str, list[tuple[int, ModuleDelta]]] = {}
+    for j, adapter in enumerate(adapters):
         for name, delta in sorted(adapter.modules.items()):
             kind = delta.variant.region_kind
-            for other in seen.get(name, []):
+            for i, other in seen.get(name, []):
                 if other.variant is not delta.variant or not delta.variant.sparse:
-                    return name, [], f"{kind} and {other.variant.region_kind}, which cross"
+                    return name, [], f"{kind} and {other.variant.region_kind}, which cross", i, j
                 assert delta.indices is not None and other.indices is not None
                 common = sorted(set(delta.indices.tolist()) & set(other.indices.tolist()))
                 if common:
-                    return name, common, kind
-            seen.setdefault(name, []).append(delta)
+                    return name, common, kind, i, j
+            seen.setdefault(name, []).append((j, delta))
     return None
 
 
 def check_disjoint(adapters: list[SparseAdapter]) -> None:
+    """AdapterOverlapError naming the two adapters and the first layer where they overlap."""
     overlap = find_overlap(adapters)
     if overlap is not None:
-        name, common, kind = overlap
+        name, common, kind, i, j = overlap
         shown = ", ".join(map(str, common[:10])) + (" ..." if len(common) > 10 else "")
         detail = f"{kind} {shown}" if common else kind
-        raise AdapterOverlapError(f"{name}: adapters overlap in {detail}; compose only adapters with disjoint index sets")
+        first, second = (adapters[k].name or f"#{k + 1}" for k in (i, j))
+        raise AdapterOverlapError(f"adapters {first} and {second} overlap in {name}, in {detail}; compose only "
+                                  "adapters with disjoint index sets (train them in one adapter group)")
+
+
+def compose_adapters(adapters: list[SparseAdapter], weights: list[float] | None = None) -> SparseAdapter:
+    """One adapter that is the exact sum of `adapters`, each update multiplied by its weight.
+
+    SBoRA adapters of one variant with disjoint index sets only: each layer's index set is the
+    union of the parts' (zero-factor padding fills the layers some parts leave out, so every layer
+    has the same rank), the factor holds each part's factor times its scaling and weight, and
+    the composition's own scaling is 1.
+    """
+    if not adapters:
+        raise ValueError("nothing to compose")
+    weights = weights if weights is not None else [1.0] * len(adapters)
+    variant = adapters[0].config.kind
+    if not variant.sparse or any(a.config.kind is not variant for a in adapters):
+        raise ValueError(f"only SBoRA adapters of one variant compose exactly (these are "
+                         f"{sorted({a.config.variant for a in adapters})})")
+    if len({a.fingerprint for a in adapters}) > 1:
+        raise ValueError("the adapters were trained on different base models")
+    check_disjoint(adapters)
+    rank = sum(a.config.r for a in adapters)
+    layers = sorted({name for a in adapters for name in a.modules})
+    modules: dict[str, ModuleDelta] = {}
+    for name in layers:
+        parts = [(a.modules[name], w) for a, w in zip(adapters, weights, strict=True) if name in a.modules]
+        shape = parts[0][0].shape
+        dim = variant.selection_dim(*shape)
+        indices = torch.cat([d.indices for d, _ in parts])  # type: ignore[misc]
+        factor = torch.cat([d.sbora_factor.float() * (d.scaling * w) for d, w in parts],
+                           dim=1 if variant.trained == ("B",) else 0)
+        if len(indices) < rank:  # layers some parts leave out: unused indices with zero factors
+            unused = torch.ones(dim, dtype=torch.bool)
+            unused[indices] = False
+            pad = unused.nonzero().flatten()[: rank - len(indices)]
+            zeros = torch.zeros_like(factor.narrow(1 if variant.trained == ("B",) else 0, 0, len(pad)))
+            indices = torch.cat([indices, pad])
+            factor = torch.cat([factor, zeros], dim=1 if variant.trained == ("B",) else 0)
+        A, B = (None, factor) if variant.trained == ("B",) else (factor, None)
+        modules[name] = ModuleDelta(variant, 1.0, shape, indices=indices, A=A, B=B)
+    config = SBoRAConfig(variant=variant.name, r=rank, alpha=float(rank), dropout=0.0,
+                         target_modules=sorted({n.split(".")[-1] for n in layers}),
+                         base_fingerprint=adapters[0].fingerprint)
+    parts_info = [{"adapter_id": a.name, "weight": w} for a, w in zip(adapters, weights, strict=True)]
+    return SparseAdapter(config, modules, {"composed_of": parts_info})
 
 
 class RegionCache:

@@ -29,7 +29,7 @@ from app.core.db import session_scope
 from app.errors import without_paths
 from app.models import LEASED_STATUSES, Dataset, Job, utcnow
 from app.queue import enqueue_job
-from app.services import workers
+from app.services import groups, workers
 from app.services.adapters import register_adapter, register_checkpoint
 from app.services.jobs import add_event
 from app.storage import LocalArtifactStore, get_store
@@ -221,6 +221,11 @@ def _finish(job_id: str, owner: str, status: str, message: str, **values: Any) -
         if finished == 1:
             add_event(session, job_id, "status", message, {"status": status, **{k: v for k, v in values.items()
                                                                                 if k.startswith("error")}})
+            # A group slot stays with the adapter; a job that ends without one gives it back.
+            if values.get("adapter_id"):
+                groups.keep(session, job_id, values["adapter_id"])
+            else:
+                groups.release_job(session, job_id)
 
 
 def build_train_job(job: Job, train_path: str, val_path: str | None, output_dir: str) -> TrainJob:

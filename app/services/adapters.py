@@ -10,12 +10,17 @@ from typing import Literal
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from app.core.config import Settings
+from app.errors import Invalid
 from app.ids import new_id
 from app.models import Adapter, Job, Tenant
+from app.services import groups
 from app.services.queries import owned, page
+from app.services.quotas import check_storage
 from app.storage import LocalArtifactStore, sha256_file_cached
-from sbora_core.adapter_io import CONFIG_FILE, WEIGHTS_FILE, export_peft, load_adapter
+from sbora_core.adapter_io import CONFIG_FILE, WEIGHTS_FILE, export_peft, load_adapter, save_adapter
 from sbora_core.files import sha256_file
+from sbora_core.merge import compose_adapters
 from sbora_core.update_map import UpdateMap, update_map
 
 ArchiveFormat = Literal["sparse", "peft"]
@@ -41,6 +46,7 @@ def delete_adapter(session: Session, tenant: Tenant, adapter_id: str, store: Loc
     adapter = get_adapter(session, tenant, adapter_id)
     key = adapter.storage_key
     session.delete(adapter)
+    groups.release_adapter(session, adapter.id)  # its group slot is free again
     session.commit()
     store.delete(key)
 
@@ -70,21 +76,28 @@ def register_adapter(session: Session, job: Job, adapter_dir: Path, store: Local
                      checkpoint_step: int | None = None, metrics: dict | None = None) -> Adapter:
     """Copy a trained adapter (or a job's checkpoint) into the registry with its two download
     archives (sparse, PEFT)."""
+    return _register(session, adapter_dir, store, tenant_id=job.tenant_id, base_model=job.base_model,
+                     job_id=job.id, name=job.name, checkpoint_step=checkpoint_step, metrics=metrics)
+
+
+def _register(session: Session, adapter_dir: Path, store: LocalArtifactStore, *, tenant_id: str, base_model: str,
+              job_id: str | None, name: str | None, checkpoint_step: int | None = None,
+              metrics: dict | None = None) -> Adapter:
     adapter = load_adapter(adapter_dir)
     adapter_id = new_id("ad")
     prefix = f"adapters/{adapter_id}"
-    for name in (WEIGHTS_FILE, CONFIG_FILE):
-        store.put_file(f"{prefix}/{name}", adapter_dir / name)
+    for file in (WEIGHTS_FILE, CONFIG_FILE):
+        store.put_file(f"{prefix}/{file}", adapter_dir / file)
     with tempfile.TemporaryDirectory() as tmp:
         sparse_zip = Path(tmp) / "sparse.zip"
         _zip_dir(adapter_dir, sparse_zip)
         sparse = store.put_file(f"{prefix}/{_ARCHIVES['sparse']}", sparse_zip)
-        peft_dir = export_peft(adapter, Path(tmp) / "peft", job.base_model)
+        peft_dir = export_peft(adapter, Path(tmp) / "peft", base_model)
         _zip_dir(peft_dir, Path(tmp) / "peft.zip")
         store.put_file(f"{prefix}/{_ARCHIVES['peft']}", Path(tmp) / "peft.zip")
     config = adapter.config
     row = Adapter(
-        id=adapter_id, tenant_id=job.tenant_id, job_id=job.id, name=job.name, base_model=job.base_model,
+        id=adapter_id, tenant_id=tenant_id, job_id=job_id, name=name, base_model=base_model,
         base_fingerprint=config.base_fingerprint or "", variant=config.variant, r=config.r, alpha=config.alpha,
         target_modules=sorted({n.split(".")[-1] for n in adapter.modules}),
         trainable_params=adapter.trainable_params(), size_bytes=sparse.size, sha256=sparse.sha256,
@@ -93,6 +106,35 @@ def register_adapter(session: Session, job: Job, adapter_dir: Path, store: Local
         checkpoint_step=checkpoint_step,
     )
     session.add(row)
+    return row
+
+
+def compose(session: Session, tenant: Tenant, adapter_ids: list[str], weights: list[float] | None,
+            name: str | None, settings: Settings, store: LocalArtifactStore) -> Adapter:
+    """Register the exact sum of the tenant's adapters (weighted) as a new adapter of its own."""
+    if len(set(adapter_ids)) != len(adapter_ids):
+        raise Invalid("adapter_ids", "adapter_ids: an adapter is listed twice")
+    if weights is not None and len(weights) != len(adapter_ids):
+        raise Invalid("weights", f"weights: {len(weights)} weight(s) for {len(adapter_ids)} adapter(s)")
+    parts = [get_adapter(session, tenant, a) for a in adapter_ids]
+    if len({p.base_model for p in parts}) > 1:
+        raise Invalid("adapter_ids", f"adapter_ids: the adapters belong to different base models: "
+                                     f"{sorted({p.base_model for p in parts})}")
+    loaded = []
+    for part in parts:
+        adapter = load_adapter(store.local_path(part.storage_key))
+        adapter.name = part.id
+        loaded.append(adapter)
+    try:
+        composed = compose_adapters(loaded, weights)
+    except ValueError as exc:  # overlapping index sets, LoRA, variants that cross
+        raise Invalid("adapter_ids", f"adapter_ids: {exc}") from exc
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = save_adapter(composed, Path(tmp) / "composed")
+        check_storage(session, tenant, sum(f.stat().st_size for f in directory.iterdir()), settings)
+        row = _register(session, directory, store, tenant_id=tenant.id, base_model=parts[0].base_model, job_id=None,
+                        name=name, metrics={"composed_of": composed.metadata["composed_of"]})
+    session.commit()
     return row
 
 

@@ -26,7 +26,7 @@ DEFAULT_LEARNING_RATE = Hyperparameters().learning_rate
 # Our field names, as the OpenAI request spells them (for errors' `param`).
 _OPENAI_FIELD = {"base_model": "model", "training_dataset_id": "training_file",
                  "validation_dataset_id": "validation_file", "method": "method.sbora",
-                 "hyperparameters": "method.sbora.hyperparameters"}
+                 "hyperparameters": "method.sbora.hyperparameters", "group": "method.sbora.group"}
 
 
 def to_job_create(req: FineTuningJobCreate) -> JobCreate:
@@ -48,7 +48,9 @@ def to_job_create(req: FineTuningJobCreate) -> JobCreate:
         hp["seed"] = req.seed
     # sbora's adapter fields were validated with the request (SBoRASettings is a MethodSpec); only the
     # native hyperparameters passed through as extras are checked here.
-    method = MethodSpec(**sbora.model_dump(exclude={"quantization", "hyperparameters"})) if sbora else MethodSpec()
+    # Only the fields the request set: a group fills in the rest (and must agree with these).
+    method = MethodSpec(**sbora.model_dump(exclude={"quantization", "hyperparameters", "group"}, exclude_unset=True)
+                        ) if sbora else MethodSpec()
     where = "method.sbora.hyperparameters"
     try:
         hyperparameters = HyperparametersSpec(**hp)
@@ -58,7 +60,8 @@ def to_job_create(req: FineTuningJobCreate) -> JobCreate:
         raise Invalid(f"{where}.{field}", f"{where}.{field}: {first['msg']}") from exc
     return JobCreate(base_model=req.model, training_dataset_id=req.training_file,
                      validation_dataset_id=req.validation_file, method=method, hyperparameters=hyperparameters,
-                     quantization=sbora.quantization if sbora else "none", name=req.suffix)
+                     quantization=sbora.quantization if sbora else "none", name=req.suffix,
+                     group=sbora.group if sbora else None)
 
 
 def create_job(session: Session, tenant: Tenant, req: FineTuningJobCreate, settings: Settings) -> Job:

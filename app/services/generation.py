@@ -53,14 +53,19 @@ def resolve_target(session: Session, tenant: Tenant, model: str | None, adapter_
 
 
 def start_generation(model_id: str, adapters: list[Adapter], prompt: str | None,
-                     messages: list[dict[str, str]] | None, params: SamplingParams) -> Generation:
+                     messages: list[dict[str, str]] | None, params: SamplingParams,
+                     weights: list[float] | None = None) -> Generation:
     """Queue the request in the engine process; Invalid, QueueFull or AdapterIntegrityError when it is
     refused (blocking: call in a thread)."""
     settings = get_settings()
     if params.max_new_tokens > settings.generate_max_new_tokens:
         raise Invalid("max_new_tokens", f"max_new_tokens: at most {settings.generate_max_new_tokens}")
     store = get_store()
-    refs = [AdapterRef(a.id, str(store.local_path(a.storage_key)), a.weights_sha256) for a in adapters]
+    if weights is not None and len(weights) != len(adapters):
+        raise Invalid("adapter_weights", f"adapter_weights: {len(weights)} weight(s) for {len(adapters)} adapter(s); "
+                                         "give one per adapter_id, in the same order")
+    refs = [AdapterRef(a.id, str(store.local_path(a.storage_key)), a.weights_sha256, w)
+            for a, w in zip(adapters, weights or [1.0] * len(adapters), strict=True)]
     handle = get_engine_process().submit(model_id, catalog.source_of(model_id), refs, prompt, messages, params)
     return Generation(handle, model_id, [a.id for a in adapters])
 

@@ -5,18 +5,23 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import catalog
 from app.core.config import Settings
 from app.errors import Conflict, Invalid
+from app.ids import new_id
 from app.models import TERMINAL_STATUSES, Job, JobEvent, Tenant, utcnow
 from app.schemas import JobCreate
+from app.services import groups
 from app.services.datasets import check_dataset_ref
 from app.services.queries import owned, page
 from app.services.quotas import check_unfinished_jobs
 from sbora_core.config import ConfigError
 from sbora_core.job import Hyperparameters
+
+ALLOCATION_TRIES = 20
 
 
 def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Settings) -> Job:
@@ -33,6 +38,9 @@ def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Sett
     check_dataset_ref(session, tenant, spec.training_dataset_id, "training_dataset_id")
     check_dataset_ref(session, tenant, spec.validation_dataset_id, "validation_dataset_id")
     method = spec.method.model_dump()
+    group = groups.get_group(session, tenant, spec.group) if spec.group else None
+    if group is not None:
+        method = groups.method_in_group(group, spec.base_model, method, spec.method.model_fields_set)
     try:
         catalog.check_method(spec.base_model, method)
     except ConfigError as exc:
@@ -42,15 +50,25 @@ def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Sett
         Hyperparameters(**hyperparameters)
     except ConfigError as exc:
         raise Invalid(f"hyperparameters.{exc.field}", f"hyperparameters.{exc}") from exc
-    job = Job(tenant_id=tenant.id, name=spec.name, base_model=spec.base_model, quantization=spec.quantization,
-              method=method, hyperparameters=hyperparameters, train_dataset_id=spec.training_dataset_id,
-              val_dataset_id=spec.validation_dataset_id, status="queued",
-              enqueued_attempt=1, enqueued_at=utcnow())  # the route sends the message for attempt 1
-    session.add(job)
-    session.flush()
-    add_event(session, job.id, "status", "queued", {"status": "queued"})
-    session.commit()
-    return job
+    for attempt in range(ALLOCATION_TRIES):
+        job = Job(id=new_id("job"), tenant_id=tenant.id, name=spec.name, base_model=spec.base_model,
+                  quantization=spec.quantization, method=dict(method), hyperparameters=hyperparameters,
+                  train_dataset_id=spec.training_dataset_id, val_dataset_id=spec.validation_dataset_id,
+                  status="queued", enqueued_attempt=1, enqueued_at=utcnow())  # the route sends attempt 1's message
+        try:
+            # The job and its group slot are written in one transaction: both, or neither.
+            if group is not None:
+                job.method["index_slot"] = groups.allocate(session, group, job.id)
+            session.add(job)
+            session.flush()
+            add_event(session, job.id, "status", "queued", {"status": "queued"})
+            session.commit()
+            return job
+        except IntegrityError:  # another creation took the same slot at the same moment: look again
+            session.rollback()
+            if attempt == ALLOCATION_TRIES - 1:
+                raise
+    raise AssertionError("unreachable")
 
 
 def list_jobs(session: Session, tenant: Tenant, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
@@ -75,6 +93,7 @@ def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
     job.cancel_requested = True
     if job.status == "queued":
         job.status, job.finished_at = "cancelled", utcnow()
+        groups.release_job(session, job.id)
         add_event(session, job.id, "status", "cancelled before it started", {"status": "cancelled"})
     else:
         job.status = "cancelling"

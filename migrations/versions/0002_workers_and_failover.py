@@ -1,5 +1,5 @@
 """worker heartbeats; jobs record their worker and the attempt their last message was for; checkpoints
-registered as adapters
+registered as adapters; adapter groups and their slots
 
 Revision ID: 0002
 Revises: 0001
@@ -38,9 +38,45 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("enqueued_at", sa.DateTime(timezone=True), nullable=True))
     with op.batch_alter_table("adapters", schema=None) as batch_op:
         batch_op.add_column(sa.Column("checkpoint_step", sa.Integer(), nullable=True))
+    op.create_table(
+        "adapter_groups",
+        sa.Column("id", sa.String(length=40), nullable=False),
+        sa.Column("tenant_id", sa.String(length=40), nullable=False),
+        sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("base_model", sa.String(length=500), nullable=False),
+        sa.Column("variant", sa.String(length=16), nullable=False),
+        sa.Column("r", sa.Integer(), nullable=False),
+        sa.Column("target_modules", sa.JSON(), nullable=False),
+        sa.Column("index_seed", sa.Integer(), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(["tenant_id"], ["tenants.id"]),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("tenant_id", "name"),
+    )
+    with op.batch_alter_table("adapter_groups", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_adapter_groups_tenant_id"), ["tenant_id"], unique=False)
+    op.create_table(
+        "group_slots",
+        sa.Column("id", sa.Integer(), autoincrement=True, nullable=False),
+        sa.Column("group_id", sa.String(length=40), nullable=False),
+        sa.Column("slot", sa.Integer(), nullable=False),
+        sa.Column("job_id", sa.String(length=40), nullable=False),
+        sa.Column("adapter_id", sa.String(length=40), nullable=True),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(["group_id"], ["adapter_groups.id"]),
+        sa.PrimaryKeyConstraint("id"),
+        sa.UniqueConstraint("group_id", "slot"),
+        sa.UniqueConstraint("job_id"),
+    )
+    with op.batch_alter_table("group_slots", schema=None) as batch_op:
+        batch_op.create_index(batch_op.f("ix_group_slots_group_id"), ["group_id"], unique=False)
+        batch_op.create_index(batch_op.f("ix_group_slots_adapter_id"), ["adapter_id"], unique=False)
 
 
 def downgrade() -> None:
+    op.drop_table("group_slots")
+    op.drop_table("adapter_groups")
     with op.batch_alter_table("adapters", schema=None) as batch_op:
         batch_op.drop_column("checkpoint_step")
     with op.batch_alter_table("jobs", schema=None) as batch_op:

@@ -139,7 +139,8 @@ def test_overlapping_adapters_are_rejected_naming_layer_and_indices(tiny):
     before = {k: v.clone() for k, v in tiny.model.state_dict().items()}
     name = sorted(first.modules)[0]
     shared = first.modules[name].indices.tolist()[0]
-    with pytest.raises(AdapterOverlapError, match=rf"^{name}: adapters overlap in columns {shared}"):
+    first.name, second.name = "ad_first", "ad_second"
+    with pytest.raises(AdapterOverlapError, match=rf"^adapters ad_first and ad_second overlap in {name}, in columns {shared}"):
         merge_adapters(tiny.model, [first, second])
     assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
 
@@ -167,3 +168,33 @@ def test_merge_writes_the_region_and_refuses_a_factor_turned_non_finite(tiny, va
     with pytest.raises(ValueError, match="non-finite"):
         merge_adapters(tiny.model, [adapter])
     assert all(torch.equal(before[k], v) for k, v in tiny.model.state_dict().items())
+
+
+def test_composition_is_the_exact_weighted_sum(tiny, batch):
+    """Two adapters in disjoint slots of one seed: their registered sum, merged, changes the weights as
+    the two merged one by one, each scaled by its weight; and unmerging restores them bit for bit."""
+    from sbora_core.merge import compose_adapters
+
+    parts = []
+    for slot, seed in ((0, 1), (1, 2)):
+        config = SBoRAConfig(variant="sbora_fa", r=4, alpha=8, index_seed=3, index_slot=slot,
+                             base_fingerprint=tiny.fingerprint, target_modules=["q_proj", "down_proj"] if slot else
+                             ["q_proj"])
+        layers = inject_adapter(tiny.model, config)
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            for layer in layers.values():
+                layer.trainable.normal_(std=0.05)
+        parts.append(adapter_from_model(tiny.model, config))
+        remove_adapter(tiny.model)
+    before = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    composed = compose_adapters(parts, [0.5, 2.0])
+    assert composed.config.r == 8 and len(composed.modules) == len(set(parts[0].modules) | set(parts[1].modules))
+    handle = merge_adapters(tiny.model, [composed])
+    summed = {n: p.detach().clone() for n, p in tiny.model.named_parameters()}
+    handle.unmerge()
+    handle = merge_adapters(tiny.model, [parts[0].scaled(0.5), parts[1].scaled(2.0)])
+    for n, p in tiny.model.named_parameters():
+        torch.testing.assert_close(p, summed[n], rtol=0, atol=1e-7)
+    handle.unmerge()
+    assert all(torch.equal(p, before[n]) for n, p in tiny.model.named_parameters())

@@ -126,7 +126,7 @@ def test_composition_of_disjoint_adapters_equals_merging_one_after_the_other(eng
 
 def test_overlapping_composition_is_rejected_naming_the_layer(engine, base):
     first, second = make_adapter(base, index_seed=1, seed=1), make_adapter(base, index_seed=1, seed=2)
-    with pytest.raises(ValueError, match=r"^model\.layers\.0\.\S+: adapters overlap in columns"):
+    with pytest.raises(ValueError, match=r"^adapters #1 and #2 overlap in model\.layers\.0\.\S+, in columns"):
         engine.submit(ids(engine, "x"), [first, second])
 
 

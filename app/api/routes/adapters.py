@@ -6,8 +6,8 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Header, Query, Response, status
 from fastapi.responses import FileResponse
 
-from app.api.deps import CurrentTenant, SessionDep, StoreDep
-from app.schemas import AdapterPublic, Page, UpdateMapPublic
+from app.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
+from app.schemas import AdapterPublic, ComposeRequest, Page, UpdateMapPublic
 from app.services import adapters as registry
 
 router = APIRouter(prefix="/adapters", tags=["adapters"])
@@ -29,6 +29,16 @@ def list_adapters(session: SessionDep, tenant: CurrentTenant,
     """The registry, newest first: trained adapters, and with `checkpoints=true` jobs' checkpoints too."""
     rows, total = registry.list_adapters(session, tenant, base_model, limit, offset, checkpoints)
     return Page(data=[AdapterPublic.model_validate(r) for r in rows], total=total, limit=limit, offset=offset)
+
+
+@router.post("/compose", status_code=status.HTTP_201_CREATED, response_model=AdapterPublic)
+def compose_adapters(spec: ComposeRequest, session: SessionDep, tenant: CurrentTenant, settings: SettingsDep,
+                     store: StoreDep) -> AdapterPublic:
+    """Register the exact sum of adapters with disjoint index sets (one adapter group's members, say),
+    each optionally weighted, as an adapter of its own: downloadable in both layouts, its metrics list
+    its parts. 422 names the two adapters and the first layer where they overlap."""
+    return AdapterPublic.model_validate(registry.compose(session, tenant, spec.adapter_ids, spec.weights, spec.name,
+                                                         settings, store))
 
 
 @router.get("/{adapter_id}", response_class=FileResponse,

@@ -30,7 +30,8 @@ async def generate(req: GenerateRequest, session: SessionDep, tenant: CurrentTen
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, stop, req.seed)
     messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
-    generation = await run_in_threadpool(start_generation, model_id, adapters, req.prompt, messages, params)
+    generation = await run_in_threadpool(start_generation, model_id, adapters, req.prompt, messages, params,
+                                         req.adapter_weights)
 
     def response(done: Completion) -> GenerateResponse:
         return GenerateResponse(text=done.text, base_model=model_id, adapter_ids=generation.adapter_ids,
