@@ -180,6 +180,15 @@ class ApiClient:
             yield from iter_sse(r)
 
     # -- adapters ----------------------------------------------------------------------------
+    def create_group(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._request("POST", "/groups", json=spec)
+
+    def list_groups(self, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        return self._request("GET", "/groups", params={"limit": limit, "offset": offset})
+
+    def get_group(self, group_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/groups/{group_id}")
+
     def list_adapters(self, base_model: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
         params = {"limit": limit, "offset": offset, **({"base_model": base_model} if base_model else {})}
         return self._request("GET", "/adapters", params=params)

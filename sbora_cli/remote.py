@@ -36,6 +36,7 @@ AsJson = Annotated[bool, typer.Option("--json", help="print the server's JSON re
 datasets_app = typer.Typer(no_args_is_help=True, help="Upload and list training datasets on a server.")
 jobs_app = typer.Typer(no_args_is_help=True, help="Start, follow and cancel fine-tuning jobs on a server.")
 adapters_app = typer.Typer(no_args_is_help=True, help="List and download trained adapters from a server.")
+groups_app = typer.Typer(no_args_is_help=True, help="Adapter groups: members get disjoint index sets and compose.")
 
 
 def fail(message: str, details: list[str] | tuple[str, ...] = ()) -> None:
@@ -134,13 +135,13 @@ def datasets_list(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = Fal
 # -- jobs --------------------------------------------------------------------------------------
 def job_spec(dataset: str, model: str | None, variant: str | None, r: int | None, alpha: float | None,
              hyperparameters: dict[str, Any], validation_dataset: str | None, quantization: str | None,
-             name: str | None) -> dict[str, Any]:
+             name: str | None, group: str | None = None) -> dict[str, Any]:
     """A JobCreate body holding only what was given, so the server's defaults apply to the rest."""
     method = {k: v for k, v in (("variant", variant), ("r", r), ("alpha", alpha)) if v is not None}
     spec: dict[str, Any] = {"training_dataset_id": dataset, "method": method,
                             "hyperparameters": {k: v for k, v in hyperparameters.items() if v is not None}}
     for field, value in (("base_model", model), ("validation_dataset_id", validation_dataset),
-                         ("quantization", quantization), ("name", name)):
+                         ("quantization", quantization), ("name", name), ("group", group)):
         if value is not None:
             spec[field] = value
     return spec
@@ -266,13 +267,14 @@ def jobs_create(
     validation_dataset: Annotated[str | None, typer.Option(help="validation dataset id")] = None,
     quantization: Annotated[Literal["none", "nf4", "int8"] | None, typer.Option()] = None,
     name: Annotated[str | None, typer.Option(help="a label for the job")] = None,
+    group: Annotated[str | None, typer.Option(help="an adapter group: the job takes a free slot of it")] = None,
     watch: Annotated[bool, typer.Option("--watch", help="follow it and print the adapter id at the end")] = False,
     url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False,
 ) -> None:
     """Queue a fine-tuning job (options left out take the server's defaults)."""
     hyperparameters = {"max_steps": max_steps, "epochs": epochs, "learning_rate": learning_rate,
                        "batch_size": batch_size, "max_seq_len": max_seq_len}
-    spec = job_spec(dataset, model, variant, r, alpha, hyperparameters, validation_dataset, quantization, name)
+    spec = job_spec(dataset, model, variant, r, alpha, hyperparameters, validation_dataset, quantization, name, group)
     with ApiClient(url, key) as api:
         job = api.create_job(spec)
         if not watch:
@@ -420,8 +422,70 @@ def generate_command(
     fail("the server closed the stream before generation finished")
 
 
+# -- groups ------------------------------------------------------------------------------------
+@groups_app.command("create")
+@reports_errors
+def groups_create(
+    name: str,
+    model: Annotated[str | None, typer.Option(help="base model (default: the server's)")] = None,
+    variant: Annotated[Literal["sbora_fa", "sbora_fb"], typer.Option()] = "sbora_fa",
+    r: Annotated[int, typer.Option("--r", help="rank of every member")] = 8,
+    target: Annotated[list[str] | None, typer.Option(help="a layer name to adapt (repeat; default: the seven "
+                                                          "projections)")] = None,
+    url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False,
+) -> None:
+    """Create a group; prints its id (jobs take `--group ID`)."""
+    spec: dict[str, Any] = {"name": name, "variant": variant, "r": r}
+    if model:
+        spec["base_model"] = model
+    if target:
+        spec["target_modules"] = target
+    with ApiClient(url, key) as api:
+        group = api.create_group(spec)
+    if as_json:
+        return print_json(group)
+    console.print(f"group {escape(name)}: room for {group['capacity']} adapters of {variant} r={r}")
+    typer.echo(group["id"])
+
+
+@groups_app.command("list")
+@reports_errors
+def groups_list(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False, limit: int = 50,
+                offset: int = 0) -> None:
+    """Your groups, newest first."""
+    with ApiClient(url, key) as api:
+        page = api.list_groups(limit, offset)
+    if as_json:
+        return print_json(page)
+    t = table("id", "name", "base model", "method", "members", "free", "created")
+    for g in page["data"]:
+        t.add_row(g["id"], escape(g["name"]), escape(g["base_model"]), f"{g['variant']} r={g['r']}",
+                  str(g["used"]), str(g["free"]), when(g["created_at"]))
+    show_page(page, t, "groups")
+
+
+@groups_app.command("show")
+@reports_errors
+def groups_show(group_id: str, url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False) -> None:
+    """A group: its members by slot, and each layer's capacity."""
+    with ApiClient(url, key) as api:
+        group = api.get_group(group_id)
+    if as_json:
+        return print_json(group)
+    typer.echo(f"{group['id']}  {group['name']}  {group['variant']} r={group['r']} on {group['base_model']}: "
+               f"{group['used']} of {group['capacity']} slots used")
+    t = table("slot", "job", "status", "adapter")
+    for m in group["members"]:
+        t.add_row(str(m["slot"]), m["job_id"], m["status"] or "", m["adapter_id"] or "")
+    Console().print(t)
+    smallest = min(group["layers"], key=lambda layer: layer["capacity"])
+    typer.echo(f"{len(group['layers'])} layers; the narrowest, {smallest['name']} ({smallest['dimension']} "
+               f"{'columns' if group['variant'] == 'sbora_fa' else 'rows'}), sets the capacity")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(datasets_app, name="datasets")
     app.add_typer(jobs_app, name="jobs")
     app.add_typer(adapters_app, name="adapters")
+    app.add_typer(groups_app, name="groups")
     app.command("generate")(generate_command)

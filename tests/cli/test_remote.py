@@ -148,3 +148,28 @@ def test_http_errors_are_one_readable_line(live, dataset_id):
     refused = sbora(live, "datasets", "list", "--url", f"http://127.0.0.1:{free_port()}")
     assert refused.returncode == 1 and "cannot connect" in refused.stderr
     no_traceback(refused)
+
+
+def test_groups_create_list_show_and_jobs_take_slots(live, dataset_id):
+    created = sbora(live, "groups", "create", "colours", "--model", TINY, "--r", "4", "--target", "q_proj",
+                    "--target", "v_proj")
+    assert created.returncode == 0, created.stderr
+    group_id = created.stdout.strip()
+    assert group_id.startswith("grp_") and "room for 16 adapters" in created.stderr
+    job_ids = []
+    for _ in range(2):
+        job = sbora(live, "jobs", "create", "--dataset", dataset_id, "--model", TINY, "--group", group_id,
+                    "--max-steps", "2", "--json")
+        assert job.returncode == 0, job.stderr
+        job_ids.append(json.loads(job.stdout)["id"])
+        assert json.loads(job.stdout)["method"]["target_modules"] == ["q_proj", "v_proj"]
+    shown = sbora(live, "groups", "show", group_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "2 of 16 slots used" in shown.stdout and all(j in shown.stdout for j in job_ids)
+    assert group_id in sbora(live, "groups", "list").stdout
+    for job_id in job_ids:
+        sbora(live, "jobs", "cancel", job_id)
+    wrong = sbora(live, "jobs", "create", "--dataset", dataset_id, "--model", TINY, "--group", group_id,
+                  "--variant", "sbora_fb")
+    assert wrong.returncode == 1 and "variant" in wrong.stderr
+    no_traceback(wrong)
