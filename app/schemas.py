@@ -232,6 +232,19 @@ class GroupMember(BaseModel):
     status: str | None = Field(description="the job's status")
 
 
+class GroupLayerOwners(BaseModel):
+    name: str
+    axis: Literal["columns", "rows"]
+    dimension: int
+    owners: dict[int, list[int]] = Field(description="slot -> the indices of this layer its member changes")
+
+
+class GroupIndexMap(BaseModel):
+    group_id: str
+    members: list[GroupMember]
+    layers: list[GroupLayerOwners]
+
+
 class GroupPublic(BaseModel):
     id: str
     owner: str

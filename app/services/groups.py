@@ -28,6 +28,7 @@ from app.errors import Conflict, Invalid, NotFound
 from app.models import AdapterGroup, GroupSlot, Job, Tenant
 from app.services.queries import owned, page
 from sbora_core.config import ConfigError
+from sbora_core.inject import draw_indices
 
 CROSSING = ("a group holds sbora_fa or sbora_fb adapters: FA adapters own columns and FB adapters rows, and "
             "a column and a row always cross, so only one variant composes")
@@ -112,6 +113,25 @@ def layer_capacities(session: Session, group: AdapterGroup) -> list[LayerCapacit
     for name, shape in layer_shapes(group).items():
         dim = selection_dim(group, shape)
         out.append(LayerCapacity(name, dim, dim // group.r, used, dim // group.r - used))
+    return out
+
+
+@dataclass
+class LayerOwners:
+    name: str
+    axis: str  # columns (FA) or rows (FB)
+    dimension: int
+    owners: dict[int, list[int]]  # slot -> the indices of this layer it owns
+
+
+def index_map(session: Session, group: AdapterGroup) -> list[LayerOwners]:
+    """Per layer, the columns or rows each member's slot owns (what its adapter changes there)."""
+    slots = [slot.slot for slot, _ in members(session, group)]
+    out = []
+    for name, shape in layer_shapes(group).items():
+        dim = selection_dim(group, shape)
+        owners = {k: draw_indices(dim, group.r, group.index_seed, name, k).tolist() for k in slots}
+        out.append(LayerOwners(name, "columns" if group.variant == "sbora_fa" else "rows", dim, owners))
     return out
 
 

@@ -281,3 +281,25 @@ def test_dashboard_end_to_end(browser, live, alice, tmp_path):
     click("#cancel-job:not([disabled])")
     wait(expected_conditions.alert_is_present()).accept()
     wait(lambda d: css("h1 .badge").get_attribute("data-status") == "cancelled", timeout=60)
+
+    # A group: its members' columns drawn in their own colours on every layer, and the room left.
+    group = httpx.post(f"{live.url}/groups", headers=auth, json={
+        "name": "colours", "base_model": TINY, "variant": "sbora_fa", "r": 4,
+        "target_modules": ["q_proj", "v_proj"]}).json()
+    members = [httpx.post(f"{live.url}/jobs", headers=auth, json={
+        "base_model": TINY, "training_dataset_id": dataset_id, "group": group["id"],
+        "hyperparameters": {"max_steps": 2, "batch_size": 4, "max_seq_len": 96}}).json() for _ in range(2)]
+    for member in members:
+        wait(lambda d, m=member: httpx.get(f"{live.url}/jobs/{m['id']}", headers=auth).json()["status"]
+             == "succeeded", timeout=120)
+    css("a[href='#/groups']").click()
+    click(f"tr[data-group-id='{group['id']}'] a")
+    strips = wait(lambda d: all_css("#index-map .strip"))
+    assert len(strips) == 4  # 2 layers x q_proj, v_proj
+    assert all(s.get_attribute("data-owned") == "8" for s in strips)  # 2 members x r=4 columns each
+    assert len(all_css("#members-table tbody tr[data-slot]")) == 2
+    assert css("#group-free").text == str(group["capacity"] - 2)
+    canvas = strips[0].find_element(By.TAG_NAME, "canvas")
+    for colour in ("37,99,235", "220,38,38"):  # the first two members' colours
+        assert painted(driver, canvas) - painted(driver, canvas, colour) > 0, colour
+    shot("group")

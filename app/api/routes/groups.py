@@ -7,7 +7,16 @@ from fastapi import APIRouter, Query, status
 
 from app.api.deps import CurrentTenant, SessionDep
 from app.models import AdapterGroup
-from app.schemas import GroupCreate, GroupDetail, GroupLayer, GroupMember, GroupPublic, Page
+from app.schemas import (
+    GroupCreate,
+    GroupDetail,
+    GroupIndexMap,
+    GroupLayer,
+    GroupLayerOwners,
+    GroupMember,
+    GroupPublic,
+    Page,
+)
 from app.services import groups
 
 router = APIRouter(prefix="/groups", tags=["groups"])
@@ -44,6 +53,16 @@ def get_group(group_id: str, session: SessionDep, tenant: CurrentTenant) -> Grou
                for s, job in groups.members(session, group)]
     layers = [GroupLayer(**asdict(layer)) for layer in groups.layer_capacities(session, group)]
     return GroupDetail(**public(group, len(members)).model_dump(), layers=layers, members=members)
+
+
+@router.get("/{group_id}/index-map", response_model=GroupIndexMap)
+def group_index_map(group_id: str, session: SessionDep, tenant: CurrentTenant) -> GroupIndexMap:
+    """Per layer, which columns (FA) or rows (FB) each member owns: the dashboard draws it."""
+    group = groups.get_group(session, tenant, group_id)
+    members = [GroupMember(slot=s.slot, job_id=s.job_id, adapter_id=s.adapter_id, status=job.status if job else None)
+               for s, job in groups.members(session, group)]
+    layers = [GroupLayerOwners(**asdict(layer)) for layer in groups.index_map(session, group)]
+    return GroupIndexMap(group_id=group.id, members=members, layers=layers)
 
 
 @router.delete("/{group_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -3,6 +3,7 @@
 import { ApiError, auth } from "./api.js";
 import { h } from "./dom.js";
 import { adapterPage, adaptersPage } from "./adapters.js";
+import { groupPage, groupsPage } from "./groups.js";
 import { jobPage, jobsPage } from "./jobs.js";
 import { newJobPage } from "./newjob.js";
 import { playgroundPage } from "./playground.js";
@@ -16,6 +17,8 @@ const ROUTES = [
   [/^new$/, newJobPage, "new"],
   [/^adapters$/, adaptersPage, "adapters"],
   [/^adapters\/([\w-]+)$/, adapterPage, "adapters"],
+  [/^groups$/, groupsPage, "groups"],
+  [/^groups\/([\w-]+)$/, groupPage, "groups"],
   [/^playground$/, playgroundPage, "playground"],
 ];
 

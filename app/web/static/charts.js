@@ -157,3 +157,19 @@ export function drawLegend(canvas) {
     ctx.fillRect(x, 0, 1, h);
   }
 }
+
+// A group's layer as a strip: each member's columns (or rows) in the member's own colour.
+export const MEMBER_COLOURS = ["#2563eb", "#dc2626", "#16a34a", "#d97706", "#7c3aed", "#0891b2", "#db2777", "#65a30d"];
+
+export function drawOwners(canvas, layer, slots) {
+  const { ctx, w, h } = setup(canvas);
+  ctx.fillStyle = UNTOUCHED;
+  ctx.fillRect(0, 0, w, h);
+  slots.forEach((slot, k) => {
+    ctx.fillStyle = MEMBER_COLOURS[k % MEMBER_COLOURS.length];
+    for (const index of layer.owners[slot] || []) {
+      const [x, width] = barSpan(index, layer.dimension, w);
+      ctx.fillRect(x, 0, width, h);
+    }
+  });
+}
