@@ -6,7 +6,7 @@ plain GETs rose from milliseconds to seconds). So one child process holds the
 base models and their `sbora_core.engine.Engine`s; the API sends it requests
 and receives text pieces over two multiprocessing queues:
 
-    API -> engine  ("submit", rid, model_id, model_source, adapters, prompt, messages, params)
+    API -> engine  ("submit", rid, model_id, model_source, adapters, prompt, messages, params, tenant)
                    ("cancel", rid) | ("stop",)
     engine -> API  (rid, "accepted")  then  (rid, "text", str)...  (rid, "done", Completion)
                    or (rid, "invalid", field, message) | (rid, "queue_full", seconds)
@@ -33,13 +33,8 @@ from app.core.config import get_settings
 from app.core.processes import exit_reason
 from app.errors import Invalid, without_paths
 from sbora_core.adapter_io import AdapterMismatchError
-from sbora_core.engine import (
-    AdapterIntegrityError,
-    Completion,
-    EventStream,
-    QueueFull,
-    SamplingParams,
-)
+from sbora_core.engine import AdapterIntegrityError, QueueFull
+from sbora_core.generation import Completion, EventStream, SamplingParams
 
 log = logging.getLogger("app.engine")
 
@@ -111,13 +106,13 @@ class EngineProcess:
         self.requests.put(message)
 
     def submit(self, model_id: str, model_source: str, adapters: list[AdapterRef], prompt: str | None,
-               messages: list[dict[str, str]] | None, params: SamplingParams) -> RemoteRequest:
+               messages: list[dict[str, str]] | None, params: SamplingParams, tenant: str = "") -> RemoteRequest:
         """Queue a request; raises what the engine refused it for (blocking: call in a thread).
         `model_source` is what sbora_core loads `model_id` from (a name or a directory)."""
         request = RemoteRequest(self, secrets.token_hex(8))
         with self.lock:
             self.inflight[request.rid] = request
-        self.send(("submit", request.rid, model_id, model_source, adapters, prompt, messages, params))
+        self.send(("submit", request.rid, model_id, model_source, adapters, prompt, messages, params, tenant))
         while True:  # the first request also waits for the child to start and load the model
             try:
                 outcome = request.reply.get(timeout=1.0)
@@ -284,10 +279,10 @@ def serve(requests: multiprocessing.Queue, replies: multiprocessing.Queue, limit
             if handle is not None:
                 handle.cancel()
             continue
-        _, rid, model_id, source, adapters, prompt, messages, params = message
+        _, rid, model_id, source, adapters, prompt, messages, params, tenant = message
         try:
             engine = engines.get(model_id) or engines.setdefault(model_id, _new_engine(source, limits))
-            handle = _submit(engine, adapters, prompt, messages, params)
+            handle = _submit(engine, adapters, prompt, messages, params, tenant)
         except Exception as exc:  # refused: the API turns it into the matching HTTP error
             replies.put((rid, *_classify(exc)))
             continue
@@ -326,7 +321,7 @@ def _new_engine(source: str, limits: EngineLimits):
 
 
 def _submit(engine, adapters: list[AdapterRef], prompt: str | None,
-            messages: list[dict[str, str]] | None, params: SamplingParams):
+            messages: list[dict[str, str]] | None, params: SamplingParams, tenant: str):
     """Tokenise, check the context length, load and verify the adapters, queue."""
     from sbora_core.tokenization import render_chat
 
@@ -348,7 +343,7 @@ def _submit(engine, adapters: list[AdapterRef], prompt: str | None,
                                         f"exceed the model's context of {context} tokens")
     loaded = [engine.weighted(engine.adapter(a.id, Path(a.path), a.weights_sha256), a.weight) for a in adapters]
     try:
-        return engine.submit(ids, loaded, params)
+        return engine.submit(ids, loaded, params, tenant)
     except ValueError as exc:  # adapters whose index sets overlap
         raise RequestRejected("adapter_id", f"adapter_id: {exc}") from exc
 

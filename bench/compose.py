@@ -174,10 +174,15 @@ def main() -> None:
 
     kept = {"sbora_fa_composed": retained(composed, fa_single, base),
             "lora_sum": retained(lora_sum, lora_single, base), "peft_cat": retained(cat, lora_single, base)}
+    # A task where an adapter alone gains nothing over the base has no retained gain to speak of.
+    def worst(values: dict[str, float]) -> float:
+        finite = [v for v in values.values() if np.isfinite(v)]
+        return round(min(finite), 3) if finite else float("nan")
+
     ratios = {
-        "compose_retained_gain_min": round(min(kept["sbora_fa_composed"].values()), 3),
-        "lora_sum_retained_gain_min": round(min(kept["lora_sum"].values()), 3),
-        "peft_cat_retained_gain_min": round(min(kept["peft_cat"].values()), 3),
+        "compose_retained_gain_min": worst(kept["sbora_fa_composed"]),
+        "lora_sum_retained_gain_min": worst(kept["lora_sum"]),
+        "peft_cat_retained_gain_min": worst(kept["peft_cat"]),
     }
     best_anchor = max(ratios["lora_sum_retained_gain_min"], ratios["peft_cat_retained_gain_min"])
     ratios["compose_vs_best_anchor_retained"] = round(ratios["compose_retained_gain_min"] / best_anchor, 3) \

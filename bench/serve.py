@@ -32,7 +32,8 @@ import torch
 
 from sbora_core.adapter_io import export_peft, load_adapter, save_adapter
 from sbora_core.config import SBoRAConfig
-from sbora_core.engine import Engine, SamplingParams
+from sbora_core.engine import Engine
+from sbora_core.generation import SamplingParams
 from sbora_core.inject import adapter_from_model, inject_adapter, remove_adapter
 from sbora_core.merge import RegionCache, merge_adapters
 from sbora_core.models import DEFAULT_MODEL, load_base_model

@@ -1,35 +1,39 @@
-"""Inference engine: one resident base model, an adapter cache, batched generation with adapters.
+"""Inference engine: one resident base model, an adapter cache, continuous batching with adapters.
 
-Requests are queued and served in batches by one scheduler thread per engine
-(step-wise batching: a batch runs until its last request ends; requests that
-finish early leave the batch at once). For each batch the engine picks how to
-apply adapters:
-- every request uses the same adapter set (or none): merge it regionally into
-  the live weights (r columns or rows per layer, original regions cached so a
-  swap only writes), decode, unmerge bit-exactly;
-- requests use different adapters, or the base is quantised: leave the weights
-  alone and apply each row's adapters unmerged (`row_adapters`).
+One scheduler thread per engine runs the batch step by step. A request that
+arrives joins the running batch at the next step (its prompt prefilled first:
+short prompts together in one forward, a long one in chunks of `prefill_chunk`
+tokens between decode steps, so running streams keep their pace); a request
+that finishes leaves at once. Waiting requests are admitted tenant by tenant in
+turn. At every step the engine picks how to apply adapters:
+- every request in flight uses the same adapter set (or none): it is merged
+  regionally into the live weights (r columns or rows per layer, original
+  regions cached so a swap only writes), and unmerged bit-exactly when the set
+  changes or the engine falls idle;
+- requests use different adapters, or the base is quantised: the weights stay
+  as they are and each row's adapters are applied unmerged (`row_adapters`).
 Each request has its own sampling parameters, stop strings, token budget and
 seed, streams text as it is decoded, and can be cancelled at any step.
 """
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
-from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sbora_core.adapter import SparseAdapter
 from sbora_core.adapter_io import WEIGHTS_FILE, AdapterMismatchError, load_adapter
+from sbora_core.decoding import Batch, FairQueue, Row, joinable
 from sbora_core.files import sha256_file
-from sbora_core.merge import RegionCache, check_disjoint, merge_adapters
+from sbora_core.generation import Completion, RequestHandle, SamplingParams
+from sbora_core.merge import MergeHandle, RegionCache, check_disjoint, merge_adapters
 from sbora_core.models import BaseModel
 from sbora_core.row_adapters import RowAdapterHooks, build_banks
 
@@ -48,93 +52,6 @@ class QueueFull(RuntimeError):
 
 class AdapterIntegrityError(ValueError):
     """The adapter's weights file does not match its recorded sha256."""
-
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 128
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    stop: list[str] = field(default_factory=list)
-    seed: int | None = None
-    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
-    logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
-
-
-@dataclass
-class TokenLogprob:
-    """One generated token with its log-probability, and the most likely alternatives at its place."""
-
-    token: str
-    logprob: float
-    top: list[tuple[str, float]] = field(default_factory=list)
-
-
-@dataclass
-class Completion:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop", "length" or "cancelled"
-    logprobs: list[TokenLogprob] | None = None  # when the request asked for them
-
-
-class EventStream:
-    """What a request produces, in order: text pieces (str), then one Completion, or an exception.
-
-    Read it by iterating (blocking), or hand it a callback with `listen` (for an
-    event loop or another process), which first receives what is already queued."""
-
-    def __init__(self) -> None:
-        self.events: queue.Queue = queue.Queue()
-        self._listener: Callable[[object], None] | None = None
-        self._listen_lock = threading.Lock()
-
-    def emit(self, item: object) -> None:
-        with self._listen_lock:
-            if self._listener is None:
-                self.events.put(item)
-                return
-        self._listener(item)
-
-    def listen(self, callback: Callable[[object], None]) -> None:
-        with self._listen_lock:
-            while True:
-                try:
-                    callback(self.events.get_nowait())
-                except queue.Empty:
-                    break
-            self._listener = callback
-
-    def __iter__(self) -> Iterator[str]:
-        while True:
-            item = self.events.get()
-            if isinstance(item, Completion):
-                self.completion = item
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def result(self) -> Completion:
-        for _ in self:
-            pass
-        return self.completion
-
-
-class RequestHandle(EventStream):
-    """A request submitted to an Engine."""
-
-    def __init__(self, prompt_ids: list[int], adapters: list[SparseAdapter], params: SamplingParams) -> None:
-        super().__init__()
-        self.prompt_ids = prompt_ids
-        self.adapters = adapters
-        self.params = params
-        self.cancelled = threading.Event()
-        self.submitted_at = time.monotonic()
-
-    def cancel(self) -> None:
-        self.cancelled.set()
 
 
 class AdapterCache:
@@ -172,73 +89,9 @@ class AdapterCache:
         return key in self.entries
 
 
-class _Row:
-    """Decoding state of one request inside a batch."""
-
-    def __init__(self, handle: RequestHandle, device: torch.device) -> None:
-        self.handle = handle
-        self.params = handle.params
-        self.produced: list[int] = []
-        self.logprobs: list[TokenLogprob] | None = [] if self.params.logprobs is not None else None
-        self.text = ""
-        self.emitted = 0
-        self.finish: str | None = None
-        self.generator = torch.Generator(device=device)
-        self.generator.manual_seed(self.params.seed if self.params.seed is not None else torch.seed())
-
-    def sample(self, logits: torch.Tensor) -> int:
-        p = self.params
-        if p.temperature <= 0:
-            return int(logits.argmax())
-        probs = torch.softmax(logits.float() / p.temperature, dim=-1)
-        if p.top_p < 1:
-            sorted_probs, order = probs.sort(descending=True)
-            keep = sorted_probs.cumsum(0) - sorted_probs < p.top_p  # always keeps the most likely token
-            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
-        return int(torch.multinomial(probs, 1, generator=self.generator))
-
-    def push(self, token: int, tokenizer, eos: set[int]) -> None:
-        """Take one token: emit the text that is safe to show, or finish."""
-        if token in eos and not self.params.ignore_eos:
-            self.finish = "stop"
-            return
-        self.produced.append(token)
-        self.text = tokenizer.decode(self.produced, skip_special_tokens=True)
-        stops = [s for s in self.params.stop if s]
-        cut = min((self.text.find(s) for s in stops if s in self.text), default=-1)
-        if cut >= 0:
-            self.text, self.finish = self.text[:cut], "stop"
-            return
-        if len(self.produced) >= self.params.max_new_tokens:
-            self.finish = "length"
-            return
-        # Hold back a tail that may begin a stop string, and a half-decoded UTF-8 character.
-        safe = len(self.text) - max((len(s) - 1 for s in stops), default=0)
-        if self.text.endswith("\ufffd"):
-            safe = min(safe, len(self.text) - 1)
-        if safe > self.emitted:
-            self.handle.emit(self.text[self.emitted:safe])
-            self.emitted = safe
-
-    def close(self, reason: str | None = None) -> None:
-        finish = reason or self.finish or "length"
-        if len(self.text) > self.emitted and finish != "cancelled":
-            self.handle.emit(self.text[self.emitted:])
-        self.handle.emit(Completion(self.text, len(self.handle.prompt_ids), len(self.produced), finish,
-                                    self.logprobs))
-
-    def record_logprob(self, token: int, logprobs: torch.Tensor, tokenizer) -> None:
-        """Keep the log-probability of `token` (already in `produced`) and the top alternatives."""
-        assert self.logprobs is not None and self.params.logprobs is not None
-        top = logprobs.topk(self.params.logprobs) if self.params.logprobs else None
-        alternatives = [] if top is None else [(tokenizer.decode([int(t)]), float(v))
-                                               for v, t in zip(top.values, top.indices, strict=True)]
-        self.logprobs.append(TokenLogprob(tokenizer.decode([token]), float(logprobs[token]), alternatives))
-
-
 class Engine:
     def __init__(self, base: BaseModel, *, max_batch_size: int = 8, max_queue: int = 64,
-                 cache_bytes: int = 1 << 30, merge_single: bool = True) -> None:
+                 cache_bytes: int = 1 << 30, merge_single: bool = True, prefill_chunk: int = 256) -> None:
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
@@ -249,10 +102,17 @@ class Engine:
         self.cache = AdapterCache(cache_bytes)
         self.regions = RegionCache()
         self.hooks = RowAdapterHooks(self.model)
-        self.pending: deque[RequestHandle] = deque()
+        self.prefill_chunk = prefill_chunk
+        self.pending = FairQueue()
         self.cv = threading.Condition()
         self.running = True
-        self.stats = {"batches": 0, "merged_batches": 0, "mixed_batches": 0, "generated_tokens": 0}
+        # batches: runs from idle to idle; merged/mixed_batches: switches into each way of applying adapters
+        self.stats = {"batches": 0, "merged_batches": 0, "mixed_batches": 0, "generated_tokens": 0, "joined": 0}
+        self.merged: tuple[tuple[int, ...], MergeHandle | None] | None = None  # the set merged now, and its handle
+        self.banked: list[int] | None = None  # ids of the handles the row banks were built for
+        self.batch: Batch | None = None
+        self.joining: list[RequestHandle] = []  # admitted, prompts still being prefilled
+        self.prefilled: dict[int, tuple[Any, int]] = {}  # a long prompt's cache so far, and tokens done
         self.step_seconds = 0.05  # running estimate, for Retry-After
         configured = getattr(self.model.generation_config, "eos_token_id", None)
         configured = configured if isinstance(configured, list) else [configured]
@@ -292,12 +152,12 @@ class Engine:
 
     # -- requests ------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], adapters: Sequence[SparseAdapter] = (),
-               params: SamplingParams | None = None) -> RequestHandle:
+               params: SamplingParams | None = None, tenant: str = "") -> RequestHandle:
         """Queue a request; QueueFull when the queue is at its bound, ValueError for overlapping adapters."""
         adapters = list(adapters)
         if len(adapters) > 1:
             check_disjoint(adapters)
-        handle = RequestHandle(list(prompt_ids), adapters, params or SamplingParams())
+        handle = RequestHandle(list(prompt_ids), adapters, params or SamplingParams(), tenant)
         with self.cv:
             if len(self.pending) >= self.max_queue:
                 batches_ahead = len(self.pending) / self.max_batch_size + 1
@@ -324,89 +184,184 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self.cv:
-                while self.running and not self.pending:
+                while self.running and not self.pending and not self.joining and self.batch is None:
+                    self._idle()
                     self.cv.wait()
-                if not self.running:
+                if not self.running and not self.joining and self.batch is None:
+                    self._idle()
                     return
-                batch: list[RequestHandle] = []
-                while self.pending and len(batch) < self.max_batch_size:
-                    handle = self.pending.popleft()
-                    if handle.cancelled.is_set():
-                        handle.emit(Completion("", len(handle.prompt_ids), 0, "cancelled"))
-                    else:
-                        batch.append(handle)
-            if not batch:
-                continue
+                if self.batch is None and not self.joining:
+                    self.stats["batches"] += 1
+                self._admit()
             try:
-                self._run(batch)
-            except Exception as exc:  # the batch fails, the engine keeps serving
-                for handle in batch:
+                self._step()
+            except Exception as exc:  # the requests in flight fail, the engine keeps serving
+                for handle in self.joining + (self.batch.handles if self.batch else []):
                     handle.emit(exc)
+                self.batch, self.joining, self.prefilled, self.banked = None, [], {}, None
+                self._idle()
 
-    def _run(self, batch: list[RequestHandle]) -> None:
-        self.stats["batches"] += 1
-        sets = {tuple(id(a) for a in h.adapters) for h in batch}
-        if len(sets) == 1 and (self.merge_single or not batch[0].adapters):
-            self.stats["merged_batches"] += 1
-            merged = merge_adapters(self.model, batch[0].adapters, self.regions) if batch[0].adapters else None
-            try:
-                self._decode(batch)
-            finally:
-                if merged is not None:
-                    merged.unmerge()
-            return
-        self.stats["mixed_batches"] += 1
-        self.hooks.active = build_banks([h.adapters for h in batch], self.hooks.shapes(), self.device)
-        try:
-            self._decode(batch)
-        finally:
-            self.hooks.active = {}
+    def _admit(self) -> None:
+        """Waiting requests join, tenant by tenant in turn, while the batch has room (called under cv)."""
+        room = self.max_batch_size - len(self.joining) - (len(self.batch.rows) if self.batch else 0)
+        if self.batch is not None and not joinable(self.batch.cache):
+            room = 0  # this model's cache cannot take rows in mid-run: the next batch starts when it ends
+        while self.pending and room > 0 and self.running:
+            handle = self.pending.popleft()
+            if handle.cancelled.is_set():
+                handle.emit(Completion("", len(handle.prompt_ids), 0, "cancelled"))
+                continue
+            self.joining.append(handle)
+            room -= 1
+
+    def _idle(self) -> None:
+        """Nothing in flight: the live weights go back to the base model's."""
+        self._unmerge()
+        self.hooks.active, self.banked = {}, None
+
+    def _unmerge(self) -> None:
+        if self.merged is not None and self.merged[1] is not None:
+            self.merged[1].unmerge()
+        self.merged = None
 
     @torch.no_grad()
-    def _decode(self, batch: list[RequestHandle]) -> None:
-        rows = [_Row(h, self.device) for h in batch]
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        longest = max(len(h.prompt_ids) for h in batch)
-        ids = torch.full((len(batch), longest), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), longest), dtype=torch.long)
-        for i, h in enumerate(batch):  # left padding: every row's next token sits in the last column
-            ids[i, longest - len(h.prompt_ids):] = torch.tensor(h.prompt_ids)
-            mask[i, longest - len(h.prompt_ids):] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = None
-        while rows:
-            started = time.perf_counter()
+    def _step(self) -> None:
+        """One step: the adapters applied as the requests in flight need, at most one prefill forward,
+        then one decode step for the running batch."""
+        handles = self.joining + (self.batch.handles if self.batch else [])
+        self._apply_adapters(handles)
+        if self.joining:
+            self._prefill()
+        if self.batch is not None:
+            self._decode_step()
+
+    def _apply_adapters(self, handles: list[RequestHandle]) -> None:
+        sets = {h.adapter_set for h in handles}
+        first = handles[0].adapters if handles else []
+        if len(sets) == 1 and (self.merge_single or not first):
+            key = next(iter(sets))
+            if self.merged is None or self.merged[0] != key:
+                self._idle()
+                self.stats["merged_batches"] += 1
+                self.merged = (key, merge_adapters(self.model, first, self.regions) if first else None)
+            return
+        if self.merged is not None:
+            self._unmerge()
+            self.banked = None
+        if self.banked is None:
+            self.stats["mixed_batches"] += 1
+        self._bank([] if self.batch is None else self.batch.handles)
+
+    def _bank(self, handles: list[RequestHandle]) -> None:
+        """Row banks for these handles' adapters (rebuilt only when the rows changed)."""
+        ids = [id(h) for h in handles]
+        if self.banked != ids:
+            self.hooks.active = build_banks([h.adapters for h in handles], self.hooks.shapes(), self.device)
+            self.banked = ids
+
+    def _forward(self, handles: list[RequestHandle], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
+                 cache: Any) -> tuple[torch.Tensor, Any]:
+        """The model on these rows; in unmerged mode their own banks are active for it."""
+        decode = self.batch is not None and handles == self.batch.handles
+        if self.merged is None and not decode:  # a prefill while the batch has its banks: swap them
+            saved, saved_ids = self.hooks.active, self.banked
+            self.hooks.active, self.banked = {}, None
+            self._bank(handles)
+        try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              **{CACHE_FIELD: cache})
-            cache = getattr(out, CACHE_FIELD)
-            logits = out.logits[:, -1]  # (B, V)
-            greedy = logits.argmax(-1).tolist()
-            for i, row in enumerate(rows):
-                if row.handle.cancelled.is_set():
-                    row.finish = "cancelled"
-                    continue
-                token = greedy[i] if row.params.temperature <= 0 else row.sample(logits[i])
-                produced = len(row.produced)
-                row.push(token, self.tokenizer, self.eos)
-                if row.logprobs is not None and len(row.produced) > produced:  # a token kept, not EOS
-                    row.record_logprob(token, torch.log_softmax(logits[i].float(), dim=-1), self.tokenizer)
-            self.stats["generated_tokens"] += len(rows)
-            self.step_seconds = 0.9 * self.step_seconds + 0.1 * (time.perf_counter() - started)
-            keep = [i for i, row in enumerate(rows) if row.finish is None]
-            for row in rows:
-                if row.finish is not None:
-                    row.close(row.finish)
-            if not keep:
-                return
-            next_tokens = torch.tensor([[rows[i].produced[-1]] for i in keep], device=self.device)
-            if len(keep) < len(rows):
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask, positions = mask.index_select(0, index), positions.index_select(0, index)
-                if self.hooks.active:
-                    self.hooks.select_rows(index)
-                rows = [rows[i] for i in keep]
-            ids = next_tokens
-            mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
-            positions = positions[:, -1:] + 1
+        finally:
+            if self.merged is None and not decode:
+                self.hooks.active, self.banked = saved, saved_ids
+        return out.logits[:, -1], getattr(out, CACHE_FIELD)
+
+    def _prefill(self) -> None:
+        """Prompts that fit in a chunk: all together in one forward. Otherwise the first long prompt, one
+        chunk of it. A prompt fully read gives its first token and joins the running batch."""
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        short = [h for h in self.joining if id(h) not in self.prefilled and len(h.prompt_ids) <= self.prefill_chunk]
+        if short:
+            longest = max(len(h.prompt_ids) for h in short)
+            ids = torch.full((len(short), longest), pad, dtype=torch.long)
+            mask = torch.zeros((len(short), longest), dtype=torch.long)
+            for i, h in enumerate(short):  # left padding: every row's next token sits in the last column
+                ids[i, longest - len(h.prompt_ids):] = torch.tensor(h.prompt_ids)
+                mask[i, longest - len(h.prompt_ids):] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            self._start_rows(short, ids, mask, positions, None)
+            return
+        handle = self.joining[0]  # a long prompt: one more chunk of it
+        cache, done = self.prefilled.get(id(handle), (None, 0))
+        end = min(done + self.prefill_chunk, len(handle.prompt_ids))
+        ids = torch.tensor([handle.prompt_ids[done:end]], device=self.device)
+        mask = torch.ones((1, end), dtype=torch.long, device=self.device)
+        positions = torch.arange(done, end, device=self.device)[None]
+        if end < len(handle.prompt_ids):
+            _, cache = self._forward([handle], ids, mask, positions, cache)
+            self.prefilled[id(handle)] = (cache, end)
+            return
+        self.prefilled.pop(id(handle), None)
+        self._start_rows([handle], ids, mask, positions, cache)
+
+    def _start_rows(self, handles: list[RequestHandle], ids: torch.Tensor, mask: torch.Tensor,
+                    positions: torch.Tensor, cache: Any) -> None:
+        """The prompts' last forward: first tokens, then the rows join the running batch."""
+        started = time.perf_counter()
+        logits, cache = self._forward(handles, ids, mask, positions, cache)
+        for h in handles:
+            self.joining.remove(h)
+        rows = [Row(h, self.device) for h in handles]
+        fresh = Batch(rows, cache, mask, positions[:, -1:] + 1, torch.zeros((len(rows), 1), dtype=torch.long,
+                                                                             device=self.device))
+        self._take_tokens(fresh, logits, started)
+        if not fresh.rows:
+            return
+        if self.batch is None:
+            self.batch = fresh
+        else:
+            self.stats["joined"] += len(fresh.rows)
+            self.batch.join(fresh)
+        if self.merged is None:
+            self._bank(self.batch.handles)
+
+    def _decode_step(self) -> None:
+        batch = self.batch
+        assert batch is not None
+        started = time.perf_counter()
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        logits, batch.cache = self._forward(batch.handles, batch.next_ids, mask, batch.positions, batch.cache)
+        batch.mask, batch.positions = mask, batch.positions + 1
+        self._take_tokens(batch, logits, started)
+        if not batch.rows:
+            self.batch = None
+        elif self.merged is None:
+            self._bank(batch.handles)
+
+    def _take_tokens(self, batch: Batch, logits: torch.Tensor, started: float) -> None:
+        """Each row takes its token (B, V logits); finished rows leave the batch."""
+        greedy = logits.argmax(-1).tolist()
+        for i, row in enumerate(batch.rows):
+            if row.handle.cancelled.is_set():
+                row.finish = "cancelled"
+                continue
+            token = greedy[i] if row.params.temperature <= 0 else row.sample(logits[i])
+            produced = len(row.produced)
+            row.push(token, self.tokenizer, self.eos)
+            if row.logprobs is not None and len(row.produced) > produced:  # a token kept, not EOS
+                row.record_logprob(token, torch.log_softmax(logits[i].float(), dim=-1), self.tokenizer)
+        self.stats["generated_tokens"] += len(batch.rows)
+        self.step_seconds = 0.9 * self.step_seconds + 0.1 * (time.perf_counter() - started)
+        keep = [i for i, row in enumerate(batch.rows) if row.finish is None]
+        for row in batch.rows:
+            if row.finish is not None:
+                row.close(row.finish)
+        if self.merged is None and self.banked is not None and len(keep) < len(batch.rows) and batch is self.batch:
+            self.hooks.select_rows(torch.tensor(keep, device=self.device))
+            self.banked = [self.banked[i] for i in keep]
+        batch.next_ids = torch.tensor([[row.produced[-1] if row.finish is None else 0] for row in batch.rows],
+                                      dtype=torch.long, device=self.device)
+        if keep:
+            batch.keep(keep)
+        else:
+            batch.rows = []

@@ -25,7 +25,7 @@ from app.metrics import observe_generation
 from app.models import Adapter, Tenant
 from app.services.adapters import get_adapter
 from app.storage import get_store
-from sbora_core.engine import Completion, SamplingParams
+from sbora_core.generation import Completion, SamplingParams
 
 
 @dataclass
@@ -54,7 +54,7 @@ def resolve_target(session: Session, tenant: Tenant, model: str | None, adapter_
 
 def start_generation(model_id: str, adapters: list[Adapter], prompt: str | None,
                      messages: list[dict[str, str]] | None, params: SamplingParams,
-                     weights: list[float] | None = None) -> Generation:
+                     weights: list[float] | None = None, tenant: str = "") -> Generation:
     """Queue the request in the engine process; Invalid, QueueFull or AdapterIntegrityError when it is
     refused (blocking: call in a thread)."""
     settings = get_settings()
@@ -66,7 +66,8 @@ def start_generation(model_id: str, adapters: list[Adapter], prompt: str | None,
                                          "give one per adapter_id, in the same order")
     refs = [AdapterRef(a.id, str(store.local_path(a.storage_key)), a.weights_sha256, w)
             for a, w in zip(adapters, weights or [1.0] * len(adapters), strict=True)]
-    handle = get_engine_process().submit(model_id, catalog.source_of(model_id), refs, prompt, messages, params)
+    handle = get_engine_process().submit(model_id, catalog.source_of(model_id), refs, prompt, messages, params,
+                                         tenant)
     return Generation(handle, model_id, [a.id for a in adapters])
 
 

@@ -11,7 +11,7 @@ from app.api.responses import ENGINE_RESTARTED
 from app.errors import Invalid
 from app.schemas import GenerateRequest, GenerateResponse
 from app.services.generation import complete, resolve_target, start_generation, stream_pieces
-from sbora_core.engine import Completion, SamplingParams
+from sbora_core.generation import Completion, SamplingParams
 
 router = APIRouter(tags=["generate"])
 
@@ -31,7 +31,7 @@ async def generate(req: GenerateRequest, session: SessionDep, tenant: CurrentTen
     params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, stop, req.seed)
     messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
     generation = await run_in_threadpool(start_generation, model_id, adapters, req.prompt, messages, params,
-                                         req.adapter_weights)
+                                         req.adapter_weights, tenant.id)
 
     def response(done: Completion) -> GenerateResponse:
         return GenerateResponse(text=done.text, base_model=model_id, adapter_ids=generation.adapter_ids,

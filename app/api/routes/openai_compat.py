@@ -40,7 +40,7 @@ from app.services.generation import (
     start_generation,
     stream_pieces,
 )
-from sbora_core.engine import Completion, SamplingParams, TokenLogprob
+from sbora_core.generation import Completion, SamplingParams, TokenLogprob
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -86,11 +86,12 @@ def _params(req: SamplingRequest, max_tokens: int, logprobs: int | None) -> Samp
     return SamplingParams(max_tokens, req.temperature, req.top_p, stop, req.seed, req.ignore_eos, logprobs)
 
 
-async def _start(model_id: str, adapters: list, prompt: str | None, messages: list[dict[str, str]] | None,
+async def _start(tenant, model_id: str, adapters: list, prompt: str | None, messages: list[dict[str, str]] | None,
                  params: SamplingParams, max_tokens_field: str) -> Generation:
     """start_generation, with errors naming the OpenAI request's fields."""
     try:
-        return await run_in_threadpool(start_generation, model_id, adapters, prompt, messages, params)
+        return await run_in_threadpool(start_generation, model_id, adapters, prompt, messages, params, None,
+                                       tenant.id)
     except Invalid as exc:
         field = {"adapter_id": "model", "max_new_tokens": max_tokens_field}.get(exc.field, exc.field)
         if field == "prompt" and messages is not None:
@@ -232,7 +233,7 @@ async def completions(req: CompletionRequest, session: SessionDep, tenant: Curre
         raise Invalid("prompt", "prompt: give a string or a non-empty list of strings")
     model_id, adapters = _target(session, tenant, req.model)
     params = _params(req, req.max_tokens, req.logprobs)
-    generations = [await _start(model_id, adapters, p, None, params, "max_tokens") for p in prompts]
+    generations = [await _start(tenant, model_id, adapters, p, None, params, "max_tokens") for p in prompts]
     ident, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
 
     def body(choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
@@ -263,7 +264,7 @@ async def chat_completions(req: ChatCompletionRequest, session: SessionDep, tena
     max_tokens = req.max_completion_tokens or req.max_tokens or 256
     field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     params = _params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-    generation = await _start(model_id, adapters, None, messages, params, field)
+    generation = await _start(tenant, model_id, adapters, None, messages, params, field)
     ident, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
 
     def body(obj: str, choices: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
