@@ -7,10 +7,11 @@ base models and their `sbora_core.engine.Engine`s; the API sends it requests
 and receives text pieces over two multiprocessing queues:
 
     API -> engine  ("submit", rid, model_id, model_source, adapters, prompt, messages, params, tenant)
-                   ("cancel", rid) | ("stop",)
+                   ("cancel", rid) | ("warm", model_id, model_source) | ("stop",)
     engine -> API  (rid, "accepted")  then  (rid, "text", str)...  (rid, "done", Completion)
                    or (rid, "invalid", field, message) | (rid, "queue_full", seconds)
                    | (rid, "integrity", message) | (rid, "failed", message)
+                   ("", "warm", model_id) once a model is loaded and has run a forward
 
 A child that dies fails the requests in flight with an error, and the next
 request starts a new one. The child imports sbora_core and nothing of the
@@ -95,6 +96,7 @@ class EngineProcess:
         self.process.start()
         self.inflight: dict[str, RemoteRequest] = {}
         self.cache_stats: dict[str, int] = {}  # the child's adapter cache counters, sent after each submit
+        self.warm: set[str] = set()  # models the child has loaded and run
         self.lock = threading.Lock()
         self.reader = threading.Thread(target=self._read_replies, name="engine-replies", daemon=True)
         self.reader.start()
@@ -104,6 +106,11 @@ class EngineProcess:
 
     def send(self, message: tuple) -> None:
         self.requests.put(message)
+
+    def warm_up(self, models: dict[str, str]) -> None:
+        """Load these models (id -> source) now, before any request asks for them."""
+        for model_id, source in models.items():
+            self.send(("warm", model_id, source))
 
     def submit(self, model_id: str, model_source: str, adapters: list[AdapterRef], prompt: str | None,
                messages: list[dict[str, str]] | None, params: SamplingParams, tenant: str = "") -> RemoteRequest:
@@ -152,6 +159,9 @@ class EngineProcess:
             if kind == "cache_stats":
                 self.cache_stats = rest[0]
                 continue
+            if kind == "warm":
+                self.warm.add(rest[0])
+                continue
             with self.lock:
                 request = self.inflight.get(rid)
                 if request is not None and kind not in ("accepted", "text"):
@@ -197,8 +207,11 @@ _engine: EngineProcess | None = None
 _engine_lock = threading.Lock()
 
 
+_warm_models: dict[str, str] = {}  # what every new engine process loads at once (id -> source)
+
+
 def get_engine_process() -> EngineProcess:
-    """The engine process, started on first use and again after it died."""
+    """The engine process, started on first use and again after it died (warmed up again)."""
     global _engine
     with _engine_lock:
         if _engine is None or not _engine.alive():
@@ -210,7 +223,22 @@ def get_engine_process() -> EngineProcess:
             _engine = EngineProcess(EngineLimits(settings.engine_max_batch_size, settings.engine_max_queue,
                                                  settings.adapter_cache_bytes, settings.resolved_torch_threads,
                                                  settings.model_cache))
+            _engine.warm_up(_warm_models)
         return _engine
+
+
+def warm_engines(models: dict[str, str]) -> None:
+    """Start the engine process now and load `models` in it (id -> source), and again after restarts."""
+    _warm_models.clear()
+    _warm_models.update(models)
+    get_engine_process()
+
+
+def engines_warm(models: list[str]) -> list[str]:
+    """Which of `models` the running engine process has not loaded yet."""
+    engine = _engine
+    warm = engine.warm if engine is not None and engine.alive() else set()
+    return [m for m in models if m not in warm]
 
 
 class EngineWatchdog(threading.Thread):
@@ -278,6 +306,15 @@ def serve(requests: multiprocessing.Queue, replies: multiprocessing.Queue, limit
             handle = handles.get(message[1])
             if handle is not None:
                 handle.cancel()
+            continue
+        if message[0] == "warm":
+            _, model_id, source = message
+            try:
+                engine = engines.get(model_id) or engines.setdefault(model_id, _new_engine(source, limits))
+                engine.generate([engine.tokenizer.eos_token_id or 0], [], SamplingParams(max_new_tokens=1))
+                replies.put(("", "warm", model_id))
+            except Exception:  # the first request will meet (and report) the same problem
+                log.exception("could not warm up %s", model_id)
             continue
         _, rid, model_id, source, adapters, prompt, messages, params, tenant = message
         try:

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app import catalog
 from app.api.middleware import ObservedRequests
 from app.api.responses import ERROR_RESPONSES, OPENAI_ERROR_RESPONSES
 from app.api.routes import (
@@ -26,7 +27,7 @@ from app.api.routes import (
     openai_finetune,
 )
 from app.core.config import get_settings
-from app.engine_process import EngineStopped, EngineWatchdog, reset_engines
+from app.engine_process import EngineStopped, EngineWatchdog, reset_engines, warm_engines
 from app.errors import Conflict, Invalid, NotFound, QuotaExceeded, TooLarge, Unsupported
 from app.migrate import upgrade_database
 from app.reconcile import Reconciler
@@ -43,6 +44,8 @@ async def lifespan(_: FastAPI):
     reconciler.start()
     watchdog = EngineWatchdog()
     watchdog.start()
+    if settings.engine_warm_start:
+        warm_engines({model_id: catalog.source_of(model_id) for model_id in catalog.offered()})
     yield
     watchdog.stop()
     reconciler.stop()

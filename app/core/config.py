@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     generate_max_new_tokens: int = Field(1024, description="upper bound on max_new_tokens per request")
     engine_max_batch_size: int = Field(16, description="requests decoded together in one batch")
     engine_max_queue: int = Field(64, description="requests waiting for generation before 429")
+    engine_warm_start: bool = Field(True, description="load every offered model into the generation engine when "
+                                                      "the API starts (/readyz waits for it), not on first use")
     adapter_cache_bytes: int = Field(1 << 30, description="bytes of adapters kept loaded per base model (LRU)")
     torch_threads: int = Field(0, ge=0, description="CPU threads torch uses in each worker and in the generation "
                                                    "engine; 0: half the cores each")

@@ -37,9 +37,13 @@ def wait_status(client, headers, job_id, statuses, timeout=180.0):
 
 def test_health_and_models(client, alice):
     assert client.get("/healthz").json() == {"status": "ok"}
-    # Ready once the stack's worker has sent its first heartbeat.
+    # Ready once the stack's worker has sent its first heartbeat and the engine has loaded the model.
     ready = wait_for(lambda: (r := client.get("/readyz")).status_code == 200 and r, 60, 0.2, "readiness")
-    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "store": "ok", "workers": "ok"}
+    assert ready.json()["checks"] == {"database": "ok", "broker": "ok", "store": "ok", "workers": "ok",
+                                      "engine": "ok"}
+    from app.engine_process import get_engine_process
+
+    assert get_engine_process().warm == {TINY}  # loaded at start, before any request asked
     models = client.get("/models", headers=alice).json()
     assert [m["id"] for m in models] == [TINY]
     assert models[0]["linear_modules"]["q_proj"] == {"d_out": 64, "d_in": 64}

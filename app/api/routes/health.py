@@ -4,9 +4,10 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import text
 
-from app import metrics
+from app import catalog, metrics
 from app.core.config import get_settings
 from app.core.db import get_engine, get_sessionmaker
+from app.engine_process import engines_warm
 from app.queue import broker_reachable
 from app.services import workers
 from app.storage import get_store
@@ -35,6 +36,9 @@ def readyz() -> JSONResponse:
                 live[worker.queue] = live.get(worker.queue, 0) + 1
         queue = get_settings().train_queue
         checks["workers"] = "ok" if live.get(queue) else f"no live worker on queue {queue!r}"
+        if get_settings().engine_warm_start:
+            cold = engines_warm(list(catalog.offered()))
+            checks["engine"] = "ok" if not cold else f"loading {', '.join(cold)}"
     except Exception as exc:
         checks["database"] = f"unreachable: {type(exc).__name__}"
     checks["broker"] = "ok" if broker_reachable() else "unreachable"
