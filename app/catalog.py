@@ -15,6 +15,7 @@ from app.core.config import get_settings
 from sbora_core import models
 from sbora_core.config import SBoRAConfig
 from sbora_core.inject import check_config
+from sbora_core.linear import shape_of
 
 
 class UnknownBaseModel(ValueError):
@@ -69,7 +70,7 @@ def target_shapes(model_id: str, method: dict[str, Any]) -> dict[str, tuple[int,
     """(d_out, d_in) of every layer `method` adapts on the model (read from its config, no weights)."""
     use_model_cache()
     layers = check_config(models.meta_model(source_of(model_id)), SBoRAConfig(**method))
-    return {name: (layer.out_features, layer.in_features) for name, layer in layers.items()}
+    return {name: shape_of(layer) for name, layer in layers.items()}
 
 
 def check_method(model_id: str, method: dict[str, Any]) -> None:

@@ -144,7 +144,7 @@ class AdapterGroup(Timestamps, Base):
     base_model: Mapped[str] = mapped_column(String(500))
     variant: Mapped[str] = mapped_column(String(16))
     r: Mapped[int] = mapped_column(Integer)
-    target_modules: Mapped[list[Any]] = mapped_column(default=list)  # ["all-linear"] for every linear layer
+    target_modules: Mapped[list[Any]] = mapped_column(default=list)  # names, or one preset: ["all-linear"]
     index_seed: Mapped[int] = mapped_column(Integer)
 
 

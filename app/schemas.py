@@ -74,7 +74,8 @@ class MethodSpec(BaseModel):
     r: int = spec_field(SBoRAConfig, "r", ge=1, le=65536)
     alpha: float = spec_field(SBoRAConfig, "alpha", gt=0, le=1e6)
     dropout: float = spec_field(SBoRAConfig, "dropout", ge=0, lt=1)
-    target_modules: ModuleNames | Literal["all-linear"] = spec_field(SBoRAConfig, "target_modules")
+    target_modules: ModuleNames | Literal["all-linear", "attention", "mlp"] = spec_field(SBoRAConfig,
+                                                                                         "target_modules")
     index_seed: int = spec_field(SBoRAConfig, "index_seed", ge=0, le=2**31 - 1)
 
 
@@ -214,7 +215,8 @@ class GroupCreate(BaseModel):
     base_model: str = Field("smollm2-135m-instruct", min_length=1, max_length=500)
     variant: Literal["sbora_fa", "sbora_fb", "lora"] = Field("sbora_fa", description="sbora_fa or sbora_fb")
     r: int = Field(8, ge=1, le=65536, description="rank of every member")
-    target_modules: ModuleNames | Literal["all-linear"] = spec_field(SBoRAConfig, "target_modules")
+    target_modules: ModuleNames | Literal["all-linear", "attention", "mlp"] = spec_field(SBoRAConfig,
+                                                                                         "target_modules")
 
 
 class GroupLayer(BaseModel):

@@ -25,6 +25,7 @@ from sbora_core.adapter import ModuleDelta, SparseAdapter
 from sbora_core.config import SBoRAConfig
 from sbora_core.files import atomic_write
 from sbora_core.inject import inject_adapter, linear_modules
+from sbora_core.linear import shape_of
 
 FORMAT = "sbora-adapter"
 FORMAT_VERSION = 1
@@ -137,7 +138,7 @@ def check_compatible(adapter: SparseAdapter, model: nn.Module, fingerprint: str 
         layer = linears.get(name)
         if layer is None:
             raise AdapterMismatchError(f"{name}: the base model has no such linear module")
-        shape = (layer.out_features, layer.in_features)
+        shape = shape_of(layer)
         if shape != delta.shape:
             raise AdapterMismatchError(f"{name}: adapter expects shape {delta.shape}, the model has {shape}")
 
@@ -184,7 +185,7 @@ def export_peft(adapter: SparseAdapter, directory: str | Path, base_model_name_o
         "lora_dropout": adapter.config.dropout,
         "target_modules": sorted({n.split(".")[-1] for n in adapter.modules}),
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": bool(adapter.metadata.get("fan_in_fan_out")),  # GPT-2's Conv1D layers
         "inference_mode": True,
         "init_lora_weights": True,
         "use_rslora": False,

@@ -16,6 +16,9 @@ from typing import Any
 from sbora_core.variants import VARIANTS, Variant, get_variant
 
 ALL_LINEAR = "all-linear"
+# Layer sets named by role, as PEFT names them: every linear layer but the output head, the attention
+# projections, the MLP's. Resolved per model family (`inject.layer_role`).
+PRESETS = (ALL_LINEAR, "attention", "mlp")
 # The seven projections of the LLaMA family, as targeted by the reference code.
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -50,8 +53,10 @@ class SBoRAConfig:
     alpha: float = field(default=64.0, metadata={"help": "scaling numerator; the update is scaled by alpha/r"})
     dropout: float = field(default=0.05, metadata={"help": "dropout on the adapter path's input, 0 <= p < 1"})
     target_modules: list[str] | str = field(
-        default_factory=lambda: list(LLAMA_PROJECTIONS),
-        metadata={"help": "module names (last path component) to adapt, or 'all-linear'"},
+        default=ALL_LINEAR,
+        metadata={"help": "module names (last path component) to adapt, or a preset: 'all-linear' (every "
+                          "linear layer but the output head: the seven projections on LLaMA-family models), "
+                          "'attention' or 'mlp'"},
     )
     index_seed: int = field(
         default=0, metadata={"help": "seed from which each layer's index set is drawn reproducibly"}
@@ -76,12 +81,13 @@ class SBoRAConfig:
             raise ConfigError("dropout", f"must be in [0, 1), got {self.dropout!r}")
         self.dropout = float(self.dropout)
         if isinstance(self.target_modules, str):
-            if self.target_modules != ALL_LINEAR:
+            if self.target_modules not in PRESETS:
                 self.target_modules = [self.target_modules]
         else:
             names = list(self.target_modules)
             if not names or not all(isinstance(n, str) and n for n in names):
-                raise ConfigError("target_modules", "give a non-empty list of module names, or 'all-linear'")
+                raise ConfigError("target_modules", f"give a non-empty list of module names, or one of "
+                                                    f"{', '.join(PRESETS)}")
             self.target_modules = names
         if not is_int(self.index_seed) or self.index_seed < 0:
             raise ConfigError("index_seed", f"must be a non-negative integer, got {self.index_seed!r}")

@@ -11,46 +11,70 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
-from typing import cast
 
 import torch
 from torch import nn
 
 from sbora_core.adapter import SparseAdapter
-from sbora_core.config import ALL_LINEAR, ConfigError, SBoRAConfig
-from sbora_core.layers import SBoRALinear, is_adaptable_linear
+from sbora_core.config import ALL_LINEAR, PRESETS, ConfigError, SBoRAConfig
+from sbora_core.layers import SBoRALinear
+from sbora_core.linear import is_adaptable_linear, is_conv1d, shape_of
 
-# Never adapted under 'all-linear': the output head (PEFT excludes it too).
-_EXCLUDED_FROM_ALL_LINEAR = ("lm_head",)
+# Never adapted by a preset: the output head (PEFT excludes it too).
+_OUTPUT_HEADS = ("lm_head", "embed_out")
+# What a layer does, by the modules it sits in or its own name, across model families.
+_ATTENTION_PARTS = ("attn", "attention")
+_MLP_PARTS = ("mlp", "ffn", "feed_forward")
+_MLP_NAMES = ("fc1", "fc2", "c_fc", "w1", "w2", "w3", "gate_proj", "up_proj", "down_proj", "gate_up_proj",
+              "dense_h_to_4h", "dense_4h_to_h")
+
+
+def layer_role(name: str) -> str | None:
+    """`attention`, `mlp` or None for a linear layer's full name (LLaMA's self_attn.q_proj, GPT-2's
+    attn.c_attn and mlp.c_fc, OPT's fc1, GPT-NeoX's attention.query_key_value, ...)."""
+    *parents, last = name.split(".")
+    if any(word in part for part in parents for word in _ATTENTION_PARTS):
+        return "attention"
+    if any(word in part for part in parents for word in _MLP_PARTS) or last in _MLP_NAMES:
+        return "mlp"
+    return None
 
 
 def _adaptable(module: nn.Module) -> bool:
     return is_adaptable_linear(module) and not isinstance(module, SBoRALinear)
 
 
-def linear_modules(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, nn.Linear]:
+def linear_modules(model: nn.Module, names: Iterable[str] | None = None) -> dict[str, nn.Module]:
     """Every adaptable linear layer (full precision or bitsandbytes), by full name; with `names`,
     only those (looked up one by one: cheaper than walking the model on every merge)."""
     if names is None:
         return {name: module for name, module in model.named_modules() if _adaptable(module)}
-    found: dict[str, nn.Linear] = {}
+    found: dict[str, nn.Module] = {}
     for name in names:
         try:
             module = model.get_submodule(name)
         except AttributeError:
             continue
         if _adaptable(module):
-            found[name] = cast(nn.Linear, module)  # nn.Linear or one of bitsandbytes' subclasses
+            found[name] = module
     return found
 
 
-def select_targets(model: nn.Module, target_modules: list[str] | str) -> dict[str, nn.Linear]:
+def select_targets(model: nn.Module, target_modules: list[str] | str) -> dict[str, nn.Module]:
     """The linear layers a config's `target_modules` names; ConfigError if none match."""
     linears = {
         name: m for name, m in linear_modules(model).items() if not name.endswith(".base_layer")
     }
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    heads = {id(output_embeddings())} if callable(output_embeddings) else set()
+    bodies = {n: m for n, m in linears.items() if n.split(".")[-1] not in _OUTPUT_HEADS and id(m) not in heads}
     if target_modules == ALL_LINEAR:
-        chosen = {n: m for n, m in linears.items() if n.split(".")[-1] not in _EXCLUDED_FROM_ALL_LINEAR}
+        chosen = bodies
+    elif isinstance(target_modules, str) and target_modules in PRESETS:
+        chosen = {n: m for n, m in bodies.items() if layer_role(n) == target_modules}
+        if not chosen:
+            raise ConfigError("target_modules", f"this model has no {target_modules} layers that can be told apart "
+                                                f"by name; name them: {sorted({n.split('.')[-1] for n in linears})}")
     else:
         def matches(name: str, wanted: str) -> bool:
             return name == wanted or name.split(".")[-1] == wanted
@@ -88,13 +112,13 @@ def slot_capacity(config: SBoRAConfig, shapes: dict[str, tuple[int, int]]) -> in
     return min(config.kind.selection_dim(d_out, d_in) // config.r for d_out, d_in in shapes.values())
 
 
-def check_config(model: nn.Module, config: SBoRAConfig) -> dict[str, nn.Linear]:
+def check_config(model: nn.Module, config: SBoRAConfig) -> dict[str, nn.Module]:
     """The layers `config` would adapt on `model`; ConfigError naming the field if it cannot.
 
     Works on a meta-device model too, so a service can check a job before any weights load.
     """
     targets = select_targets(model, config.target_modules)
-    check_rank(config, {n: (m.out_features, m.in_features) for n, m in targets.items()})
+    check_rank(config, {n: shape_of(m) for n, m in targets.items()})
     return targets
 
 
@@ -143,7 +167,7 @@ def inject_adapter(
     for name, base in targets.items():
         layer_indices = None
         if variant.sparse:
-            dim = variant.selection_dim(base.out_features, base.in_features)
+            dim = variant.selection_dim(*shape_of(base))
             layer_indices = indices[name] if indices is not None else draw_indices(
                 dim, config.r, config.index_seed, name, config.index_slot)
         layer = SBoRALinear(base, variant, config.r, config.alpha, config.dropout, layer_indices)
@@ -184,7 +208,11 @@ def trainable_parameters(model: nn.Module) -> int:
 
 def adapter_from_model(model: nn.Module, config: SBoRAConfig, metadata: dict | None = None) -> SparseAdapter:
     """A detached copy of the adapter currently on `model`."""
-    modules = {name: layer.to_delta() for name, layer in adapter_layers(model)}
-    if not modules:
+    layers = dict(adapter_layers(model))
+    if not layers:
         raise ValueError("model carries no adapter")
-    return SparseAdapter(config=config, modules=modules, metadata=dict(metadata or {}))
+    metadata = dict(metadata or {})
+    if any(is_conv1d(layer.base_layer) for layer in layers.values()):
+        metadata["fan_in_fan_out"] = True  # the base stores W transposed (GPT-2's Conv1D): PEFT must know
+    return SparseAdapter(config=config, modules={n: layer.to_delta() for n, layer in layers.items()},
+                         metadata=metadata)

@@ -31,24 +31,8 @@ import torch
 from torch import nn
 
 from sbora_core.adapter import ModuleDelta
+from sbora_core.linear import is_quantized_linear, shape_of, weight_for_forward, weight_matrix
 from sbora_core.variants import Variant, get_variant
-
-
-def _bnb_linear_types() -> tuple[type, ...]:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
-        return ()
-    return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
-
-
-def is_quantized_linear(module: nn.Module) -> bool:
-    return isinstance(module, _bnb_linear_types())
-
-
-def is_adaptable_linear(module: nn.Module) -> bool:
-    """Linear layers an adapter can wrap (bitsandbytes layers subclass nn.Linear)."""
-    return isinstance(module, nn.Linear)
 
 
 def follow_optimizer(optimizer: torch.optim.Optimizer, layers: Iterable[SBoRALinear]) -> None:
@@ -68,7 +52,7 @@ class SBoRALinear(nn.Module):
 
     def __init__(
         self,
-        base_layer: nn.Linear,
+        base_layer: nn.Module,
         variant: Variant | str,
         r: int,
         alpha: float,
@@ -80,8 +64,7 @@ class SBoRALinear(nn.Module):
         self.variant = get_variant(variant)
         self.r = r
         self.scaling = alpha / r
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
+        self.out_features, self.in_features = shape_of(base_layer)
         self.quantized = is_quantized_linear(base_layer)
         self.sbora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.dropout_p = dropout
@@ -107,7 +90,7 @@ class SBoRALinear(nn.Module):
 
     # -- helpers -----------------------------------------------------------------
     def _weight_device(self) -> torch.device:
-        return self.base_layer.weight.device
+        return weight_matrix(self.base_layer).device
 
     @property
     def trainable(self) -> torch.Tensor:
@@ -129,6 +112,10 @@ class SBoRALinear(nn.Module):
         """The fast path applies: the variant has one and the weight is fp32 (not quantised, not half)."""
         return (self.variant.fused is not None and not self.quantized
                 and self.base_layer.weight.dtype == torch.float32)
+
+    def _weight(self) -> torch.Tensor:
+        """The base layer's W as a (d_out, d_in) view (GPT-2's Conv1D stores it transposed)."""
+        return weight_matrix(self.base_layer)
 
     @property
     def merged(self) -> bool:
@@ -170,7 +157,7 @@ class SBoRALinear(nn.Module):
                 "cannot merge into a quantised base weight; use the unmerged forward, "
                 "or export a full-precision merged model (adapter_io.export_merged)"
             )
-        weight = self.base_layer.weight.data
+        weight = self._weight()
         original = self.variant.take_region(weight, self.sbora_indices)
         new = self.variant.merged_region(original, self.scaling, self.sbora_A, self.sbora_B, "merge")
         self.variant.put_region(weight, self.sbora_indices, new)
@@ -181,7 +168,7 @@ class SBoRALinear(nn.Module):
         """Restore the original region bit for bit."""
         if self._original_region is None:
             return
-        self.variant.put_region(self.base_layer.weight.data, self.sbora_indices, self._original_region)
+        self.variant.put_region(self._weight(), self.sbora_indices, self._original_region)
         self._original_region = None
         self._merged_versions = ()
 
@@ -194,7 +181,7 @@ class SBoRALinear(nn.Module):
         # makes the next loss non-finite, which the trainer checks once per step.
         new = self.variant.merged_region(self._original_region, self.scaling, self.sbora_A, self.sbora_B,
                                          "training step", check=force)
-        self.variant.put_region(self.base_layer.weight.data, self.sbora_indices, new)
+        self.variant.put_region(self._weight(), self.sbora_indices, new)
         self._remember_factors()
 
     # -- forward -------------------------------------------------------------------
@@ -212,7 +199,7 @@ class SBoRALinear(nn.Module):
         fused = self.variant.fused
         if fused is None or not torch.is_grad_enabled() or not self.trainable.requires_grad:
             return self.base_layer(x)
-        weight, bias = self.base_layer.weight, self.base_layer.bias
+        weight, bias = weight_for_forward(self.base_layer), self.base_layer.bias
         y = fused.apply(x, weight, bias, self.trainable, self.sbora_indices, self.scaling)
         if self.training and self.dropout_p > 0:
             assert self.sbora_indices is not None

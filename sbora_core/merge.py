@@ -17,7 +17,7 @@ from torch import nn
 from sbora_core.adapter import ModuleDelta, SparseAdapter
 from sbora_core.config import SBoRAConfig
 from sbora_core.inject import linear_modules
-from sbora_core.layers import is_quantized_linear
+from sbora_core.linear import is_quantized_linear, shape_of, weight_matrix
 from sbora_core.variants import Variant, check_factor
 
 
@@ -162,9 +162,9 @@ def merge_adapters(
     for adapter in adapters:
         for name, delta in adapter.modules.items():
             layer = linears.get(name)
-            if layer is None or (layer.out_features, layer.in_features) != delta.shape:
+            if layer is None or shape_of(layer) != delta.shape:
                 raise ValueError(f"{name}: the model has no linear module of shape {delta.shape}")
-            weight = layer.weight.data
+            weight = weight_matrix(layer)
             if not weight.is_floating_point() or is_quantized_linear(layer):
                 raise ValueError(f"{name}: cannot merge into a quantised weight; load the base in full precision")
             indices = None if delta.indices is None else delta.indices.to(weight.device)

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from sbora_core.linear import is_adaptable_linear, shape_of
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 QUANTIZATIONS = ("none", "nf4", "int8")
 
@@ -187,7 +189,7 @@ def meta_model(name: str) -> nn.Module:
 def linear_shapes(name: str) -> dict[str, tuple[int, int]]:
     """(d_out, d_in) of every linear module, read from config.json without loading weights."""
     model = meta_model(name)
-    return {n: (m.out_features, m.in_features) for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return {n: shape_of(m) for n, m in model.named_modules() if is_adaptable_linear(m)}
 
 
 def model_summary(name: str) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from sbora_core.adapter import ModuleDelta, SparseAdapter
+from sbora_core.linear import is_adaptable_linear, shape_of
 from sbora_core.variants import Variant
 
 
@@ -39,7 +40,15 @@ class Bank:
         return Bank(self.variant, pick(self.indices), pick(self.A), pick(self.B))
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """out + this bank's per-row updates; x (B, T, d_in), out (B, T, d_out)."""
+        """out + this bank's per-row updates; x (B, T, d_in), out (B, T, d_out).
+
+        Some decoders (OPT's MLP) flatten the batch to (B*T, d) first; the rows stay batch-major, so
+        viewing them as (B, T, d) again lines each one up with its own adapter."""
+        if x.dim() == 2:
+            rows = (self.B if self.B is not None else self.A).shape[0]  # type: ignore[union-attr]
+            flat = self.variant.apply_bank(x.reshape(rows, -1, x.shape[-1]), out.reshape(rows, -1, out.shape[-1]),
+                                           self.indices, self.A, self.B)
+            return flat.reshape(out.shape)
         return self.variant.apply_bank(x, out, self.indices, self.A, self.B)
 
 
@@ -81,12 +90,12 @@ class RowAdapterHooks:
     """Forward hooks on a model's linear layers that apply the active banks, if any."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.modules = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+        self.modules = {n: m for n, m in model.named_modules() if is_adaptable_linear(m)}
         self.active: dict[str, list[Bank]] = {}
         self.handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
 
     def shapes(self) -> dict[str, tuple[int, int]]:
-        return {n: (m.out_features, m.in_features) for n, m in self.modules.items()}
+        return {n: shape_of(m) for n, m in self.modules.items()}
 
     def _hook(self, name: str):
         def hook(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:

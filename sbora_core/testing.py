@@ -79,3 +79,50 @@ def build_tiny_model(
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+# Tiny configurations of every model family the test matrix covers: the layer names, storage (GPT-2's
+# Conv1D), fused projections (Phi-3's qkv_proj and gate_up_proj, GPT-NeoX's query_key_value) and caches
+# (sliding windows) differ between them, which is what the matrix is about.
+def family_configs(vocab: int, eos: int, pad: int) -> dict[str, tuple[str, dict]]:
+    decoder = {"vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+               "eos_token_id": eos, "pad_token_id": pad, "bos_token_id": None}
+    return {
+        "llama": ("LlamaConfig", decoder),
+        "mistral": ("MistralConfig", {**decoder, "sliding_window": 64}),
+        "qwen2": ("Qwen2Config", decoder),
+        "qwen3": ("Qwen3Config", {**decoder, "head_dim": 16}),
+        "gemma2": ("Gemma2Config", {**decoder, "head_dim": 16, "sliding_window": 64}),
+        "gemma3": ("Gemma3TextConfig", {**decoder, "head_dim": 16, "sliding_window": 64}),
+        "phi3": ("Phi3Config", decoder),
+        "phi": ("PhiConfig", {k: v for k, v in decoder.items() if k != "num_key_value_heads"}),
+        "gpt2": ("GPT2Config", {"vocab_size": vocab, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512,
+                                "eos_token_id": eos, "bos_token_id": eos, "pad_token_id": pad}),
+        "opt": ("OPTConfig", {"vocab_size": vocab, "hidden_size": 64, "ffn_dim": 128, "num_hidden_layers": 2,
+                              "num_attention_heads": 4, "max_position_embeddings": 512, "word_embed_proj_dim": 64,
+                              "eos_token_id": eos, "bos_token_id": eos, "pad_token_id": pad}),
+        "gpt_neox": ("GPTNeoXConfig", {"vocab_size": vocab, "hidden_size": 64, "intermediate_size": 128,
+                                       "num_hidden_layers": 2, "num_attention_heads": 4,
+                                       "max_position_embeddings": 512, "eos_token_id": eos, "pad_token_id": pad,
+                                       "bos_token_id": eos}),
+        "bloom": ("BloomConfig", {"vocab_size": vocab, "hidden_size": 64, "n_layer": 2, "n_head": 4,
+                                  "eos_token_id": eos, "bos_token_id": eos, "pad_token_id": pad}),
+    }
+
+
+def build_tiny_family(family: str, directory: str | Path, *, seed: int = 0, initializer_range: float = 0.3) -> Path:
+    """A tiny randomly initialised model of `family` (see `family_configs`) and the byte tokenizer."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = build_byte_tokenizer()
+    config_class, fields = family_configs(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)[family]
+    config = getattr(transformers, config_class)(**fields)
+    config.initializer_range = initializer_range  # peaky distributions: greedy decoding not decided by rounding
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

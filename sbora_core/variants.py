@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sbora_core.linear import is_conv1d, weight_for_forward
+
 if TYPE_CHECKING:
     from sbora_core.adapter import ModuleDelta
 
@@ -277,8 +279,8 @@ class SBoRAFA(Variant):
         # Select first, then drop out: the same distribution as dropout(x)[..., I], r/d_in of the work.
         keep = dropout(torch.ones(*x.shape[:-1], indices.numel(), dtype=x.dtype, device=x.device)) \
             if dropout.training and isinstance(dropout, nn.Dropout) else None  # (..., r) mask / (1 - p)
-        if type(base) is nn.Linear:
-            return _AddColumns.apply(x, base.weight, base.bias, B, indices, scaling, keep)
+        if type(base) is nn.Linear or is_conv1d(base):  # a plain weight: one autograd function for both terms
+            return _AddColumns.apply(x, weight_for_forward(base), base.bias, B, indices, scaling, keep)
         # A quantised base runs its own kernels; the update joins them in one addmm: y + s x_I B^T.
         x_sel = x.index_select(-1, indices)  # (..., r)
         if keep is not None:

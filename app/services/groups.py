@@ -88,7 +88,8 @@ def delete_group(session: Session, tenant: Tenant, group_id: str) -> None:
 
 
 def targets(group: AdapterGroup) -> list[str] | str:
-    return group.target_modules[0] if group.target_modules == ["all-linear"] else list(group.target_modules)
+    presets = (["all-linear"], ["attention"], ["mlp"])
+    return group.target_modules[0] if group.target_modules in presets else list(group.target_modules)
 
 
 def layer_shapes(group: AdapterGroup) -> dict[str, tuple[int, int]]:

@@ -6,7 +6,7 @@ import torch
 from sbora_core.adapter_io import apply_adapter, load_adapter, save_adapter
 from sbora_core.config import SBoRAConfig
 from sbora_core.inject import adapter_from_model, adapter_layers, inject_adapter
-from sbora_core.layers import is_quantized_linear
+from sbora_core.linear import is_quantized_linear
 from sbora_core.merge import export_merged
 from sbora_core.models import load_base_model
 
