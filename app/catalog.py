@@ -1,8 +1,11 @@
-"""The base models this service offers (`SBORA_MODELS`), and checks made against them.
+"""The base models this service offers, and checks made against them.
 
-A model's public id is its known name (`smollm2-135m-instruct`) or, for a
-local directory, the directory's name. Everything here reads config files
-only; no weights are loaded.
+Two kinds: those `SBORA_MODELS` names when the service starts, and those an
+admin registers at run time (`POST /models`, `sbora models add`), kept in the
+database so every API process and worker sees them. A model's public id is its
+known name (`smollm2-135m-instruct`), a local directory's name, or the name it
+was registered under. Everything here reads config files only; no weights are
+loaded.
 """
 
 from __future__ import annotations
@@ -11,7 +14,11 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import select
+
 from app.core.config import get_settings
+from app.core.db import session_scope
+from app.models import RegisteredModel
 from sbora_core import models
 from sbora_core.config import SBoRAConfig
 from sbora_core.inject import check_config
@@ -23,14 +30,28 @@ class UnknownBaseModel(ValueError):
 
 
 @lru_cache
-def offered() -> dict[str, str]:
-    """Public model id -> what sbora_core.models resolves (a name or a directory)."""
+def configured() -> dict[str, str]:
+    """`SBORA_MODELS`: public model id -> what sbora_core.models resolves (a name or a directory)."""
     catalog: dict[str, str] = {}
     for source in get_settings().models:
         path = Path(source).expanduser()
         model_id = path.name if path.is_dir() else source
         catalog[model_id] = str(path.resolve()) if path.is_dir() else source
     return catalog
+
+
+def registered() -> dict[str, str]:
+    """Models added at run time, read afresh: another process may have just added or removed one."""
+    with session_scope() as session:
+        return {name: source for name, source in session.execute(
+            select(RegisteredModel.name, RegisteredModel.source).order_by(RegisteredModel.created_at))}
+
+
+def offered() -> dict[str, str]:
+    """Every model on offer, the configured first (the default model leads): public id -> source.
+    A configured id is never shadowed by a registered one."""
+    fixed = configured()
+    return {**fixed, **{name: source for name, source in registered().items() if name not in fixed}}
 
 
 def source_of(model_id: str) -> str:
@@ -53,17 +74,31 @@ def prepare(model_id: str) -> Path:
     return models.resolve_model(source_of(model_id))
 
 
-@lru_cache
 def summary(model_id: str) -> dict[str, Any]:
-    use_model_cache()
-    return {**models.model_summary(source_of(model_id)), "name": model_id}
+    return {**_summary(source_of(model_id)), "name": model_id}
 
 
-@lru_cache
 def tokenizer(model_id: str) -> Any:
+    return _tokenizer(source_of(model_id))
+
+
+def has_chat_template(model_id: str) -> bool:
+    return bool(getattr(tokenizer(model_id), "chat_template", None))
+
+
+# Cached by source, not by public id: a name removed and registered again may point elsewhere.
+@lru_cache(maxsize=64)
+def _summary(source: str) -> dict[str, Any]:
+    use_model_cache()
+    return models.model_summary(source)
+
+
+@lru_cache(maxsize=16)
+def _tokenizer(source: str) -> Any:
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(prepare(model_id))
+    use_model_cache()
+    return AutoTokenizer.from_pretrained(models.resolve_model(source))
 
 
 def target_shapes(model_id: str, method: dict[str, Any]) -> dict[str, tuple[int, int]]:

@@ -71,6 +71,22 @@ class ApiKey(Timestamps, Base):
     prefix: Mapped[str] = mapped_column(String(16))  # shown in listings; the key itself is never stored
     key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of the key
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # "tenant": the tenant's own objects; "admin": also what every tenant shares (the base models).
+    scope: Mapped[str] = mapped_column(String(16), default="tenant", server_default="tenant")
+
+
+class RegisteredModel(Timestamps, Base):
+    """A base model added at run time (`POST /models`), offered beside those `SBORA_MODELS` names."""
+
+    __tablename__ = "base_models"
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)  # the public id jobs and adapters use
+    source: Mapped[str] = mapped_column(String(1000))  # a directory or hub id, as sbora_core.models resolves it
+    fingerprint: Mapped[str] = mapped_column(String(80))
+    model_type: Mapped[str] = mapped_column(String(64))
+    hidden_size: Mapped[int | None] = mapped_column(Integer, default=None)
+    num_hidden_layers: Mapped[int | None] = mapped_column(Integer, default=None)
+    context_length: Mapped[int | None] = mapped_column(Integer, default=None)
+    has_chat_template: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 class Dataset(Timestamps, Base):

@@ -269,12 +269,22 @@ class GroupDetail(GroupPublic):
 
 class ModelPublic(BaseModel):
     id: str
+    origin: Literal["configured", "registered"] = Field(
+        "configured", description="configured: named by SBORA_MODELS; registered: added with POST /models")
     model_type: str | None = None
     hidden_size: int | None = None
     num_hidden_layers: int | None = None
     vocab_size: int | None = None
     max_position_embeddings: int | None = None
+    has_chat_template: bool | None = None
     linear_modules: dict[str, dict[str, int]] = {}
+
+
+class ModelRegister(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(..., min_length=1, max_length=1000,
+                        description="a model directory on the server (config.json + *.safetensors) or a hub id")
+    name: str | None = Field(None, max_length=100, description="public id; default: the directory's name")
 
 
 # -- generation --------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import signal
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 import yaml
@@ -23,7 +23,7 @@ from rich.table import Table
 console = Console(stderr=True)
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(code)
 
@@ -161,16 +161,7 @@ def eval_command(
         Console().print(table)
 
 
-def models_command() -> None:
-    """Base models available on this machine."""
-    from sbora_core.models import available_models
-
-    for name in available_models():
-        typer.echo(name)
-
-
 def register(app: typer.Typer) -> None:
     app.command("train")(train_command)
     app.command("validate")(validate_command)
     app.command("eval")(eval_command)
-    app.command("models")(models_command)

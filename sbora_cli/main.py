@@ -1,7 +1,8 @@
 """`sbora`: the command-line entry point.
 
-Local commands (no server needed): `sbora train`, `sbora validate`, `sbora eval`, `sbora models`.
-Running the service: `sbora serve` (API + one worker), `sbora worker`, `sbora migrate`, `sbora keys`.
+Local commands (no server needed): `sbora train`, `sbora validate`, `sbora eval`.
+Running the service: `sbora serve` (API + one worker), `sbora worker`, `sbora migrate`, `sbora keys`,
+`sbora models` (list, add, remove base models).
 Against a running server (SBORA_URL, SBORA_API_KEY): `sbora datasets`, `sbora jobs`, `sbora adapters`,
 `sbora generate`.
 """

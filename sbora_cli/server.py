@@ -1,4 +1,4 @@
-"""Commands that run the service on this machine: serve, worker, migrate, keys."""
+"""Commands that run the service on this machine: serve, worker, migrate, keys, models."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from sbora_cli.local import console, fail
 from sbora_cli.supervisor import Supervised
 
 keys_app = typer.Typer(no_args_is_help=True, help="Create, list and revoke API keys (run on the server).")
+models_app = typer.Typer(help="List the base models the service offers; add and remove them (run on the server).")
 LOCAL_TENANT = "local"
 
 
@@ -53,15 +54,17 @@ def worker_command(
 
 
 def local_key(data_dir: Path) -> str:
-    """The key `sbora serve` prints: kept in the data directory (mode 0600) and reused while valid."""
+    """The key `sbora serve` prints: kept in the data directory (mode 0600) and reused while valid.
+
+    It is an admin key: whoever runs the server on their machine may also add base models to it."""
     from app.core.db import session_scope
     from app.core.security import create_api_key, tenant_for_key
 
     path = data_dir / "local-api-key"
     with session_scope() as session:
-        if path.is_file() and tenant_for_key(session, path.read_text().strip()) is not None:
+        if path.is_file() and tenant_for_key(session, path.read_text().strip(), scope="admin") is not None:
             return path.read_text().strip()
-        _, plain = create_api_key(session, LOCAL_TENANT, name="printed by sbora serve")
+        _, plain = create_api_key(session, LOCAL_TENANT, name="printed by sbora serve", scope="admin")
     path.write_text(plain + "\n")
     path.chmod(0o600)
     return plain
@@ -110,7 +113,9 @@ def serve_command(
 
 @keys_app.command("create")
 def keys_create(tenant: Annotated[str, typer.Option(help="tenant the key belongs to (created if new)")],
-                name: Annotated[str, typer.Option(help="a label for the key")] = "") -> None:
+                name: Annotated[str, typer.Option(help="a label for the key")] = "",
+                admin: Annotated[bool, typer.Option(help="may also add and remove base models (POST /models)")]
+                = False) -> None:
     """Create a key and print it (shown once; only its hash is stored)."""
     from app.core.db import session_scope
     from app.core.security import create_api_key
@@ -118,9 +123,9 @@ def keys_create(tenant: Annotated[str, typer.Option(help="tenant the key belongs
 
     upgrade_database()
     with session_scope() as session:
-        key, plain = create_api_key(session, tenant, name)
+        key, plain = create_api_key(session, tenant, name, scope="admin" if admin else "tenant")
         key_id = key.id
-    console.print(f"key {key_id} for tenant {tenant}")
+    console.print(f"{'admin ' if admin else ''}key {key_id} for tenant {tenant}")
     typer.echo(plain)
 
 
@@ -131,13 +136,13 @@ def keys_list() -> None:
     from app.core.db import session_scope
     from app.models import ApiKey, Tenant
 
-    table = Table("id", "tenant", "prefix", "name", "created", "revoked")
+    table = Table("id", "tenant", "scope", "prefix", "name", "created", "revoked")
     # `sbora keys revoke` needs the id whole: never wrapped or cut, whatever the terminal's width.
     table.columns[0].no_wrap, table.columns[0].min_width = True, len("key_") + 24
     with session_scope() as session:
         for key, tenant in session.execute(select(ApiKey, Tenant).join(Tenant, ApiKey.tenant_id == Tenant.id)
                                            .order_by(ApiKey.created_at)):
-            table.add_row(key.id, tenant.name, key.prefix + "…", key.name, f"{key.created_at:%Y-%m-%d %H:%M}",
+            table.add_row(key.id, tenant.name, key.scope, key.prefix + "…", key.name, f"{key.created_at:%Y-%m-%d %H:%M}",
                           f"{key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "")
     Console().print(table)  # a listing: stdout
 
@@ -154,8 +159,68 @@ def keys_revoke(key_id: str) -> None:
     console.print(f"revoked {key_id}")
 
 
+@models_app.callback(invoke_without_command=True)
+def models_list(ctx: typer.Context) -> None:
+    """The base models the service offers (SBORA_MODELS and those added), then others this machine has."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from app import catalog
+    from app.migrate import upgrade_database
+    from sbora_core.models import available_models
+
+    upgrade_database()
+    offered, configured = catalog.offered(), catalog.configured()
+    table = Table("name", "origin", "source")
+    for name, source in offered.items():
+        table.add_row(name, "configured" if name in configured else "registered", source)
+    Console().print(table)
+    others = [name for name in available_models() if name not in offered]
+    if others:
+        console.print(f"also on this machine (for `sbora train`): {', '.join(others)}")
+
+
+@models_app.command("add")
+def models_add(source: Annotated[str, typer.Argument(help="a model directory (config.json + *.safetensors) or a "
+                                                          "hub id (org/name)")],
+               name: Annotated[str | None, typer.Option(help="public id (default: the directory's name)")] = None,
+               ) -> None:
+    """Offer another base model to every tenant: checked, fingerprinted and recorded in the database."""
+    from app.core.db import session_scope
+    from app.errors import Conflict, Invalid
+    from app.migrate import upgrade_database
+    from app.services.base_models import register_model
+
+    upgrade_database()
+    try:
+        with session_scope() as session:
+            entry = register_model(session, source, name)
+            summary = (entry.name, entry.model_type, entry.num_hidden_layers, entry.hidden_size,
+                       entry.context_length, entry.has_chat_template)
+    except (Invalid, Conflict) as exc:
+        fail(str(exc))
+    model_name, model_type, layers, hidden, context, chat = summary
+    console.print(f"added {model_name}: {model_type}, {layers} layers of width {hidden}, context {context}, "
+                  f"{'a' if chat else 'no'} chat template")
+
+
+@models_app.command("remove")
+def models_remove(name: str) -> None:
+    """Stop offering a model added with `sbora models add` (refused while jobs or adapters use it)."""
+    from app.core.db import session_scope
+    from app.errors import Conflict, NotFound
+    from app.services.base_models import remove_model
+
+    try:
+        with session_scope() as session:
+            remove_model(session, name)
+    except (Conflict, NotFound) as exc:
+        fail(str(exc))
+    console.print(f"removed {name}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("serve")(serve_command)
     app.command("worker")(worker_command)
     app.command("migrate")(migrate_command)
     app.add_typer(keys_app, name="keys")
+    app.add_typer(models_app, name="models")

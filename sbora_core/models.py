@@ -45,6 +45,10 @@ class UnknownModelError(ValueError):
     """The name is neither a known model, a model directory, nor a reachable hub id."""
 
 
+class NotACausalLM(ValueError):
+    """The directory holds a model, but not one that generates text left to right."""
+
+
 _model_cache_override: Path | None = None
 
 
@@ -190,6 +194,37 @@ def linear_shapes(name: str) -> dict[str, tuple[int, int]]:
     """(d_out, d_in) of every linear module, read from config.json without loading weights."""
     model = meta_model(name)
     return {n: shape_of(m) for n, m in model.named_modules() if is_adaptable_linear(m)}
+
+
+def describe_model(path: Path) -> dict[str, Any]:
+    """What registering a base model records: architecture, size, context length, chat template and
+    fingerprint. NotACausalLM when transformers has no causal LM for its config, or it has nothing
+    to adapt; reads config and tokenizer files, and hashes the weights (once: the hash is cached)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise NotACausalLM(f"its config.json is not one transformers reads: {exc}") from exc
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
+        raise NotACausalLM(f"model_type {config.model_type!r} is not a causal language model") from exc
+    if not any(is_adaptable_linear(m) for m in model.modules()):
+        raise NotACausalLM(f"model_type {config.model_type!r} has no linear layers an adapter can train")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise NotACausalLM(f"it has no tokenizer transformers can load ({type(exc).__name__})") from exc
+    return {
+        "model_type": config.model_type,
+        "hidden_size": getattr(config, "hidden_size", None),
+        "num_hidden_layers": getattr(config, "num_hidden_layers", None),
+        "context_length": getattr(config, "max_position_embeddings", None),
+        "has_chat_template": bool(getattr(tokenizer, "chat_template", None)),
+        "fingerprint": fingerprint_directory(path),
+    }
 
 
 def model_summary(name: str) -> dict[str, Any]:

@@ -111,12 +111,16 @@ def family_configs(vocab: int, eos: int, pad: int) -> dict[str, tuple[str, dict]
     }
 
 
-def build_tiny_family(family: str, directory: str | Path, *, seed: int = 0, initializer_range: float = 0.3) -> Path:
-    """A tiny randomly initialised model of `family` (see `family_configs`) and the byte tokenizer."""
+def build_tiny_family(family: str, directory: str | Path, *, seed: int = 0, initializer_range: float = 0.3,
+                      chat_template: bool = True) -> Path:
+    """A tiny randomly initialised model of `family` (see `family_configs`) and the byte tokenizer
+    (with a chat template, unless `chat_template` is False: as GPT-2 and other base models ship)."""
     import transformers
     from transformers import AutoModelForCausalLM
 
     tokenizer = build_byte_tokenizer()
+    if not chat_template:
+        tokenizer.chat_template = None
     config_class, fields = family_configs(len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)[family]
     config = getattr(transformers, config_class)(**fields)
     config.initializer_range = initializer_range  # peaky distributions: greedy decoding not decided by rounding

@@ -55,8 +55,8 @@ def clear_caches() -> None:
     from app import catalog, queue
     from app.core import config, db
 
-    for cached in (config.get_settings, db.get_engine, db.get_sessionmaker, catalog.offered, catalog.summary,
-                   catalog.tokenizer, queue.get_celery):
+    for cached in (config.get_settings, db.get_engine, db.get_sessionmaker, catalog.configured, catalog._summary,
+                   catalog._tokenizer, queue.get_celery):
         cached.cache_clear()
     from app.engine_process import reset_engines
 
@@ -148,12 +148,12 @@ class Stack:
                 proc.wait()
         self.workers.clear()
 
-    def key(self, tenant: str) -> str:
+    def key(self, tenant: str, scope: str = "tenant") -> str:
         from app.core.db import session_scope
         from app.core.security import create_api_key
 
         with session_scope() as session:
-            _, plain = create_api_key(session, tenant)
+            _, plain = create_api_key(session, tenant, scope=scope)
         return plain
 
 
@@ -234,9 +234,10 @@ def embedded_stack_with_worker(tmp: Path, tiny_model_dir: Path,
         teardown()
 
 
-def train_tiny_adapter(client, headers: dict, dataset_id: str, variant: str = "sbora_fa", timeout: float = 180) -> dict:
-    """A few quick steps on the tiny model through the API (a TestClient or an httpx.Client); the finished job."""
-    body = {"base_model": "tiny-llama", "training_dataset_id": dataset_id,
+def train_tiny_adapter(client, headers: dict, dataset_id: str, variant: str = "sbora_fa", timeout: float = 180,
+                       base_model: str = "tiny-llama") -> dict:
+    """A few quick steps on a tiny model through the API (a TestClient or an httpx.Client); the finished job."""
+    body = {"base_model": base_model, "training_dataset_id": dataset_id,
             "method": {"variant": variant, "r": 4, "alpha": 8},
             "hyperparameters": {"max_steps": 4, "batch_size": 4, "learning_rate": 0.01, "max_seq_len": 128}}
     job = client.post("/jobs", headers=headers, json=body).json()

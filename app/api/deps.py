@@ -43,3 +43,18 @@ def get_current_tenant(
 
 
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
+
+
+def get_admin_tenant(tenant: CurrentTenant, session: SessionDep,
+                     authorization: Annotated[str | None, Header()] = None) -> Tenant:
+    """The caller, when its key has the admin scope (what every tenant shares: the base models)."""
+    token = (authorization or "").partition(" ")[2].strip()
+    if tenant_for_key(session, token, scope="admin") is None:
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            detail="this needs an admin key; an operator creates one with `sbora keys create --tenant NAME --admin`",
+        )
+    return tenant
+
+
+AdminTenant = Annotated[Tenant, Depends(get_admin_tenant)]

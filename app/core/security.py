@@ -1,4 +1,7 @@
-"""API keys: random bearer tokens, stored only as sha256 hashes, each belonging to a tenant."""
+"""API keys: random bearer tokens, stored only as sha256 hashes, each belonging to a tenant.
+
+A key's scope is "tenant" (the tenant's own datasets, jobs, adapters) or "admin" (also what
+all tenants share: registering and removing base models)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from sqlalchemy.orm import Session
 from app.models import ApiKey, Tenant, utcnow
 
 KEY_PREFIX = "sbora-"
+SCOPES = ("tenant", "admin")
 
 
 def hash_key(key: str) -> str:
@@ -26,11 +30,14 @@ def get_or_create_tenant(session: Session, name: str) -> Tenant:
     return tenant
 
 
-def create_api_key(session: Session, tenant_name: str, name: str = "") -> tuple[ApiKey, str]:
+def create_api_key(session: Session, tenant_name: str, name: str = "", scope: str = "tenant") -> tuple[ApiKey, str]:
     """A new key for `tenant_name` (created if needed); the plain key is returned once, never stored."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope: use one of {', '.join(SCOPES)}, not {scope!r}")
     tenant = get_or_create_tenant(session, tenant_name)
     plain = KEY_PREFIX + secrets.token_urlsafe(32)
-    key = ApiKey(tenant_id=tenant.id, name=name, prefix=plain[: len(KEY_PREFIX) + 6], key_hash=hash_key(plain))
+    key = ApiKey(tenant_id=tenant.id, name=name, prefix=plain[: len(KEY_PREFIX) + 6], key_hash=hash_key(plain),
+                 scope=scope)
     session.add(key)
     session.flush()
     return key, plain
@@ -44,9 +51,10 @@ def revoke_api_key(session: Session, key_id: str) -> bool:
     return True
 
 
-def tenant_for_key(session: Session, plain: str) -> Tenant | None:
-    """The tenant of an active key, in one indexed query (it runs on every request)."""
-    return session.scalar(
-        select(Tenant).join(ApiKey, ApiKey.tenant_id == Tenant.id)
-        .where(ApiKey.key_hash == hash_key(plain), ApiKey.revoked_at.is_(None))
-    )
+def tenant_for_key(session: Session, plain: str, scope: str = "tenant") -> Tenant | None:
+    """The tenant of an active key that holds `scope`, in one indexed query (it runs on every request)."""
+    query = (select(Tenant).join(ApiKey, ApiKey.tenant_id == Tenant.id)
+             .where(ApiKey.key_hash == hash_key(plain), ApiKey.revoked_at.is_(None)))
+    if scope == "admin":
+        query = query.where(ApiKey.scope == "admin")
+    return session.scalar(query)

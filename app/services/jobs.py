@@ -15,13 +15,23 @@ from app.ids import new_id
 from app.models import TERMINAL_STATUSES, Job, JobEvent, Tenant, utcnow
 from app.schemas import JobCreate
 from app.services import groups
-from app.services.datasets import check_dataset_ref
+from app.services.datasets import check_dataset_ref, get_dataset
 from app.services.queries import owned, page
 from app.services.quotas import check_unfinished_jobs
 from sbora_core.config import ConfigError
 from sbora_core.job import Hyperparameters
 
 ALLOCATION_TRIES = 20
+
+
+def check_chat_template(session: Session, tenant: Tenant, spec: JobCreate) -> None:
+    """Chat records train on the model's own chat template; a model without one cannot take them."""
+    for field, dataset_id in (("training_dataset_id", spec.training_dataset_id),
+                              ("validation_dataset_id", spec.validation_dataset_id)):
+        if dataset_id and get_dataset(session, tenant, dataset_id).format == "chat" \
+                and not catalog.has_chat_template(spec.base_model):
+            raise Invalid(field, f"{field}: the dataset is in chat format, but {spec.base_model} has no chat "
+                                 "template; convert it to prompt/completion records, or train a model that has one")
 
 
 def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Settings) -> Job:
@@ -37,6 +47,7 @@ def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Sett
         raise Invalid("base_model", str(exc)) from exc
     check_dataset_ref(session, tenant, spec.training_dataset_id, "training_dataset_id")
     check_dataset_ref(session, tenant, spec.validation_dataset_id, "validation_dataset_id")
+    check_chat_template(session, tenant, spec)
     method = spec.method.model_dump()
     group = groups.get_group(session, tenant, spec.group) if spec.group else None
     if group is not None:

@@ -1,19 +1,40 @@
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response, status
 
 from app import catalog
-from app.api.deps import CurrentTenant
-from app.schemas import ModelPublic
+from app.api.deps import AdminTenant, CurrentTenant, SessionDep
+from app.schemas import ModelPublic, ModelRegister
+from app.services import base_models
 
 router = APIRouter(prefix="/models", tags=["models"])
+
+
+def model_public(model_id: str) -> ModelPublic:
+    summary = catalog.summary(model_id)
+    origin = "configured" if model_id in catalog.configured() else "registered"
+    return ModelPublic(id=model_id, origin=origin, has_chat_template=catalog.has_chat_template(model_id),
+                       **{k: v for k, v in summary.items() if k != "name"})
 
 
 @router.get("", response_model=list[ModelPublic])
 def list_models(tenant: CurrentTenant) -> list[ModelPublic]:
     """Base models this service fine-tunes and serves, with the dimensions that bound the rank."""
-    out = []
-    for model_id in catalog.offered():
-        summary = catalog.summary(model_id)
-        out.append(ModelPublic(id=model_id, **{k: v for k, v in summary.items() if k != "name"}))
-    return out
+    return [model_public(model_id) for model_id in catalog.offered()]
+
+
+@router.post("", response_model=ModelPublic, status_code=status.HTTP_201_CREATED)
+def register_model(body: ModelRegister, tenant: AdminTenant, session: SessionDep) -> ModelPublic:
+    """Offer another base model to every tenant (admin keys only): a directory the server and its
+    workers can read, or a hub id where they have a network. Checked before anything is recorded."""
+    entry = base_models.register_model(session, body.source, body.name)
+    session.commit()
+    return model_public(entry.name)
+
+
+@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
+def remove_model(name: str, tenant: AdminTenant, session: SessionDep) -> Response:
+    """Stop offering a registered model (admin keys only); 409 while jobs, adapters or groups use it."""
+    base_models.remove_model(session, name)
+    session.commit()
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
