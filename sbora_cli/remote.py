@@ -430,16 +430,16 @@ def groups_create(
     model: Annotated[str | None, typer.Option(help="base model (default: the server's)")] = None,
     variant: Annotated[Literal["sbora_fa", "sbora_fb"], typer.Option()] = "sbora_fa",
     r: Annotated[int, typer.Option("--r", help="rank of every member")] = 8,
-    target: Annotated[list[str] | None, typer.Option(help="a layer name to adapt (repeat; default: the seven "
-                                                          "projections)")] = None,
+    target: Annotated[list[str] | None, typer.Option(help="a layer name or preset to adapt (repeat; "
+                                                          "default: all-linear)")] = None,
     url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False,
 ) -> None:
     """Create a group; prints its id (jobs take `--group ID`)."""
     spec: dict[str, Any] = {"name": name, "variant": variant, "r": r}
     if model:
         spec["base_model"] = model
-    if target:
-        spec["target_modules"] = target
+    if target:  # one preset goes as itself; names as a list
+        spec["target_modules"] = target[0] if target in (["all-linear"], ["attention"], ["mlp"]) else target
     with ApiClient(url, key) as api:
         group = api.create_group(spec)
     if as_json:

@@ -95,7 +95,8 @@ def test_hostile_datasets_answer_4xx_and_change_nothing(client, alice, dataset):
         assert response.status_code in (413, 422), (name, response.status_code)
         assert response.json()["detail"], name
     assert _snapshot(client, alice) == before
-    assert client.get("/readyz").status_code == 200
+    # Still serving: ready once the module's worker has reported in and the engine has loaded the model.
+    wait_for(lambda: client.get("/readyz").status_code == 200, 120, 0.5, "readiness after the uploads")
 
 
 def test_hostile_requests_answer_4xx(client, alice, dataset):
@@ -125,7 +126,8 @@ def test_hostile_requests_answer_4xx(client, alice, dataset):
     for path in ("/jobs/..%2F..%2Fetc%2Fpasswd", "/datasets/ds_%2e%2e%2fetc", "/adapters/ad_zzz/metadata",
                  "/jobs/job_000000000000000000000000/events"):
         assert client.get(path, headers=alice).status_code == 404, path
-    assert client.get("/readyz").status_code == 200
+    # Still serving: ready once the module's worker has reported in and the engine has loaded the model.
+    wait_for(lambda: client.get("/readyz").status_code == 200, 120, 0.5, "readiness after the uploads")
 
 
 def test_upload_size_limit_streams_and_refuses(client, alice):
