@@ -112,12 +112,23 @@ def slot_capacity(config: SBoRAConfig, shapes: dict[str, tuple[int, int]]) -> in
     return min(config.kind.selection_dim(d_out, d_in) // config.r for d_out, d_in in shapes.values())
 
 
+# Families whose layers hand these projections' weights straight to a fused kernel: a wrapped layer
+# would be bypassed (Mamba's mixer reads x_proj/dt_proj/out_proj.weight), so they cannot be adapted.
+_WEIGHTS_READ_DIRECTLY = {"mamba": ("x_proj", "dt_proj", "out_proj"), "falcon_mamba": ("x_proj", "dt_proj", "out_proj")}
+
+
 def check_config(model: nn.Module, config: SBoRAConfig) -> dict[str, nn.Module]:
     """The layers `config` would adapt on `model`; ConfigError naming the field if it cannot.
 
     Works on a meta-device model too, so a service can check a job before any weights load.
     """
     targets = select_targets(model, config.target_modules)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    bypassed = sorted({n.split(".")[-1] for n in targets} & set(_WEIGHTS_READ_DIRECTLY.get(model_type, ())))
+    if bypassed:
+        raise ConfigError("target_modules", f"{model_type} models read the weights of {', '.join(bypassed)} directly, "
+                                            "bypassing any adapter; target the other layers by name "
+                                            f"(e.g. ['in_proj'])")
     check_rank(config, {n: shape_of(m) for n, m in targets.items()})
     return targets
 

@@ -153,3 +153,20 @@ def test_presets_resolve_per_family(family_dir):
     assert all(m is not head for m in everything.values())
     if family_dir[0] == "gpt2":  # GPT-2's layers are Conv1D, adapted all the same
         assert all(is_conv1d(m) for m in everything.values())
+
+
+def test_a_family_that_bypasses_its_layers_is_refused_by_name():
+    """Mamba's mixer passes x_proj/dt_proj/out_proj weights straight to its kernel: an adapter there
+    would silently do nothing, so it is refused; in_proj goes through the module and trains."""
+    from transformers import AutoModelForCausalLM, MambaConfig
+
+    from sbora_core.config import ConfigError
+    from sbora_core.inject import check_config
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(MambaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2))
+    with pytest.raises(ConfigError, match="read the weights of dt_proj, out_proj, x_proj directly") as caught:
+        check_config(model, SBoRAConfig(variant="sbora_fa", r=4, target_modules="all-linear"))
+    assert caught.value.field == "target_modules"
+    assert set(check_config(model, SBoRAConfig(variant="sbora_fa", r=4, target_modules=["in_proj"]))) == {
+        "backbone.layers.0.mixer.in_proj", "backbone.layers.1.mixer.in_proj"}
