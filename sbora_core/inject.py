@@ -114,7 +114,7 @@ def slot_capacity(config: SBoRAConfig, shapes: dict[str, tuple[int, int]]) -> in
 
 # Families whose layers hand these projections' weights straight to a fused kernel: a wrapped layer
 # would be bypassed (Mamba's mixer reads x_proj/dt_proj/out_proj.weight), so they cannot be adapted.
-_WEIGHTS_READ_DIRECTLY = {"mamba": ("x_proj", "dt_proj", "out_proj"), "falcon_mamba": ("x_proj", "dt_proj", "out_proj")}
+_WEIGHTS_READ_DIRECTLY: dict[str, tuple[str, ...]] = {"mamba": ("x_proj", "dt_proj", "out_proj"), "falcon_mamba": ("x_proj", "dt_proj", "out_proj")}
 
 
 def check_config(model: nn.Module, config: SBoRAConfig) -> dict[str, nn.Module]:
@@ -123,7 +123,7 @@ def check_config(model: nn.Module, config: SBoRAConfig) -> dict[str, nn.Module]:
     Works on a meta-device model too, so a service can check a job before any weights load.
     """
     targets = select_targets(model, config.target_modules)
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    model_type = str(getattr(getattr(model, "config", None), "model_type", ""))
     bypassed = sorted({n.split(".")[-1] for n in targets} & set(_WEIGHTS_READ_DIRECTLY.get(model_type, ())))
     if bypassed:
         raise ConfigError("target_modules", f"{model_type} models read the weights of {', '.join(bypassed)} directly, "
