@@ -9,6 +9,7 @@ as an ordinary Hugging Face model directory so it loads through
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -130,3 +131,24 @@ def build_tiny_family(family: str, directory: str | Path, *, seed: int = 0, init
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+def random_adapter(base: Any, variant: str = "sbora_fa", *, r: int = 8, seed: int = 0, index_seed: int = 0,
+                   std: float = 0.3, indices: dict[str, torch.Tensor] | None = None) -> Any:
+    """A SparseAdapter with random factors for `base` (a loaded BaseModel): what training leaves,
+    without training; `base.model` is left as it was."""
+    from sbora_core.config import SBoRAConfig
+    from sbora_core.inject import adapter_from_model, inject_adapter, remove_adapter
+
+    config = SBoRAConfig(variant=variant, r=r, alpha=2 * r, dropout=0.0, index_seed=index_seed,
+                         base_fingerprint=base.fingerprint)
+    layers = inject_adapter(base.model, config, fast_path=False, indices=indices)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers.values():
+            for p in (layer.sbora_A, layer.sbora_B):
+                if p is not None:
+                    p.normal_(std=std)
+    adapter = adapter_from_model(base.model, config)
+    remove_adapter(base.model)
+    return adapter

@@ -8,13 +8,11 @@ import pytest
 import torch
 
 from sbora_core.adapter_io import AdapterMismatchError, save_adapter
-from sbora_core.config import SBoRAConfig
 from sbora_core.engine import AdapterIntegrityError, Engine, QueueFull
 from sbora_core.generation import Completion, SamplingParams
-from sbora_core.inject import adapter_from_model, inject_adapter, remove_adapter
 from sbora_core.merge import merge_adapters
 from sbora_core.models import load_base_model
-from sbora_core.testing import build_tiny_model
+from sbora_core.testing import build_tiny_model, random_adapter
 
 PROMPTS = ["Once upon a time", "The capital of", "SBoRA adapters are", "x"]
 
@@ -36,20 +34,6 @@ def engine(base):
     engine.close()
 
 
-def make_adapter(base, variant="sbora_fa", index_seed=0, seed=0, r=8, indices=None):
-    config = SBoRAConfig(variant=variant, r=r, alpha=2 * r, index_seed=index_seed, base_fingerprint=base.fingerprint)
-    layers = inject_adapter(base.model, config, fast_path=False, indices=indices)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for layer in layers.values():
-            for p in (layer.sbora_A, layer.sbora_B):
-                if p is not None:
-                    p.normal_(std=0.3)
-    adapter = adapter_from_model(base.model, config)
-    remove_adapter(base.model)
-    return adapter
-
-
 def ids(engine, text):
     return engine.tokenizer(text)["input_ids"]
 
@@ -67,7 +51,7 @@ def run_together(engine, requests):
 
 @pytest.mark.parametrize("variant", ["sbora_fa", "sbora_fb", "lora"])
 def test_merged_and_unmerged_application_give_the_same_tokens(base, variant):
-    adapter = make_adapter(base, variant)
+    adapter = random_adapter(base, variant)
     merged = Engine(base, merge_single=True)
     plain_base = base.model(input_ids=torch.tensor([ids(merged, PROMPTS[0])])).logits
     try:
@@ -89,8 +73,8 @@ def test_merged_and_unmerged_application_give_the_same_tokens(base, variant):
 
 
 def test_mixed_batch_gives_each_request_its_solo_tokens(engine, base):
-    adapters = [make_adapter(base, "sbora_fa", index_seed=1, seed=1), make_adapter(base, "sbora_fb", index_seed=2, seed=2),
-                make_adapter(base, "lora", seed=3), None]
+    adapters = [random_adapter(base, "sbora_fa", index_seed=1, seed=1), random_adapter(base, "sbora_fb", index_seed=2, seed=2),
+                random_adapter(base, "lora", seed=3), None]
     requests = [(p, [a] if a else []) for p, a in zip(PROMPTS, adapters, strict=True)]
     alone = [engine.generate(ids(engine, p), a, greedy()).text for p, a in requests]
     together = run_together(engine, requests)
@@ -101,7 +85,7 @@ def test_mixed_batch_gives_each_request_its_solo_tokens(engine, base):
 
 def test_swap_then_unmerge_leaves_every_weight_bit_identical(engine, base):
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
-    first, second = make_adapter(base, index_seed=1, seed=1), make_adapter(base, index_seed=2, seed=2)
+    first, second = random_adapter(base, index_seed=1, seed=1), random_adapter(base, index_seed=2, seed=2)
     for adapter in (first, second, first):
         engine.generate(ids(engine, PROMPTS[1]), [adapter], greedy(4))
     assert engine.stats["merged_batches"] == 3
@@ -111,10 +95,10 @@ def test_swap_then_unmerge_leaves_every_weight_bit_identical(engine, base):
 
 
 def test_composition_of_disjoint_adapters_equals_merging_one_after_the_other(engine, base, peaky_model_dir):
-    first = make_adapter(base, index_seed=1, seed=1)
+    first = random_adapter(base, index_seed=1, seed=1)
     taken = {n: set(d.indices.tolist()) for n, d in first.modules.items()}
     free = {n: torch.tensor([i for i in range(d.shape[1]) if i not in taken[n]][:8]) for n, d in first.modules.items()}
-    second = make_adapter(base, index_seed=2, seed=2, indices=free)
+    second = random_adapter(base, index_seed=2, seed=2, indices=free)
     composed = [engine.generate(ids(engine, p), [first, second], greedy()).text for p in PROMPTS]
 
     sequential = load_base_model(str(peaky_model_dir), device="cpu")
@@ -128,13 +112,13 @@ def test_composition_of_disjoint_adapters_equals_merging_one_after_the_other(eng
 
 
 def test_overlapping_composition_is_rejected_naming_the_layer(engine, base):
-    first, second = make_adapter(base, index_seed=1, seed=1), make_adapter(base, index_seed=1, seed=2)
+    first, second = random_adapter(base, index_seed=1, seed=1), random_adapter(base, index_seed=1, seed=2)
     with pytest.raises(ValueError, match=r"^adapters #1 and #2 overlap in model\.layers\.0\.\S+, in columns"):
         engine.submit(ids(engine, "x"), [first, second])
 
 
 def test_adapter_cache_evicts_least_recently_used_by_bytes(base, tmp_path):
-    adapters = [make_adapter(base, index_seed=i, seed=i) for i in range(3)]
+    adapters = [random_adapter(base, index_seed=i, seed=i) for i in range(3)]
     for i, adapter in enumerate(adapters):
         save_adapter(adapter, tmp_path / f"a{i}")
     engine = Engine(base, cache_bytes=int(adapters[0].nbytes() * 2.5))
@@ -152,10 +136,10 @@ def test_adapter_cache_evicts_least_recently_used_by_bytes(base, tmp_path):
 
 def test_mismatched_or_corrupted_adapters_are_rejected(engine, base, tmp_path, tiny_model_dir):
     other = load_base_model(str(tiny_model_dir), device="cpu")
-    save_adapter(make_adapter(other), tmp_path / "other")
+    save_adapter(random_adapter(other), tmp_path / "other")
     with pytest.raises(AdapterMismatchError, match="was trained on base model"):
         engine.adapter("other", tmp_path / "other")
-    save_adapter(make_adapter(base), tmp_path / "mine")
+    save_adapter(random_adapter(base), tmp_path / "mine")
     with pytest.raises(AdapterIntegrityError, match="do not match their sha256"):
         engine.adapter("mine", tmp_path / "mine", weights_sha256="0" * 64)
     assert "other" not in engine.cache and "mine" not in engine.cache
@@ -201,7 +185,7 @@ def test_streaming_and_cancellation(engine):
 
 
 def test_many_threads_share_batches(engine, base):
-    adapters = [make_adapter(base, index_seed=i, seed=i) for i in range(4)]
+    adapters = [random_adapter(base, index_seed=i, seed=i) for i in range(4)]
     results: dict[int, str] = {}
 
     def client(i):
@@ -229,8 +213,8 @@ def first_pieces(handle, n):
 
 @pytest.mark.parametrize("same_adapter", [True, False], ids=["same-adapter", "other-adapter"])
 def test_a_request_joins_the_running_batch_and_answers_as_if_alone(engine, base, same_adapter):
-    first = make_adapter(base, index_seed=1, seed=1)
-    other = first if same_adapter else make_adapter(base, "sbora_fb", index_seed=2, seed=2)
+    first = random_adapter(base, index_seed=1, seed=1)
+    other = first if same_adapter else random_adapter(base, "sbora_fb", index_seed=2, seed=2)
     long_alone = engine.generate(ids(engine, PROMPTS[0]), [first], greedy(120)).text
     short_alone = engine.generate(ids(engine, PROMPTS[1]), [other], greedy(10)).text
 

@@ -16,8 +16,6 @@ from sbora_core.config import SBoRAConfig
 from sbora_core.engine import Engine
 from sbora_core.generation import SamplingParams
 from sbora_core.inject import (
-    adapter_from_model,
-    inject_adapter,
     layer_role,
     remove_adapter,
     select_targets,
@@ -26,7 +24,7 @@ from sbora_core.job import Hyperparameters, TrainJob
 from sbora_core.linear import is_conv1d
 from sbora_core.merge import merge_adapters
 from sbora_core.models import load_base_model
-from sbora_core.testing import build_tiny_family, family_configs
+from sbora_core.testing import build_tiny_family, family_configs, random_adapter
 from sbora_core.train import Callbacks, train
 
 FAMILIES = list(family_configs(300, 1, 0))
@@ -41,21 +39,6 @@ def family_dir(request, tmp_path_factory):
 
 def fresh(family_dir):
     return load_base_model(str(family_dir[1]), device="cpu")
-
-
-def random_adapter(base, variant, seed, index_seed=0):
-    config = SBoRAConfig(variant=variant, r=4, alpha=8, dropout=0.0, index_seed=index_seed,
-                         base_fingerprint=base.fingerprint)
-    layers = inject_adapter(base.model, config, fast_path=False)
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for layer in layers.values():
-            for p in (layer.sbora_A, layer.sbora_B):
-                if p is not None:
-                    p.normal_(std=0.2)
-    adapter = adapter_from_model(base.model, config)
-    remove_adapter(base.model)
-    return adapter
 
 
 def logits(model, ids):
@@ -91,7 +74,7 @@ def test_files_merges_and_peft_export(family_dir, variant, tmp_path):
     from peft import PeftModel
 
     base = fresh(family_dir)
-    adapter = random_adapter(base, variant, seed=1)
+    adapter = random_adapter(base, variant, r=4, std=0.2, seed=1)
     ids = base.tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
     before = {k: v.clone() for k, v in base.model.state_dict().items()}
     plain = logits(base.model, ids)
@@ -120,7 +103,7 @@ def test_files_merges_and_peft_export(family_dir, variant, tmp_path):
 
 def test_the_engine_serves_adapters_as_merged_weights_would(family_dir):
     base = fresh(family_dir)
-    adapters = {v: random_adapter(base, v, seed=i + 2, index_seed=i) for i, v in enumerate(VARIANTS)}
+    adapters = {v: random_adapter(base, v, r=4, std=0.2, seed=i + 2, index_seed=i) for i, v in enumerate(VARIANTS)}
     greedy = SamplingParams(max_new_tokens=8)
     engine = Engine(base, max_batch_size=8)
     try:
