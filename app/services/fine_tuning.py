@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.errors import Invalid
+from app.errors import Invalid, NotFound
 from app.models import Adapter, Job, Tenant
 from app.openai_schemas import FineTuningJobCreate, OpenAIHyperparameters
 from app.schemas import HyperparametersSpec, JobCreate, MethodSpec
@@ -74,6 +74,8 @@ def create_job(session: Session, tenant: Tenant, req: FineTuningJobCreate, setti
         field = _OPENAI_FIELD.get(head, head) + (f".{rest}" if rest else "")
         message = exc.message.replace(head, _OPENAI_FIELD.get(head, head), 1).replace("POST /datasets", "POST /v1/files")
         raise Invalid(field, message, exc.errors) from exc
+    except NotFound as exc:  # the group: named as the OpenAI request spells it
+        raise NotFound(str(exc), param=_OPENAI_FIELD.get(exc.param or "", exc.param)) from exc
 
 
 def fine_tuned_model(job: Job) -> str | None:

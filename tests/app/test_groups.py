@@ -184,3 +184,18 @@ def test_weights_must_be_finite(client, alice):
         response = client.post("/generate", headers={**alice, "Content-Type": "application/json"},
                                content=b'{"prompt": "x", "adapter_weights": [' + text + b"]}")
         assert response.status_code == 422, response.text
+
+
+def test_openai_fine_tuning_takes_the_group_through_method_sbora(client, alice, dataset):
+    group = make_group(client, alice, "via-openai")
+    body = {"model": TINY, "training_file": dataset["id"],
+            "method": {"type": "sbora", "sbora": {"variant": "sbora_fa", "r": 4, "group": group["id"],
+                                                   "hyperparameters": {"max_steps": 2, "batch_size": 4}}}}
+    response = client.post("/v1/fine_tuning/jobs", headers=alice, json=body)
+    assert response.status_code == 200, response.text
+    detail = client.get(f"/groups/{group['id']}", headers=alice).json()
+    assert [m["job_id"] for m in detail["members"]] == [response.json()["id"]] and detail["members"][0]["slot"] == 0
+    client.post(f"/v1/fine_tuning/jobs/{response.json()['id']}/cancel", headers=alice)
+    body["method"]["sbora"]["group"] = "grp_" + "0" * 24
+    unknown = client.post("/v1/fine_tuning/jobs", headers=alice, json=body)
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "method.sbora.group", unknown.text
