@@ -18,3 +18,5 @@ OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 } | {422: {"model": OpenAIErrorBody, "description": "invalid request"}}
 # Every generation route can meet a restarted engine process (app.main maps EngineStopped to it).
 ENGINE_RESTARTED: dict[int | str, dict[str, Any]] = {503: {"description": "the generation engine restarted; retry"}}
+# Routes over what every tenant shares (the base models) take admin keys only.
+ADMIN_ONLY: dict[int | str, dict[str, Any]] = {403: {"model": ErrorBody, "description": "needs an admin key"}}

@@ -19,8 +19,10 @@ from stack import make_stack, wait_for
 
 TINY = "tiny-llama"
 # A long lease: taking over must not wait for it.
+# No generation here: the engine stays cold, so readiness is about workers and no model load competes
+# with the timings.
 FAILOVER = {"SBORA_JOB_LEASE_S": "120", "SBORA_RECONCILE_INTERVAL_S": "1", "SBORA_WORKER_HEARTBEAT_S": "1",
-            "SBORA_QUEUED_STALE_S": "3"}
+            "SBORA_QUEUED_STALE_S": "3", "SBORA_ENGINE_WARM_START": "0"}
 
 
 @pytest.fixture(scope="module", params=["embedded", "production"])

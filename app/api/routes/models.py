@@ -4,6 +4,7 @@ from fastapi import APIRouter, Response, status
 
 from app import catalog
 from app.api.deps import AdminTenant, CurrentTenant, SessionDep
+from app.api.responses import ADMIN_ONLY
 from app.schemas import ModelPublic, ModelRegister
 from app.services import base_models
 
@@ -23,7 +24,7 @@ def list_models(tenant: CurrentTenant) -> list[ModelPublic]:
     return [model_public(model_id) for model_id in catalog.offered()]
 
 
-@router.post("", response_model=ModelPublic, status_code=status.HTTP_201_CREATED)
+@router.post("", response_model=ModelPublic, status_code=status.HTTP_201_CREATED, responses=ADMIN_ONLY)
 def register_model(body: ModelRegister, tenant: AdminTenant, session: SessionDep) -> ModelPublic:
     """Offer another base model to every tenant (admin keys only): a directory the server and its
     workers can read, or a hub id where they have a network. Checked before anything is recorded."""
@@ -32,7 +33,7 @@ def register_model(body: ModelRegister, tenant: AdminTenant, session: SessionDep
     return model_public(entry.name)
 
 
-@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT)
+@router.delete("/{name}", status_code=status.HTTP_204_NO_CONTENT, responses=ADMIN_ONLY)
 def remove_model(name: str, tenant: AdminTenant, session: SessionDep) -> Response:
     """Stop offering a registered model (admin keys only); 409 while jobs, adapters or groups use it."""
     base_models.remove_model(session, name)
