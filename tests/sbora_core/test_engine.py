@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 
 import pytest
 import torch
 
+from sbora_core.adapter import SparseAdapter
 from sbora_core.adapter_io import AdapterMismatchError, save_adapter
 from sbora_core.engine import AdapterIntegrityError, Engine, QueueFull
 from sbora_core.generation import Completion, SamplingParams
@@ -130,6 +132,33 @@ def test_adapter_cache_evicts_least_recently_used_by_bytes(base, tmp_path):
         assert list(engine.cache.entries) == ["a0", "a2"]
         assert (engine.cache.hits, engine.cache.misses, engine.cache.evictions) == (1, 3, 1)
         assert engine.cache.bytes <= engine.cache.capacity_bytes
+    finally:
+        engine.close()
+
+
+def test_a_thousand_registered_adapters_are_served_through_a_small_cache(base, tmp_path):
+    """Requests spread over 1,000 adapters on disk, with room in memory for 24: every adapter is
+    loaded on first use, the least recently used go, and one loaded again answers as it did."""
+    seeds = [random_adapter(base, index_seed=i, seed=i) for i in range(8)]
+    for k in range(1000):  # distinct weights without 1,000 injections: seed adapters, scaled factors
+        source = seeds[k % len(seeds)]
+        factor = 0.5 + k / 1000
+        modules = {n: replace(d, **{f: t * factor for f, t in d.factors().items()}) for n, d in source.modules.items()}
+        save_adapter(SparseAdapter(source.config, modules), tmp_path / f"ad{k}")
+    engine = Engine(base, max_batch_size=8, cache_bytes=seeds[0].nbytes() * 24)
+    try:
+        first: dict[int, str] = {}
+        for start in range(0, 1000, 8):
+            keys = range(start, start + 8)
+            requests = [(PROMPTS[k % len(PROMPTS)], [engine.adapter(f"ad{k}", tmp_path / f"ad{k}")]) for k in keys]
+            first.update(zip(keys, (c.text for c in run_together(engine, requests)), strict=True))
+        assert engine.cache.misses == 1000 and engine.cache.hits == 0
+        assert len(engine.cache.entries) <= 24 and engine.cache.evictions >= 1000 - 24
+        assert len(set(first.values())) > 8, "the scaled copies must answer differently"
+        for k in (0, 1, 137, 500):  # evicted long ago, loaded again from disk
+            assert f"ad{k}" not in engine.cache
+            again = engine.adapter(f"ad{k}", tmp_path / f"ad{k}")
+            assert engine.generate(ids(engine, PROMPTS[k % len(PROMPTS)]), [again], greedy()).text == first[k]
     finally:
         engine.close()
 
