@@ -117,8 +117,9 @@ def _port_open(port: int) -> bool:
 
 
 @contextmanager
-def stack(flavour: str, tmp: Path, workers: int):
-    """The API, supervised workers and (production) PostgreSQL + Redis; yields (url, env, parts)."""
+def stack(flavour: str, tmp: Path, workers: int, log: Path):
+    """The API, supervised workers and (production) PostgreSQL + Redis, their output in `log`;
+    yields (url, env, parts)."""
     from sbora_core.testing import build_tiny_model
 
     model = build_tiny_model(tmp / "tiny-llama")
@@ -146,7 +147,7 @@ def stack(flavour: str, tmp: Path, workers: int):
         cleanup.append(redis.stop)
         env["SBORA_DATABASE_URL"] = PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{db}"
         env["SBORA_BROKER_URL"] = redis.url
-    logs = open(tmp / "stack.log", "w")
+    logs = open(log, "w")
     subprocess.run([sys.executable, "-m", "sbora_cli.main", "migrate"], env=env, cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL, stderr=logs)
     api = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level",
@@ -264,7 +265,9 @@ def running_jobs_of(url: str, keys: list[str], node_prefix: str) -> list[str]:
 
 
 def soak(flavour: str, duration: float, chaos_every: float, clients: int, workers: int) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory() as scratch, stack(flavour, Path(scratch), workers) as (url, env, parts):
+    log = Path(tempfile.gettempdir()) / f"sbora-chaos-{flavour}.log"  # kept, to read after a surprise
+    print(f"{flavour}: the stack's output goes to {log}", flush=True)
+    with tempfile.TemporaryDirectory() as scratch, stack(flavour, Path(scratch), workers, log) as (url, env, parts):
         keys = [api_key(env, f"tenant{i}") for i in range(4)]
         datasets = {}
         for key in keys:

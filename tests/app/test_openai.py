@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from contextlib import ExitStack
 
 import httpx
 import openai
@@ -92,6 +93,25 @@ def test_full_queue_answers_429_with_retry_after(live, alice):
     assert any(code == 200 for code, _ in statuses)
     limited = [retry for code, retry in statuses if code == 429]
     assert limited and all(retry is not None and int(retry) >= 1 for retry in limited)
+
+
+def test_generations_in_flight_hold_no_database_connection(live, alice):
+    """A generation can run for seconds: holding a pooled connection meanwhile let 20 generating
+    clients exhaust the pool and stall every other route for its 30 s timeout."""
+    from app.core.db import get_engine
+
+    pool = get_engine().pool
+    long = {"max_tokens": 400, "ignore_eos": True, "stream": True, "model": TINY}
+    with httpx.Client(base_url=live.url, headers=alice, timeout=60) as http, ExitStack() as streams:
+        for path, body in [("/v1/completions", {"prompt": "Item 1:"}),
+                           ("/v1/chat/completions", {"messages": MESSAGES}),
+                           ("/generate", {"prompt": "Item 2:", "max_new_tokens": 400, "stream": True})]:
+            response = streams.enter_context(http.stream("POST", path, json=body if path == "/generate"
+                                                         else {**long, **body}))
+            assert response.status_code == 200, response.read()
+            next(response.iter_lines())  # the first token: past its lookups, generating
+        assert pool.checkedout() == 0
+        assert http.get("/jobs").status_code == 200
 
 
 # -- what current SDKs and agent frameworks send ---------------------------------------------

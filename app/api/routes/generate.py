@@ -10,7 +10,13 @@ from app.api.deps import CurrentTenant, SessionDep
 from app.api.responses import ENGINE_RESTARTED
 from app.errors import Invalid
 from app.schemas import GenerateRequest, GenerateResponse
-from app.services.generation import complete, resolve_target, start_generation, stream_pieces
+from app.services.generation import (
+    complete,
+    look_up_then_release,
+    resolve_target,
+    start_generation,
+    stream_pieces,
+)
 from sbora_core.generation import Completion, SamplingParams
 
 router = APIRouter(tags=["generate"])
@@ -26,7 +32,7 @@ async def generate(req: GenerateRequest, session: SessionDep, tenant: CurrentTen
     if (req.prompt is None) == (req.messages is None):
         raise Invalid("prompt", "give exactly one of prompt or messages")
     adapter_ids = [req.adapter_id] if isinstance(req.adapter_id, str) else list(req.adapter_id or [])
-    model_id, adapters = resolve_target(session, tenant, req.base_model, adapter_ids)
+    model_id, adapters = await look_up_then_release(session, resolve_target, tenant, req.base_model, adapter_ids)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, stop, req.seed)
     messages = [m.model_dump() for m in req.messages] if req.messages is not None else None

@@ -36,6 +36,7 @@ from app.services.fine_tuning import adapter_of_model
 from app.services.generation import (
     Generation,
     complete,
+    look_up_then_release,
     resolve_target,
     start_generation,
     stream_pieces,
@@ -231,7 +232,7 @@ async def completions(req: CompletionRequest, session: SessionDep, tenant: Curre
     prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
     if not prompts:
         raise Invalid("prompt", "prompt: give a string or a non-empty list of strings")
-    model_id, adapters = _target(session, tenant, req.model)
+    model_id, adapters = await look_up_then_release(session, _target, tenant, req.model)
     params = _params(req, req.max_tokens, req.logprobs)
     generations = [await _start(tenant, model_id, adapters, p, None, params, "max_tokens") for p in prompts]
     ident, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
@@ -260,7 +261,7 @@ async def chat_completions(req: ChatCompletionRequest, session: SessionDep, tena
     if req.top_logprobs is not None and not req.logprobs:
         raise Invalid("top_logprobs", "top_logprobs: needs logprobs: true")
     messages = _chat_messages(req.messages)
-    model_id, adapters = _target(session, tenant, req.model)
+    model_id, adapters = await look_up_then_release(session, _target, tenant, req.model)
     max_tokens = req.max_completion_tokens or req.max_tokens or 256
     field = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     params = _params(req, max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
