@@ -10,6 +10,8 @@ loaded.
 
 from __future__ import annotations
 
+import threading
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from typing import Any
 from sqlalchemy import select
 
 from app.core.config import get_settings
-from app.core.db import session_scope
+from app.core.db import get_side_engine
 from app.models import RegisteredModel
 from sbora_core import models
 from sbora_core.config import SBoRAConfig
@@ -40,22 +42,44 @@ def configured() -> dict[str, str]:
     return catalog
 
 
-def registered() -> dict[str, str]:
-    """Models added at run time, read afresh: another process may have just added or removed one."""
-    with session_scope() as session:
-        return {name: source for name, source in session.execute(
-            select(RegisteredModel.name, RegisteredModel.source).order_by(RegisteredModel.created_at))}
+# Models added at run time, as last read: (monotonic time of the read, name -> source).
+_registered: tuple[float, dict[str, str]] | None = None
+_registered_lock = threading.Lock()
+REGISTERED_TTL_S = 1.0
 
 
-def offered() -> dict[str, str]:
+def registered(*, fresh: bool = False) -> dict[str, str]:
+    """Models added at run time. Read from the database at most once a second (another process may
+    have just added or removed one; `fresh` reads now), through a connection outside the request
+    pool: the caller usually holds a pooled one already."""
+    global _registered
+    with _registered_lock:
+        if fresh or _registered is None or time.monotonic() - _registered[0] > REGISTERED_TTL_S:
+            with get_side_engine().connect() as connection:
+                rows = connection.execute(select(RegisteredModel.name, RegisteredModel.source)
+                                          .order_by(RegisteredModel.created_at))
+                _registered = (time.monotonic(), {name: source for name, source in rows})
+        return dict(_registered[1])
+
+
+def forget_registered() -> None:
+    """After this process added or removed a model: the next read goes to the database."""
+    global _registered
+    with _registered_lock:
+        _registered = None
+
+
+def offered(*, fresh: bool = False) -> dict[str, str]:
     """Every model on offer, the configured first (the default model leads): public id -> source.
     A configured id is never shadowed by a registered one."""
     fixed = configured()
-    return {**fixed, **{name: source for name, source in registered().items() if name not in fixed}}
+    return {**fixed, **{name: source for name, source in registered(fresh=fresh).items() if name not in fixed}}
 
 
 def source_of(model_id: str) -> str:
     catalog = offered()
+    if model_id not in catalog:
+        catalog = offered(fresh=True)  # registered in another process within the last second?
     if model_id not in catalog:
         raise UnknownBaseModel(
             f"base_model: unknown model {model_id!r}; available: {', '.join(sorted(catalog))}"

@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import catalog
@@ -136,6 +137,12 @@ def create_app() -> FastAPI:
     @app.exception_handler(EngineStopped)
     async def engine_stopped(request: Request, exc: EngineStopped) -> JSONResponse:
         return error(request, 503, str(exc), headers={"Retry-After": "1"})
+
+    @app.exception_handler(PoolTimeout)
+    async def database_busy(request: Request, exc: PoolTimeout) -> JSONResponse:
+        log.warning("no database connection free within the pool's timeout: %s", exc)
+        return error(request, 503, "the service is overloaded: no database connection came free; retry",
+                     headers={"Retry-After": "2"})
 
     @app.exception_handler(AdapterIntegrityError)
     async def corrupted(request: Request, exc: AdapterIntegrityError) -> JSONResponse:

@@ -55,9 +55,10 @@ def clear_caches() -> None:
     from app import catalog, queue
     from app.core import config, db
 
-    for cached in (config.get_settings, db.get_engine, db.get_sessionmaker, catalog.configured, catalog._summary,
-                   catalog._tokenizer, queue.get_celery):
+    for cached in (config.get_settings, db.get_engine, db.get_side_engine, db.get_sessionmaker, catalog.configured,
+                   catalog._summary, catalog._tokenizer, queue.get_celery):
         cached.cache_clear()
+    catalog.forget_registered()
     from app.engine_process import reset_engines
 
     reset_engines()

@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 from app.core.config import get_settings
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, **pool: Any) -> Engine:
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, **pool)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record) -> None:
@@ -29,7 +31,7 @@ def make_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, **(pool or {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}))
 
 
 @lru_cache
@@ -38,6 +40,14 @@ def get_engine() -> Engine:
     if settings.resolved_database_url.startswith("sqlite"):
         settings.data_dir.mkdir(parents=True, exist_ok=True)
     return make_engine(settings.resolved_database_url)
+
+
+@lru_cache
+def get_side_engine() -> Engine:
+    """Connections outside the request pool, opened per use, for the few reads made while a request
+    already holds a pooled connection: drawing a second one from the pool deadlocks it once every
+    pooled connection is held by a request waiting for its second."""
+    return make_engine(get_settings().resolved_database_url, poolclass=NullPool)
 
 
 @lru_cache

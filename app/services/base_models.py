@@ -38,7 +38,7 @@ def register_model(session: Session, source: str, name: str | None = None) -> Re
     if not NAME.fullmatch(name):
         raise Invalid("name", f"name: {name!r} must be 1-100 letters, digits, '.', '_' or '-', starting with a "
                               "letter or digit")
-    if name in catalog.offered():
+    if name in catalog.offered(fresh=True):
         raise Conflict(f"name: a base model named {name!r} is offered already; choose another name")
     catalog.use_model_cache()
     # A directory is stored as an absolute path: workers start elsewhere; a hub id stays an id.

@@ -125,3 +125,20 @@ def test_the_cli_adds_lists_and_removes_models(stack, client, alice, gpt2_dir, t
     assert "cli-gpt2" not in model_ids(client, alice)
     gone = runner.invoke(app, ["models", "remove", "cli-gpt2"])
     assert gone.exit_code == 1 and "no registered base model" in gone.output
+
+
+def test_the_catalog_answers_while_every_pooled_connection_is_held(client, alice):
+    """Requests hold a pooled connection while they ask the catalog; when it drew a second one, a
+    burst of requests (20 clients submitting jobs at once) held them all and waited for the pool's
+    timeout: a deadlock answered 500 after 30 s."""
+    from app import catalog
+    from app.core.db import get_engine
+
+    pool = get_engine().pool
+    held = [get_engine().connect() for _ in range(pool.size() + pool._max_overflow)]  # type: ignore[attr-defined]
+    try:
+        assert "tiny-llama" in catalog.offered(fresh=True)
+        assert catalog.source_of("tiny-llama")
+    finally:
+        for connection in held:
+            connection.close()

@@ -21,7 +21,7 @@ def model_public(model_id: str) -> ModelPublic:
 @router.get("", response_model=list[ModelPublic])
 def list_models(tenant: CurrentTenant) -> list[ModelPublic]:
     """Base models this service fine-tunes and serves, with the dimensions that bound the rank."""
-    return [model_public(model_id) for model_id in catalog.offered()]
+    return [model_public(model_id) for model_id in catalog.offered(fresh=True)]
 
 
 @router.post("", response_model=ModelPublic, status_code=status.HTTP_201_CREATED, responses=ADMIN_ONLY)
@@ -30,6 +30,7 @@ def register_model(body: ModelRegister, tenant: AdminTenant, session: SessionDep
     workers can read, or a hub id where they have a network. Checked before anything is recorded."""
     entry = base_models.register_model(session, body.source, body.name)
     session.commit()
+    catalog.forget_registered()
     return model_public(entry.name)
 
 
@@ -38,4 +39,5 @@ def remove_model(name: str, tenant: AdminTenant, session: SessionDep) -> Respons
     """Stop offering a registered model (admin keys only); 409 while jobs, adapters or groups use it."""
     base_models.remove_model(session, name)
     session.commit()
+    catalog.forget_registered()
     return Response(status_code=status.HTTP_204_NO_CONTENT)

@@ -206,14 +206,14 @@ def _sse(generations: list[Generation], chunk: Callable[[int, str | None, str | 
 @router.get("/models")
 def list_models(session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
     rows, _ = list_adapters(session, tenant, None, limit=10_000, offset=0)
-    data = [_base_model_object(m) for m in catalog.offered()] + [_adapter_model_object(a.id, a, tenant) for a in rows]
+    data = [_base_model_object(m) for m in catalog.offered(fresh=True)] + [_adapter_model_object(a.id, a, tenant) for a in rows]
     return {"object": "list", "data": data}
 
 
 @router.get("/models/{model:path}")
 def retrieve_model(model: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
     """A base model, one of the tenant's adapters, or a fine-tuned model name (`ft:...`)."""
-    if model in catalog.offered():
+    if model in catalog.offered(fresh=True):
         return _base_model_object(model)
     try:
         return _adapter_model_object(model, get_adapter(session, tenant, adapter_of_model(model)), tenant)
