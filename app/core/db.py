@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
@@ -67,3 +68,20 @@ def session_scope() -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+T = TypeVar("T")
+
+
+async def look_up_then_release(session: Session, look_up: Callable[..., T], *args: Any) -> T:
+    """`look_up(session, *args)` in a worker thread, then the session's connection back to the pool:
+    for async routes that go on for seconds (generation, event streams). Holding a pooled connection
+    (or the event loop) meanwhile let 20 generating clients exhaust the pool and stall every other
+    route for its 30 s timeout."""
+    def run() -> T:
+        try:
+            return look_up(session, *args)
+        finally:
+            session.close()  # loaded attributes stay readable on the detached rows
+
+    return await asyncio.to_thread(run)

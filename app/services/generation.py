@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 from sqlalchemy.orm import Session
 
@@ -51,22 +50,6 @@ def resolve_target(session: Session, tenant: Tenant, model: str | None, adapter_
     except catalog.UnknownBaseModel as exc:
         raise Invalid("base_model", str(exc)) from exc
     return model_id, adapters
-
-
-T = TypeVar("T")
-
-
-async def look_up_then_release(session: Session, look_up: Callable[..., T], *args: Any) -> T:
-    """`look_up(session, *args)` in a worker thread, then the session's connection back to the pool.
-    A generation can take seconds: holding a pooled connection (or the event loop) for it let 20
-    generating clients exhaust the pool and stall every other route for its 30 s timeout."""
-    def run() -> T:
-        try:
-            return look_up(session, *args)
-        finally:
-            session.close()  # loaded attributes stay readable on the detached rows
-
-    return await asyncio.to_thread(run)
 
 
 def start_generation(model_id: str, adapters: list[Adapter], prompt: str | None,

@@ -8,11 +8,11 @@ from fastapi.responses import StreamingResponse
 
 from app.api.deps import CurrentTenant, SessionDep
 from app.api.responses import ENGINE_RESTARTED
+from app.core.db import look_up_then_release
 from app.errors import Invalid
 from app.schemas import GenerateRequest, GenerateResponse
 from app.services.generation import (
     complete,
-    look_up_then_release,
     resolve_target,
     start_generation,
     stream_pieces,

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Header, Query, Request, status
 from fastapi.responses import StreamingResponse
 
 from app.api.deps import CurrentTenant, SessionDep, SettingsDep
-from app.core.db import get_sessionmaker
+from app.core.db import get_sessionmaker, look_up_then_release
 from app.models import JOB_STATUSES, TERMINAL_STATUSES, Tenant
 from app.queue import enqueue_job
 from app.schemas import JobCreate, JobEventPublic, JobPublic, Page
@@ -60,7 +60,7 @@ async def stream_events(job_id: str, request: Request, session: SessionDep, tena
                         last_event_id: Annotated[int | None, Header(ge=0, le=2**62)] = None) -> StreamingResponse:
     """Server-sent events: every event as it is written, until the job ends. Reconnects resume
     from `Last-Event-ID`."""
-    jobs.get_job(session, tenant, job_id)  # 404 before the stream starts
+    await look_up_then_release(session, jobs.get_job, tenant, job_id)  # 404 before the stream starts
     tenant_id = tenant.id
 
     async def events():

@@ -24,6 +24,7 @@ from fastapi.responses import StreamingResponse
 from app import catalog
 from app.api.deps import CurrentTenant, SessionDep
 from app.api.responses import ENGINE_RESTARTED
+from app.core.db import look_up_then_release
 from app.errors import Invalid, NotFound, Unsupported
 from app.openai_schemas import (
     ChatCompletionRequest,
@@ -36,7 +37,6 @@ from app.services.fine_tuning import adapter_of_model
 from app.services.generation import (
     Generation,
     complete,
-    look_up_then_release,
     resolve_target,
     start_generation,
     stream_pieces,
