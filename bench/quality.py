@@ -342,6 +342,9 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--domain-seeds", nargs="+", default=[], metavar="DOMAIN=S,S",
                         help="seeds for one domain, overriding --seeds (e.g. commonsense=0,1)")
+    parser.add_argument("--method-seeds", nargs="+", default=[], metavar="DOMAIN:METHOD=S,S",
+                        help="seeds for one method in one domain, overriding the domain's "
+                             "(e.g. arithmetic:lora_r32=0,1): more seeds where the comparison matters most")
     parser.add_argument("--steps", type=int, help="training steps for every domain (overrides the budget)")
     parser.add_argument("--mc-limit", type=int, help="test items per multiple-choice set")
     parser.add_argument("--math-limit", type=int, help="test items per arithmetic set")
@@ -366,12 +369,20 @@ def main() -> None:
     work = args.work_dir / "".join(c for c in tag if c.isalnum() or c in "-._")
     print(f"device: {device}; work dir {work}", flush=True)
 
-    seeds_of = dict.fromkeys(args.domains, args.seeds)
+    seeds_of: dict[str, list[int]] = {name: list(args.seeds) for name in args.domains}
     for item in args.domain_seeds:
         name, _, listed = item.partition("=")
         if name not in DOMAINS or not listed:
             parser.error(f"--domain-seeds: expected DOMAIN=S,S with DOMAIN one of {', '.join(DOMAINS)}, got {item!r}")
         seeds_of[name] = [int(x) for x in listed.split(",")]
+    method_seeds: dict[tuple[str, str], list[int]] = {}
+    for item in args.method_seeds:
+        target, _, listed = item.partition("=")
+        name, _, key = target.partition(":")
+        if name not in DOMAINS or key not in METHODS or not listed:
+            parser.error(f"--method-seeds: expected DOMAIN:METHOD=S,S with DOMAIN one of {', '.join(DOMAINS)} "
+                         f"and METHOD one of {', '.join(METHODS)}, got {item!r}")
+        method_seeds[(name, key)] = [int(x) for x in listed.split(",")]
 
     # Every domain is checked before any training, so an overlap stops the run at once.
     for name in args.domains:
@@ -393,13 +404,14 @@ def main() -> None:
         for key in args.methods:
             method = METHODS[key]
             trained, evaluated = [], []
-            for seed in seeds_of[name]:
+            run_seeds = method_seeds.get((name, key), seeds_of[name])
+            for seed in run_seeds:
                 run_dir = work / name / f"{key}-seed{seed}"
                 metrics = train_method(domain, method, seed, train_file, budget, run_dir)
                 trained.append(metrics)
                 evaluated.append(evaluate_model(domain, args.data, budget, metrics["adapter_dir"], run_dir / "eval.json"))
             per_item = summarise(evaluated, tasks)
-            rows.append(row_for(domain, method, per_item, evaluated[0], trained, base, device, seeds_of[name]))
+            rows.append(row_for(domain, method, per_item, evaluated[0], trained, base, device, run_seeds))
             outcomes[(name, key)] = per_item
         add_paired_differences(rows, outcomes, name)
 
@@ -418,6 +430,7 @@ def main() -> None:
         "device": device,
         "budget": asdict(budget),
         "seeds": seeds_of,
+        "method_seeds": {f"{d}:{k}": v for (d, k), v in method_seeds.items()},
         "protocols": {"commonsense": "option_text: mean log-likelihood of each option's text after 'Question: ...\\nAnswer:'",
                       "arithmetic": "greedy generation (chat template), last number compared with the gold answer"},
         "subsets": "a fixed random subset (seed 0) of each test set, the same for every method; sizes in `items`",
