@@ -32,6 +32,7 @@ from app.engine_process import EngineStopped, EngineWatchdog, reset_engines, war
 from app.errors import Conflict, Invalid, NotFound, QuotaExceeded, TooLarge, Unsupported
 from app.migrate import upgrade_database
 from app.reconcile import Reconciler
+from app.storage import StorageCorrupt, StorageUnavailable, get_store
 from app.web import install_dashboard
 from sbora_core.engine import AdapterIntegrityError, QueueFull
 
@@ -41,6 +42,10 @@ log = logging.getLogger("app")
 async def lifespan(_: FastAPI):
     upgrade_database()
     settings = get_settings()
+    try:
+        get_store().check()
+    except StorageUnavailable as exc:  # serve anyway: /readyz says not ready until the store answers
+        log.error("the artifact store cannot be written: %s", exc)
     reconciler = Reconciler(settings.reconcile_interval_s)
     reconciler.start()
     watchdog = EngineWatchdog()
@@ -143,6 +148,16 @@ def create_app() -> FastAPI:
         log.warning("no database connection free within the pool's timeout: %s", exc)
         return error(request, 503, "the service is overloaded: no database connection came free; retry",
                      headers={"Retry-After": "2"})
+
+    @app.exception_handler(StorageUnavailable)
+    async def storage_unavailable(request: Request, exc: StorageUnavailable) -> JSONResponse:
+        log.error("artifact store: %s", exc)
+        return error(request, 503, f"the artifact store is unavailable: {exc}; retry", headers={"Retry-After": "5"})
+
+    @app.exception_handler(StorageCorrupt)
+    async def storage_corrupt(request: Request, exc: StorageCorrupt) -> JSONResponse:
+        log.error("%s", exc)
+        return error(request, 500, f"{exc}; upload or train it again")
 
     @app.exception_handler(AdapterIntegrityError)
     async def corrupted(request: Request, exc: AdapterIntegrityError) -> JSONResponse:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import socket
 import threading
 import time
@@ -32,13 +31,14 @@ from app.queue import enqueue_job
 from app.services import groups, workers
 from app.services.adapters import register_adapter, register_checkpoint
 from app.services.jobs import add_event
-from app.storage import LocalArtifactStore, get_store
+from app.storage import ArtifactStore, StorageUnavailable, get_store
 from sbora_core.adapter_io import AdapterFormatError
 from sbora_core.config import SBoRAConfig
 from sbora_core.data import DatasetError
 from sbora_core.job import Hyperparameters, TrainJob
 from sbora_core.models import UnknownModelError
 from sbora_core.train import Callbacks, Progress, train
+from worker import job_files
 
 log = logging.getLogger(__name__)
 PROGRESS_WRITE_INTERVAL_S = 1.0
@@ -128,7 +128,7 @@ class Heartbeat(threading.Thread):
 class DatabaseCallbacks(Callbacks):
     """sbora_core.train callbacks that record progress and events on the job row."""
 
-    def __init__(self, job_id: str, heartbeat: Heartbeat, store: LocalArtifactStore) -> None:
+    def __init__(self, job_id: str, heartbeat: Heartbeat, store: ArtifactStore) -> None:
         self.job_id = job_id
         self.heartbeat = heartbeat
         self.store = store
@@ -169,6 +169,7 @@ class DatabaseCallbacks(Callbacks):
             keep = int(job.hyperparameters.get("keep_checkpoints", 2))
             stale = register_checkpoint(session, job, step, path, self.store, keep,
                                         {"step": step, "train_loss": loss})
+        job_files.publish_checkpoint(self.store, self.job_id, path, keep)
         for key in stale:
             self.store.delete(key)
         self.pending.append(("checkpoint", f"checkpoint at step {step}", {"step": step, "train_loss": loss}))
@@ -195,6 +196,8 @@ def classify_error(exc: BaseException) -> tuple[str, str]:
     """A stable error code and a message a user can act on (no traceback)."""
     if isinstance(exc, DatasetError):
         return "invalid_dataset", str(exc)
+    if isinstance(exc, StorageUnavailable):
+        return "storage_unavailable", f"{exc}; create the job again once the artifact store answers"
     if isinstance(exc, UnknownModelError):
         return "unknown_model", str(exc)
     if isinstance(exc, FloatingPointError):
@@ -271,13 +274,15 @@ def run_job(job_id: str, node: str = "") -> str | None:
                 workers.set_job(session, node, None)
 
 
-def _run_claimed(job_id: str, owner: str, settings: Settings, store: LocalArtifactStore) -> str | None:
+def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactStore) -> str | None:
     heartbeat = Heartbeat(job_id, owner, settings.job_lease_s)
     heartbeat.start()
     callbacks = DatabaseCallbacks(job_id, heartbeat, store)
     callbacks.on_log(f"{torch.get_num_threads()} torch threads at nice {os.getpriority(os.PRIO_PROCESS, 0)}")
-    output_dir = store.local_path(f"jobs/{job_id}")
+    output_dir = job_files.job_dir(store, job_id, settings)
     try:
+        if restored := job_files.restore_checkpoint(store, job_id, output_dir):
+            callbacks.on_log(f"fetched {restored} from the artifact store")
         spec = _train_job_of(job_id, store, output_dir)
         result = train(spec, callbacks, resume=True)
         callbacks.close()
@@ -295,7 +300,7 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: LocalArtifa
             adapter_id = adapter.id
         _finish(job_id, owner, "succeeded", f"succeeded: adapter {adapter_id}", adapter_id=adapter_id)
         log.info("succeeded", extra={"adapter_id": adapter_id, "steps": result.metrics.get("steps")})
-        shutil.rmtree(output_dir, ignore_errors=True)  # checkpoints are no longer needed
+        job_files.discard(store, job_id, output_dir, stored_too=True)  # checkpoints are no longer needed
         return "succeeded"
     except DatasetMissing as exc:
         callbacks.close()
@@ -315,7 +320,7 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: LocalArtifa
         heartbeat.stop_event.set()
 
 
-def _train_job_of(job_id: str, store: LocalArtifactStore, output_dir: Path) -> TrainJob:
+def _train_job_of(job_id: str, store: ArtifactStore, output_dir: Path) -> TrainJob:
     """The job row as sbora_core's TrainJob, its datasets as files; DatasetMissing if one was deleted."""
     with session_scope() as session:
         job = session.get(Job, job_id)
@@ -325,7 +330,7 @@ def _train_job_of(job_id: str, store: LocalArtifactStore, output_dir: Path) -> T
             dataset = session.get(Dataset, dataset_id) if dataset_id else None
             if dataset_id and dataset is None:
                 raise DatasetMissing(f"dataset {dataset_id} was deleted")
-            paths.append(str(store.local_path(dataset.storage_key)) if dataset else None)
+            paths.append(str(store.local_file(dataset.storage_key, dataset.sha256)) if dataset else None)
         assert paths[0] is not None
         return build_train_job(job, paths[0], paths[1], str(output_dir))
 

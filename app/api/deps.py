@@ -12,7 +12,7 @@ from app.core.config import Settings, get_settings
 from app.core.db import get_sessionmaker
 from app.core.security import tenant_for_key
 from app.models import Tenant
-from app.storage import LocalArtifactStore, get_store
+from app.storage import ArtifactStore, get_store
 
 
 def get_session() -> Iterator[Session]:
@@ -25,7 +25,7 @@ def get_session() -> Iterator[Session]:
 
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
-StoreDep = Annotated[LocalArtifactStore, Depends(get_store)]
+StoreDep = Annotated[ArtifactStore, Depends(get_store)]
 
 
 def get_current_tenant(

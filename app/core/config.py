@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -23,6 +23,22 @@ class Settings(BaseSettings):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default: SQLite file in data_dir")
     broker_url: str | None = Field(None, description="Celery broker URL; default: filesystem broker in data_dir")
     artifact_dir: Path | None = Field(None, description="artifact store root; default: data_dir/artifacts")
+    artifact_url: str | None = Field(None, description="s3://bucket/prefix: keep artifacts in an S3-compatible "
+                                                       "object store instead of artifact_dir")
+    s3_endpoint_url: str | None = Field(None, description="the object store's address (MinIO, Ceph, R2); "
+                                                          "default: AWS S3")
+    s3_region: str | None = Field(None, description="the bucket's region; default us-east-1")
+    s3_access_key_id: str | None = Field(None, description="default: boto3's usual sources (AWS_* variables, "
+                                                           "instance role)")
+    s3_secret_access_key: SecretStr | None = Field(None, description="the secret of s3_access_key_id")
+    s3_presign_downloads: bool = Field(False, description="GET /adapters/{id} redirects to a presigned URL "
+                                                          "instead of streaming through the API")
+    s3_presign_expiry_s: int = Field(900, ge=1, description="how long a presigned download URL stays valid")
+    s3_public_endpoint_url: str | None = Field(None, description="the object store's address as clients reach "
+                                                                 "it, for presigned URLs; default s3_endpoint_url")
+    scratch_dir: Path | None = Field(None, description="this machine's own working space: a job's files while it "
+                                                       "trains and the copies of remote artifacts; "
+                                                       "default: data_dir/scratch")
     models: list[str] = Field(
         ["smollm2-135m-instruct"],
         description="base models offered to users: known names or local model directories (JSON list)",
@@ -73,6 +89,10 @@ class Settings(BaseSettings):
     @property
     def broker_folder(self) -> Path:
         return (self.data_dir / "broker").resolve()
+
+    @property
+    def resolved_scratch_dir(self) -> Path:
+        return (self.scratch_dir or self.data_dir / "scratch").resolve()
 
     @property
     def resolved_artifact_dir(self) -> Path:

@@ -17,7 +17,7 @@ from app.models import Adapter, Job, Tenant
 from app.services import groups
 from app.services.queries import owned, page
 from app.services.quotas import check_storage
-from app.storage import LocalArtifactStore, sha256_file_cached
+from app.storage import ArtifactStore, sha256_file_cached
 from sbora_core.adapter_io import CONFIG_FILE, WEIGHTS_FILE, export_peft, load_adapter, save_adapter
 from sbora_core.files import sha256_file
 from sbora_core.merge import compose_adapters
@@ -42,7 +42,7 @@ def get_adapter(session: Session, tenant: Tenant, adapter_id: str) -> Adapter:
     return owned(session, Adapter, tenant, adapter_id, "adapter")
 
 
-def delete_adapter(session: Session, tenant: Tenant, adapter_id: str, store: LocalArtifactStore) -> None:
+def delete_adapter(session: Session, tenant: Tenant, adapter_id: str, store: ArtifactStore) -> None:
     adapter = get_adapter(session, tenant, adapter_id)
     key = adapter.storage_key
     session.delete(adapter)
@@ -51,14 +51,25 @@ def delete_adapter(session: Session, tenant: Tenant, adapter_id: str, store: Loc
     store.delete(key)
 
 
-def archive(adapter: Adapter, fmt: ArchiveFormat, store: LocalArtifactStore) -> tuple[Path, str]:
+def archive(adapter: Adapter, fmt: ArchiveFormat, store: ArtifactStore) -> tuple[Path, str]:
     """The download archive of `adapter` in `fmt` and its sha256 (the download's ETag)."""
-    path = store.local_path(f"{adapter.storage_key}/{_ARCHIVES[fmt]}")
-    return path, adapter.sha256 if fmt == "sparse" else sha256_file_cached(path)
+    if fmt == "sparse":
+        return store.local_file(archive_key(adapter, fmt), adapter.sha256), adapter.sha256
+    path = store.local_file(archive_key(adapter, fmt))
+    return path, sha256_file_cached(path)
 
 
-def adapter_update_map(adapter: Adapter, store: LocalArtifactStore) -> UpdateMap:
-    return update_map(load_adapter(store.local_path(adapter.storage_key)))
+def archive_key(adapter: Adapter, fmt: ArchiveFormat) -> str:
+    return f"{adapter.storage_key}/{_ARCHIVES[fmt]}"
+
+
+def adapter_files(adapter: Adapter, store: ArtifactStore) -> Path:
+    """A directory on this machine holding the adapter's own files (what `load_adapter` reads)."""
+    return store.local_dir(adapter.storage_key, (CONFIG_FILE, WEIGHTS_FILE))
+
+
+def adapter_update_map(adapter: Adapter, store: ArtifactStore) -> UpdateMap:
+    return update_map(load_adapter(adapter_files(adapter, store)))
 
 
 def _zip_dir(source: Path, target: Path) -> None:
@@ -72,7 +83,7 @@ def _zip_dir(source: Path, target: Path) -> None:
                 zipped.writestr(info, path.read_bytes())
 
 
-def register_adapter(session: Session, job: Job, adapter_dir: Path, store: LocalArtifactStore,
+def register_adapter(session: Session, job: Job, adapter_dir: Path, store: ArtifactStore,
                      checkpoint_step: int | None = None, metrics: dict | None = None) -> Adapter:
     """Copy a trained adapter (or a job's checkpoint) into the registry with its two download
     archives (sparse, PEFT)."""
@@ -80,7 +91,7 @@ def register_adapter(session: Session, job: Job, adapter_dir: Path, store: Local
                      job_id=job.id, name=job.name, checkpoint_step=checkpoint_step, metrics=metrics)
 
 
-def _register(session: Session, adapter_dir: Path, store: LocalArtifactStore, *, tenant_id: str, base_model: str,
+def _register(session: Session, adapter_dir: Path, store: ArtifactStore, *, tenant_id: str, base_model: str,
               job_id: str | None, name: str | None, checkpoint_step: int | None = None,
               metrics: dict | None = None) -> Adapter:
     adapter = load_adapter(adapter_dir)
@@ -110,7 +121,7 @@ def _register(session: Session, adapter_dir: Path, store: LocalArtifactStore, *,
 
 
 def compose(session: Session, tenant: Tenant, adapter_ids: list[str], weights: list[float] | None,
-            name: str | None, settings: Settings, store: LocalArtifactStore) -> Adapter:
+            name: str | None, settings: Settings, store: ArtifactStore) -> Adapter:
     """Register the exact sum of the tenant's adapters (weighted) as a new adapter of its own."""
     if len(set(adapter_ids)) != len(adapter_ids):
         raise Invalid("adapter_ids", "adapter_ids: an adapter is listed twice")
@@ -122,7 +133,7 @@ def compose(session: Session, tenant: Tenant, adapter_ids: list[str], weights: l
                                      f"{sorted({p.base_model for p in parts})}")
     loaded = []
     for part in parts:
-        adapter = load_adapter(store.local_path(part.storage_key))
+        adapter = load_adapter(adapter_files(part, store))
         adapter.name = part.id
         loaded.append(adapter)
     try:
@@ -138,7 +149,7 @@ def compose(session: Session, tenant: Tenant, adapter_ids: list[str], weights: l
     return row
 
 
-def register_checkpoint(session: Session, job: Job, step: int, checkpoint_dir: Path, store: LocalArtifactStore,
+def register_checkpoint(session: Session, job: Job, step: int, checkpoint_dir: Path, store: ArtifactStore,
                         keep: int, metrics: dict) -> list[str]:
     """A job's checkpoint as a servable adapter (`ft:...:ckpt-step-N`); the job keeps its `keep` newest.
 

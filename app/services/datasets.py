@@ -14,7 +14,7 @@ from app.ids import new_id
 from app.models import TERMINAL_STATUSES, Dataset, Job, Tenant
 from app.services.queries import owned, page
 from app.services.quotas import check_storage
-from app.storage import LocalArtifactStore, UploadTooLarge
+from app.storage import ArtifactStore, UploadTooLarge
 from sbora_core.data import validate_dataset
 from sbora_core.job import Hyperparameters
 
@@ -23,7 +23,7 @@ DEFAULT_BATCH_SIZE = Hyperparameters().batch_size
 
 
 def create_dataset(session: Session, tenant: Tenant, stream: BinaryIO, filename: str,
-                   settings: Settings, store: LocalArtifactStore) -> Dataset:
+                   settings: Settings, store: ArtifactStore) -> Dataset:
     """Stream the upload into the store, validate it, and record it; nothing is kept on failure."""
     dataset_id = new_id("ds")
     key = f"datasets/{dataset_id}.data"
@@ -34,7 +34,7 @@ def create_dataset(session: Session, tenant: Tenant, stream: BinaryIO, filename:
     try:
         check_storage(session, tenant, stored.size, settings)
         model_id = next(iter(catalog.offered()))
-        report = validate_dataset(store.local_path(key), catalog.tokenizer(model_id),
+        report = validate_dataset(store.local_file(key), catalog.tokenizer(model_id),
                                   min_records=settings.min_dataset_records, batch_size=DEFAULT_BATCH_SIZE)
         if not report.ok:
             errors: list[dict[str, Any]] = [{"line": p.line, "message": p.message} for p in report.errors]
@@ -77,7 +77,7 @@ def check_dataset_ref(session: Session, tenant: Tenant, dataset_id: str | None, 
         raise Invalid(field, f"{field}: {exc}; upload it with POST /datasets first") from exc
 
 
-def delete_dataset(session: Session, tenant: Tenant, dataset_id: str, store: LocalArtifactStore) -> None:
+def delete_dataset(session: Session, tenant: Tenant, dataset_id: str, store: ArtifactStore) -> None:
     dataset = get_dataset(session, tenant, dataset_id)
     in_use = session.scalar(select(func.count()).select_from(Job).where(
         (Job.train_dataset_id == dataset.id) | (Job.val_dataset_id == dataset.id),

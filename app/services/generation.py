@@ -23,7 +23,7 @@ from app.engine_process import AdapterRef, RemoteRequest, get_engine_process
 from app.errors import Invalid
 from app.metrics import observe_generation
 from app.models import Adapter, Tenant
-from app.services.adapters import get_adapter
+from app.services.adapters import adapter_files, get_adapter
 from app.storage import get_store
 from sbora_core.generation import Completion, SamplingParams
 
@@ -64,7 +64,7 @@ def start_generation(model_id: str, adapters: list[Adapter], prompt: str | None,
     if weights is not None and len(weights) != len(adapters):
         raise Invalid("adapter_weights", f"adapter_weights: {len(weights)} weight(s) for {len(adapters)} adapter(s); "
                                          "give one per adapter_id, in the same order")
-    refs = [AdapterRef(a.id, str(store.local_path(a.storage_key)), a.weights_sha256, w)
+    refs = [AdapterRef(a.id, str(adapter_files(a, store)), a.weights_sha256, w)
             for a, w in zip(adapters, weights or [1.0] * len(adapters), strict=True)]
     handle = get_engine_process().submit(model_id, catalog.source_of(model_id), refs, prompt, messages, params,
                                          tenant)

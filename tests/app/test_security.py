@@ -179,7 +179,7 @@ def test_corrupted_adapter_is_detected_and_reported(client, alice, stack, alice_
     _, adapter_id = alice_adapter
     with session_scope() as session:
         key = session.get(Adapter, adapter_id).storage_key
-    weights = get_store().local_path(f"{key}/adapter_model.safetensors")
+    weights = get_store().local_file(f"{key}/adapter_model.safetensors")
     original = weights.read_bytes()
     weights.write_bytes(original[:-8] + b"CORRUPT!")
     try:

@@ -4,7 +4,7 @@ from dataclasses import asdict
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, Query, Response, status
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse
 
 from app.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from app.schemas import AdapterPublic, ComposeRequest, Page, UpdateMapPublic
@@ -42,20 +42,24 @@ def compose_adapters(spec: ComposeRequest, session: SessionDep, tenant: CurrentT
 
 
 @router.get("/{adapter_id}", response_class=FileResponse,
-            responses={200: {"content": {"application/zip": {}}}, 304: {"description": "not modified"}})
+            responses={200: {"content": {"application/zip": {}}}, 304: {"description": "not modified"},
+                       307: {"description": "the object store's presigned URL (SBORA_S3_PRESIGN_DOWNLOADS)"}})
 def download_adapter(adapter_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep,
                      format: Annotated[Literal["sparse", "peft"], Query()] = "sparse",
                      if_none_match: Annotated[str | None, Header()] = None) -> Response:
     """The adapter as a zip: the sparse format (index sets + factor), or `?format=peft` for
-    PEFT's LoRA layout. The ETag is the archive's sha256."""
+    PEFT's LoRA layout. The ETag is the archive's sha256. With an object store configured to
+    presign downloads, a redirect to the object itself."""
     adapter = registry.get_adapter(session, tenant, adapter_id)
+    filename = f"{adapter.id}{'' if format == 'sparse' else '-peft'}.zip"
+    url = store.download_url(registry.archive_key(adapter, format), filename)
+    if url is not None:
+        return RedirectResponse(url, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
     path, sha256 = registry.archive(adapter, format, store)
     etag = f'"{sha256}"'
     if if_none_match == etag:
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
-    suffix = "" if format == "sparse" else "-peft"
-    return ArchiveResponse(path, media_type="application/zip", filename=f"{adapter.id}{suffix}.zip",
-                           headers={"ETag": etag})
+    return ArchiveResponse(path, media_type="application/zip", filename=filename, headers={"ETag": etag})
 
 
 @router.get("/{adapter_id}/metadata", response_model=AdapterPublic)

@@ -10,7 +10,7 @@ from app.core.db import get_engine, get_sessionmaker
 from app.engine_process import engines_warm
 from app.queue import broker_reachable
 from app.services import workers
-from app.storage import get_store
+from app.storage import StorageUnavailable, get_store
 
 router = APIRouter(tags=["health"])
 
@@ -43,13 +43,10 @@ def readyz() -> JSONResponse:
         checks["database"] = f"unreachable: {type(exc).__name__}"
     checks["broker"] = "ok" if broker_reachable() else "unreachable"
     try:
-        store = get_store()
-        probe = store.root / ".readyz"
-        probe.write_text("ok")
-        probe.unlink()
+        get_store().check()
         checks["store"] = "ok"
-    except OSError as exc:
-        checks["store"] = f"not writable: {exc.strerror}"
+    except StorageUnavailable as exc:
+        checks["store"] = str(exc)
     ready = all(v == "ok" for v in checks.values())
     return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks, "workers": live},
                         status_code=200 if ready else 503)

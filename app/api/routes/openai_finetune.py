@@ -62,7 +62,7 @@ def get_file(file_id: str, session: SessionDep, tenant: CurrentTenant) -> dict[s
 def file_content(file_id: str, session: SessionDep, tenant: CurrentTenant, store: StoreDep) -> FileResponse:
     """The file's bytes, as uploaded."""
     dataset = datasets.get_dataset(session, tenant, file_id)
-    return FileResponse(store.local_path(dataset.storage_key), media_type="application/octet-stream",
+    return FileResponse(store.local_file(dataset.storage_key, dataset.sha256), media_type="application/octet-stream",
                         filename=dataset.filename)
 
 
