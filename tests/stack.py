@@ -112,8 +112,10 @@ class Stack:
     workers: list[subprocess.Popen] = field(default_factory=list)
     redis: PrivateRedis | None = None
 
-    def start_worker(self, rlimits: dict[int, int] | None = None, quiet: bool = False) -> subprocess.Popen:
-        """A worker in a process group of its own (so a test can kill it whole), optionally resource-limited."""
+    def start_worker(self, rlimits: dict[int, int] | None = None, quiet: bool = False,
+                     env: dict[str, str] | None = None) -> subprocess.Popen:
+        """A worker in a process group of its own (so a test can kill it whole), optionally resource-limited;
+        `env` overrides the stack's settings for this worker (another machine's directories)."""
         import resource
 
         from sbora_cli.server import worker_command_line
@@ -126,7 +128,7 @@ class Stack:
         # The same command line `sbora worker` runs in production.
         proc = subprocess.Popen(
             worker_command_line(self.env["SBORA_TRAIN_QUEUE"], name=f"w{len(self.workers)}"),
-            cwd=ROOT, env={**os.environ, **self.env}, stdout=log, stderr=subprocess.STDOUT,
+            cwd=ROOT, env={**os.environ, **self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True, preexec_fn=limit if rlimits else None,
         )
         self.workers.append(proc)

@@ -26,7 +26,7 @@ from app import catalog
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.errors import without_paths
-from app.models import LEASED_STATUSES, Dataset, Job, utcnow
+from app.models import LEASED_STATUSES, Dataset, Job, JobEvent, utcnow
 from app.queue import enqueue_job
 from app.services import groups, workers
 from app.services.adapters import register_adapter, register_checkpoint
@@ -307,6 +307,14 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactSto
         _finish(job_id, owner, "failed", str(exc), error_code="dataset_missing",
                 error_message=f"{exc}; upload it again and create a new job")
         return "failed"
+    except StorageUnavailable as exc:
+        log.warning("job %s: the artifact store is unavailable: %s", job_id, exc)
+        callbacks.close()
+        if _wait_for_store(job_id, owner, settings, exc):
+            return "queued"
+        code, message = classify_error(exc)
+        _finish(job_id, owner, "failed", f"failed: {code}", error_code=code, error_message=message)
+        return "failed"
     except Exception as exc:
         log.exception("job %s failed", job_id)
         try:
@@ -318,6 +326,30 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactSto
         return "failed"
     finally:
         heartbeat.stop_event.set()
+
+
+WAITING_FOR_STORE = "artifact_store"
+
+
+def _wait_for_store(job_id: str, owner: str, settings: Settings, exc: StorageUnavailable) -> bool:
+    """Queue the job again to wait out an artifact store outage (the reconciler sends it after
+    `queued_stale_s`, and its next attempt resumes from the last checkpoint); False once it has
+    waited `storage_retry_s` since the outage first stopped it."""
+    now = utcnow()
+    with session_scope() as session:
+        events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "status")
+                                 .order_by(JobEvent.id))
+        first = next((e.created_at for e in events if e.data.get("waiting_for") == WAITING_FOR_STORE), now)
+        if (now - first).total_seconds() >= settings.storage_retry_s:
+            return False
+        requeued = rows_updated(session, update(Job).where(Job.id == job_id, Job.lease_owner == owner)
+                                .values(status="queued", lease_owner=None, lease_expires_at=None, worker_node=None,
+                                        enqueued_at=now, updated_at=now)
+                                .execution_options(synchronize_session=False))
+        if requeued == 1:
+            add_event(session, job_id, "status", f"queued: waiting for the artifact store ({without_paths(str(exc))})",
+                      {"status": "queued", "waiting_for": WAITING_FOR_STORE})
+    return True
 
 
 def _train_job_of(job_id: str, store: ArtifactStore, output_dir: Path) -> TrainJob:

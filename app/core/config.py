@@ -67,6 +67,9 @@ class Settings(BaseSettings):
                                                     "for this long lost its message and is sent again")
     worker_heartbeat_s: float = Field(2.0, description="how often a worker says it is alive; three missed "
                                                        "beats and its jobs are taken over")
+    storage_retry_s: float = Field(1800.0, description="a job stopped by an unreachable artifact store is queued "
+                                                       "again and retried this long before it fails with "
+                                                       "storage_unavailable")
     max_concurrent_jobs: int = Field(4, description="per tenant: queued plus running jobs (429 beyond)")
     max_stored_bytes: int = Field(10 * 1024**3, description="per tenant: datasets plus adapters (413 beyond)")
     log_format: Literal["json", "text"] = Field("json", description="log lines as JSON objects, or plain text")
