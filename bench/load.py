@@ -11,9 +11,13 @@ capacity instead. Afterwards it waits for every submitted job to finish.
 The base model is a tiny LLaMA built from a config (so that the queued jobs
 finish in minutes on a CPU); `--default-model` uses SmolLM2-135M instead.
 
-    .venv/bin/python bench/load.py [--duration 60] [--clients 50] [--production]
+    .venv/bin/python bench/load.py [--duration 60] [--clients 50] [--production [--s3]]
 
-Writes bench/results/load.json: `errors`, `p99_ms` per route, `jobs_completed`/`jobs_submitted`.
+`--s3` keeps the artifacts in an S3-compatible object store (moto's standalone
+server, a process of its own on loopback) instead of a local directory.
+
+Writes bench/results/load.json (load-production.json, load-production-s3.json):
+`errors`, `p99_ms` per route, `jobs_completed`/`jobs_submitted`.
 """
 
 from __future__ import annotations
@@ -111,6 +115,7 @@ def main() -> None:
     parser.add_argument("--max-jobs", type=int, default=40, help="cap on jobs submitted during the run")
     parser.add_argument("--default-model", action="store_true")
     parser.add_argument("--production", action="store_true", help="PostgreSQL + Redis on this machine")
+    parser.add_argument("--s3", action="store_true", help="artifacts in an S3-compatible store (moto's server)")
     parser.add_argument("--no-generate", action="store_true", help="leave /generate out of the mix")
     parser.add_argument("--think", type=float, default=1.0,
                         help="mean pause of a client between requests, in seconds (exponential); 0 saturates")
@@ -138,6 +143,9 @@ def main() -> None:
             env["SBORA_DATABASE_URL"] = f"postgresql+psycopg://postgres@127.0.0.1:5432/{db}"
             env["SBORA_BROKER_URL"] = "redis://127.0.0.1:6379/0"
             flavour = "production (PostgreSQL + Redis)"
+        store = start_object_store(tmp, env) if args.s3 else None
+        if store is not None:
+            flavour += " + S3 artifact store"
         api = subprocess.Popen([sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port",
                                 str(port), "--log-level", "warning"], cwd=ROOT, env=env, start_new_session=True)
         # On one machine the training worker would take every core from the API; in production it has
@@ -157,14 +165,38 @@ def main() -> None:
                     proc.wait(timeout=30)
                 except subprocess.TimeoutExpired:
                     os.killpg(proc.pid, signal.SIGKILL)
+            if store is not None:
+                store.terminate()
+                store.wait()
             if args.production:
                 import psycopg
 
                 with psycopg.connect("postgresql://postgres@127.0.0.1:5432/postgres", autocommit=True) as conn:
                     conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "load.json").write_text(json.dumps(results, indent=2))
+    name = "load" + ("-production" if args.production else "") + ("-s3" if args.s3 else "")
+    (RESULTS / f"{name}.json").write_text(json.dumps(results, indent=2))
     report(results)
+
+
+def start_object_store(tmp: Path, env: dict) -> subprocess.Popen:
+    """moto's S3 server on a free port, a bucket in it, and the service's settings pointing there."""
+    import boto3
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="load",
+                         aws_secret_access_key="load").create_bucket(Bucket="sbora-load")
+            break
+        except Exception:
+            time.sleep(0.2)
+    env.update({"SBORA_ARTIFACT_URL": "s3://sbora-load/artifacts", "SBORA_S3_ENDPOINT_URL": endpoint,
+                "SBORA_S3_ACCESS_KEY_ID": "load", "SBORA_S3_SECRET_ACCESS_KEY": "load"})
+    return proc
 
 
 def drive(args, url: str, env: dict, model: str, flavour: str) -> dict:  # noqa: PLR0915
