@@ -78,7 +78,11 @@ def publish_checkpoint(store: ArtifactStore, job_id: str, checkpoint: Path, keep
 
 
 def discard(store: ArtifactStore, job_id: str, workdir: Path, *, stored_too: bool) -> None:
-    """Remove the job's working files here, and with `stored_too` its checkpoints in the store."""
-    shutil.rmtree(workdir, ignore_errors=True)
-    if stored_too and store.local_root is None:
-        store.delete(_prefix(job_id))
+    """With `stored_too`, the job's checkpoints wherever they are; without, only a remote store's
+    scratch copy here (a local store's directory is the store itself)."""
+    if store.local_root is None:
+        shutil.rmtree(workdir, ignore_errors=True)
+        if stored_too:
+            store.delete(_prefix(job_id))
+    elif stored_too:
+        shutil.rmtree(workdir, ignore_errors=True)

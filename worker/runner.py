@@ -280,6 +280,7 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactSto
     callbacks = DatabaseCallbacks(job_id, heartbeat, store)
     callbacks.on_log(f"{torch.get_num_threads()} torch threads at nice {os.getpriority(os.PRIO_PROCESS, 0)}")
     output_dir = job_files.job_dir(store, job_id, settings)
+    keep_scratch = False
     try:
         if restored := job_files.restore_checkpoint(store, job_id, output_dir):
             callbacks.on_log(f"fetched {restored} from the artifact store")
@@ -311,6 +312,7 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactSto
         log.warning("job %s: the artifact store is unavailable: %s", job_id, exc)
         callbacks.close()
         if _wait_for_store(job_id, owner, settings, exc):
+            keep_scratch = True  # this worker may well take it again: its checkpoints are here
             return "queued"
         code, message = classify_error(exc)
         _finish(job_id, owner, "failed", f"failed: {code}", error_code=code, error_message=message)
@@ -326,6 +328,8 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactSto
         return "failed"
     finally:
         heartbeat.stop_event.set()
+        if not keep_scratch:  # with a remote store, what stays is in the store; a local one keeps it all
+            job_files.discard(store, job_id, output_dir, stored_too=False)
 
 
 WAITING_FOR_STORE = "artifact_store"
