@@ -57,8 +57,8 @@ def restore_checkpoint(store: ArtifactStore, job_id: str, workdir: Path) -> str 
     tmp = workdir / "checkpoints" / f".tmp-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for key in keys:
-        shutil.copyfile(store.local_file(key), tmp / key.rsplit("/", 1)[1])
+    for key in keys:  # read afresh (a step can be written again) and moved out of the store's local copies
+        shutil.move(store.local_file(key, fresh=True), tmp / key.rsplit("/", 1)[1])
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
     log.info("fetched checkpoint %s of %s from the store", step, job_id)
@@ -70,6 +70,7 @@ def publish_checkpoint(store: ArtifactStore, job_id: str, checkpoint: Path, keep
     if store.local_root is not None:
         return
     prefix = f"{_prefix(job_id)}/checkpoints/{checkpoint.name}"
+    store.delete(f"{prefix}/{STATE_FILE}")  # a step written again is incomplete until its state is back
     files = sorted((p for p in checkpoint.iterdir() if p.is_file()), key=lambda p: p.name == STATE_FILE)
     for path in files:
         store.put_file(f"{prefix}/{path.name}", path)

@@ -218,7 +218,8 @@ def _finish(job_id: str, owner: str, status: str, message: str, **values: Any) -
     if values.get("error_message"):
         values["error_message"] = without_paths(values["error_message"])
     with session_scope() as session:
-        finished = rows_updated(session, update(Job).where(Job.id == job_id, Job.lease_owner == owner)
+        finished = rows_updated(session, update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                                           Job.status.in_(LEASED_STATUSES))
                                 .values(status=status, finished_at=utcnow(), lease_expires_at=None,
                                         updated_at=utcnow(), **values))
         if finished == 1:
@@ -280,7 +281,7 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactSto
     callbacks = DatabaseCallbacks(job_id, heartbeat, store)
     callbacks.on_log(f"{torch.get_num_threads()} torch threads at nice {os.getpriority(os.PRIO_PROCESS, 0)}")
     output_dir = job_files.job_dir(store, job_id, settings)
-    keep_scratch = False
+    keep_scratch = succeeded = False
     try:
         if restored := job_files.restore_checkpoint(store, job_id, output_dir):
             callbacks.on_log(f"fetched {restored} from the artifact store")
@@ -301,7 +302,7 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactSto
             adapter_id = adapter.id
         _finish(job_id, owner, "succeeded", f"succeeded: adapter {adapter_id}", adapter_id=adapter_id)
         log.info("succeeded", extra={"adapter_id": adapter_id, "steps": result.metrics.get("steps")})
-        job_files.discard(store, job_id, output_dir, stored_too=True)  # checkpoints are no longer needed
+        succeeded = True  # its checkpoints are no longer needed
         return "succeeded"
     except DatasetMissing as exc:
         callbacks.close()
@@ -328,8 +329,12 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactSto
         return "failed"
     finally:
         heartbeat.stop_event.set()
-        if not keep_scratch:  # with a remote store, what stays is in the store; a local one keeps it all
-            job_files.discard(store, job_id, output_dir, stored_too=False)
+        # With a remote store, what a failed job leaves is in the store (a local one is the store).
+        if not keep_scratch:
+            try:
+                job_files.discard(store, job_id, output_dir, stored_too=succeeded)
+            except Exception:  # leftovers cost space, never the job's outcome
+                log.exception("could not remove the files of %s", job_id)
 
 
 WAITING_FOR_STORE = "artifact_store"
@@ -338,15 +343,22 @@ WAITING_FOR_STORE = "artifact_store"
 def _wait_for_store(job_id: str, owner: str, settings: Settings, exc: StorageUnavailable) -> bool:
     """Queue the job again to wait out an artifact store outage (the reconciler sends it after
     `queued_stale_s`, and its next attempt resumes from the last checkpoint); False once it has
-    waited `storage_retry_s` since the outage first stopped it."""
+    waited `storage_retry_s` since the outage first stopped it (a checkpoint in between starts the
+    clock again: that was an earlier outage)."""
     now = utcnow()
     with session_scope() as session:
-        events = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.kind == "status")
-                                 .order_by(JobEvent.id))
-        first = next((e.created_at for e in events if e.data.get("waiting_for") == WAITING_FOR_STORE), now)
-        if (now - first).total_seconds() >= settings.storage_retry_s:
+        first = None
+        for event in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id,
+                                                            JobEvent.kind.in_(("status", "checkpoint")))
+                                     .order_by(JobEvent.id)):
+            if event.kind == "checkpoint":
+                first = None
+            elif event.data.get("waiting_for") == WAITING_FOR_STORE and first is None:
+                first = event.created_at
+        if (now - (first or now)).total_seconds() >= settings.storage_retry_s:
             return False
-        requeued = rows_updated(session, update(Job).where(Job.id == job_id, Job.lease_owner == owner)
+        requeued = rows_updated(session, update(Job).where(Job.id == job_id, Job.lease_owner == owner,
+                                                           Job.status == "running")
                                 .values(status="queued", lease_owner=None, lease_expires_at=None, worker_node=None,
                                         enqueued_at=now, updated_at=now)
                                 .execution_options(synchronize_session=False))

@@ -11,13 +11,18 @@ from typing import BinaryIO, Protocol
 from sbora_core.files import sha256_file
 
 # Keys are built from opaque ids (`datasets/ds_....data`), never from anything a user typed.
-_KEY = re.compile(r"^[a-z]+(/[A-Za-z0-9_.-]+)*$")
+_KEY = re.compile(r"^[a-z]+(/[A-Za-z0-9_.-]+)+$")
+_PREFIX = re.compile(r"^[a-z]+(/[A-Za-z0-9_.-]+)*$")  # what `keys` may list: `jobs` as well as `jobs/j_1`
 
 
-def check_key(key: str) -> str:
-    if not _KEY.match(key) or ".." in key.split("/"):
+def check_key(key: str, pattern: re.Pattern[str] = _KEY) -> str:
+    if not pattern.match(key) or ".." in key.split("/"):
         raise ValueError(f"invalid artifact key {key!r}")
     return key
+
+
+def check_prefix(prefix: str) -> str:
+    return check_key(prefix, _PREFIX)
 
 
 @dataclass
@@ -55,9 +60,10 @@ class ArtifactStore(Protocol):
 
     def put_file(self, key: str, source: Path) -> Stored: ...
 
-    def local_file(self, key: str, sha256: str | None = None) -> Path:
+    def local_file(self, key: str, sha256: str | None = None, fresh: bool = False) -> Path:
         """The artifact as a file here; StorageCorrupt if its bytes are not the ones stored (or not
-        `sha256`), FileNotFoundError if there is none."""
+        `sha256`), FileNotFoundError if there is none. `fresh` reads the store itself, not a copy
+        made earlier (for keys that are written again: a job's checkpoints)."""
         ...
 
     def local_dir(self, prefix: str, names: tuple[str, ...]) -> Path:

@@ -12,13 +12,23 @@ import shutil
 from pathlib import Path
 from typing import BinaryIO
 
-from app.storage.base import StorageUnavailable, Stored, UploadTooLarge, check_key, verified
+from app.storage.base import (
+    StorageUnavailable,
+    Stored,
+    UploadTooLarge,
+    check_key,
+    check_prefix,
+    verified,
+)
 
 
 class LocalArtifactStore:
     def __init__(self, root: Path) -> None:
         self.root = root.resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a read-only or missing volume: 503 and /readyz say so
+            raise StorageUnavailable(f"cannot create {self.root.name}: {exc.strerror}") from exc
         self.local_root: Path | None = self.root
 
     def path(self, key: str) -> Path:
@@ -48,7 +58,7 @@ class LocalArtifactStore:
         with open(source, "rb") as handle:
             return self.put_stream(key, handle)
 
-    def local_file(self, key: str, sha256: str | None = None) -> Path:
+    def local_file(self, key: str, sha256: str | None = None, fresh: bool = False) -> Path:
         path = self.path(key)
         if not path.is_file():
             raise FileNotFoundError(f"no artifact {key}")
@@ -58,7 +68,7 @@ class LocalArtifactStore:
         return self.path(prefix)
 
     def keys(self, prefix: str) -> list[str]:
-        root = self.path(prefix)
+        root = self.root / check_prefix(prefix)
         if not root.is_dir():
             return []
         return sorted(f"{prefix}/{p.relative_to(root).as_posix()}" for p in root.rglob("*")

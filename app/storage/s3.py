@@ -29,6 +29,7 @@ from app.storage.base import (
     Stored,
     UploadTooLarge,
     check_key,
+    check_prefix,
     verified,
 )
 from sbora_core.files import sha256_file
@@ -39,24 +40,33 @@ _CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDeni
 _MISSING = {"NoSuchKey", "404", "NotFound"}
 
 
+def _answer(code: str, what: str) -> Exception:
+    """The store's error for an S3 error code."""
+    if code in _MISSING:
+        return FileNotFoundError(f"no artifact {what}")
+    if code in _CREDENTIAL_ERRORS:
+        return StorageUnavailable(f"the object store refused our credentials ({code}); check "
+                                  "SBORA_S3_ACCESS_KEY_ID and SBORA_S3_SECRET_ACCESS_KEY")
+    if code == "NoSuchBucket":
+        return StorageUnavailable(f"the object store has no bucket of that name ({what}); create it or "
+                                  "fix SBORA_ARTIFACT_URL")
+    return StorageUnavailable(f"the object store answered {code or 'an error'} for {what}")
+
+
 @contextlib.contextmanager
 def _translated(what: str) -> Iterator[None]:
     """boto3's errors as the store's: unreachable or refused → StorageUnavailable, absent → FileNotFoundError."""
+    from boto3.exceptions import S3UploadFailedError
     from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         yield
     except ClientError as exc:
-        code = str(exc.response.get("Error", {}).get("Code", ""))
-        if code in _MISSING:
-            raise FileNotFoundError(f"no artifact {what}") from exc
-        if code in _CREDENTIAL_ERRORS:
-            raise StorageUnavailable(f"the object store refused our credentials ({code}); check "
-                                     "SBORA_S3_ACCESS_KEY_ID and SBORA_S3_SECRET_ACCESS_KEY") from exc
-        if code == "NoSuchBucket":
-            raise StorageUnavailable(f"the object store has no bucket of that name ({what}); create it or "
-                                     "fix SBORA_ARTIFACT_URL") from exc
-        raise StorageUnavailable(f"the object store answered {code or 'an error'} for {what}") from exc
+        raise _answer(str(exc.response.get("Error", {}).get("Code", "")), what) from exc
+    except S3UploadFailedError as exc:  # the transfer manager wraps the ClientError it met
+        cause = exc.__context__
+        code = str(cause.response.get("Error", {}).get("Code", "")) if isinstance(cause, ClientError) else ""
+        raise _answer(code, what) from exc
     except BotoCoreError as exc:  # connection refused, timeouts, DNS
         raise StorageUnavailable(f"the object store is unreachable ({type(exc).__name__})") from exc
 
@@ -102,13 +112,11 @@ class S3ArtifactStore:
             self.client.upload_file(str(source), self.bucket, self._object(key), Config=self.transfer,
                                     ExtraArgs={"Metadata": {"sha256": sha256}})
 
-    def _keep_copy(self, key: str, source: Path, move: bool) -> None:
-        """What was just uploaded is also the cached copy: no download to read it back."""
+    def _keep_copy(self, key: str, source: Path) -> None:
+        """An upload just spooled here is also the local copy: validating a dataset needs no download."""
         target = self._cached(key)
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{secrets.token_hex(4)}")
-        (shutil.move if move else shutil.copyfile)(source, tmp)
-        os.replace(tmp, target)
+        os.replace(source, target)
 
     def put_stream(self, key: str, stream: BinaryIO, limit: int | None = None) -> Stored:
         # Spooled to disk first: the size limit and the sha256 are known before anything is sent.
@@ -125,20 +133,20 @@ class S3ArtifactStore:
                     digest.update(chunk)
                     out.write(chunk)
             self._upload(key, tmp, digest.hexdigest())
-            self._keep_copy(key, tmp, move=True)
+            self._keep_copy(key, tmp)
         finally:
             tmp.unlink(missing_ok=True)
         return Stored(key, size, digest.hexdigest())
 
     def put_file(self, key: str, source: Path) -> Stored:
+        # No local copy: the writer (a worker's checkpoints and adapters) does not read them back.
         sha256 = sha256_file(source)
         self._upload(key, source, sha256)
-        self._keep_copy(key, source, move=False)
         return Stored(key, source.stat().st_size, sha256)
 
-    def local_file(self, key: str, sha256: str | None = None) -> Path:
+    def local_file(self, key: str, sha256: str | None = None, fresh: bool = False) -> Path:
         cached = self._cached(key)
-        if cached.is_file():
+        if cached.is_file() and not fresh:
             return verified(cached, sha256, key)
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.name}.{secrets.token_hex(4)}")
@@ -147,12 +155,14 @@ class S3ArtifactStore:
             with _translated(key):
                 response = self.client.get_object(Bucket=self.bucket, Key=self._object(key))
                 recorded = response.get("Metadata", {}).get("sha256")
-                with open(tmp, "wb") as out:
-                    for chunk in response["Body"].iter_chunks(1 << 20):
+                with contextlib.closing(response["Body"]) as body, open(tmp, "wb") as out:
+                    for chunk in body.iter_chunks(1 << 20):
                         digest.update(chunk)
                         out.write(chunk)
+            # An object copied in from elsewhere (a migrated store) carries no sha256: nothing to check
+            # it against unless the database recorded one.
             expected = sha256 or recorded
-            if expected is None or digest.hexdigest() != expected:
+            if expected is not None and digest.hexdigest() != expected:
                 raise StorageCorrupt(f"artifact {key} does not match its recorded sha256; it was altered in the "
                                      "store and is not served")
             os.replace(tmp, cached)
@@ -166,7 +176,8 @@ class S3ArtifactStore:
         return self._cached(prefix)
 
     def keys(self, prefix: str) -> list[str]:
-        root = self._object(prefix) + "/"
+        check_prefix(prefix)
+        root = (f"{self.prefix}/{prefix}" if self.prefix else prefix) + "/"
         strip = len(self.prefix) + 1 if self.prefix else 0
         found: list[str] = []
         with _translated(prefix):
@@ -179,7 +190,11 @@ class S3ArtifactStore:
         with _translated(key):
             for start in range(0, len(doomed), 1000):  # the API's limit per request
                 batch = [{"Key": self._object(k)} for k in doomed[start:start + 1000]]
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+                answer = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+                if answer.get("Errors"):
+                    failed = answer["Errors"][0]
+                    raise StorageUnavailable(f"the object store did not delete {len(answer['Errors'])} object(s) "
+                                             f"under {key} ({failed.get('Code')}: {failed.get('Key')})")
         cached = self._cached(key)
         if cached.is_dir():
             shutil.rmtree(cached, ignore_errors=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+from pathlib import Path
 
 import pytest
 from object_store import ObjectStoreServer
@@ -111,6 +112,10 @@ def test_an_unreachable_store_says_so(tmp_path):
 
 
 def test_refused_credentials_and_a_missing_bucket_say_what_to_fix(server, bucket, tmp_path):
+    for upload in (lambda s: s.put_stream("datasets/ds_7.data", io.BytesIO(b"data")),
+                   lambda s: s.put_file("datasets/ds_8.data", Path(__file__))):  # the transfer manager's path
+        with pytest.raises(StorageUnavailable, match="refused our credentials"):
+            upload(store_on(server, bucket, tmp_path, secret_access_key="not-the-secret"))
     with pytest.raises(StorageUnavailable, match="SBORA_S3_ACCESS_KEY_ID"):
         store_on(server, bucket, tmp_path, access_key_id="AKIAWRONGWRONGWRONG1").check()
     with pytest.raises(StorageUnavailable, match="SBORA_S3_SECRET_ACCESS_KEY"):
