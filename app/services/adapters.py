@@ -17,7 +17,7 @@ from app.models import Adapter, Job, Tenant
 from app.services import groups
 from app.services.queries import owned, page
 from app.services.quotas import check_storage
-from app.storage import ArtifactStore, sha256_file_cached
+from app.storage import ArtifactStore, discard_quietly, sha256_file_cached
 from sbora_core.adapter_io import CONFIG_FILE, WEIGHTS_FILE, export_peft, load_adapter, save_adapter
 from sbora_core.files import sha256_file
 from sbora_core.merge import compose_adapters
@@ -48,7 +48,7 @@ def delete_adapter(session: Session, tenant: Tenant, adapter_id: str, store: Art
     session.delete(adapter)
     groups.release_adapter(session, adapter.id)  # its group slot is free again
     session.commit()
-    store.delete(key)
+    discard_quietly(store, key)
 
 
 def archive(adapter: Adapter, fmt: ArchiveFormat, store: ArtifactStore) -> tuple[Path, str]:

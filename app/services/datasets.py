@@ -14,7 +14,7 @@ from app.ids import new_id
 from app.models import TERMINAL_STATUSES, Dataset, Job, Tenant
 from app.services.queries import owned, page
 from app.services.quotas import check_storage
-from app.storage import ArtifactStore, UploadTooLarge
+from app.storage import ArtifactStore, UploadTooLarge, discard_quietly
 from sbora_core.data import validate_dataset
 from sbora_core.job import Hyperparameters
 
@@ -42,7 +42,7 @@ def create_dataset(session: Session, tenant: Tenant, stream: BinaryIO, filename:
             raise Invalid("file", f"the dataset has {len(errors)} problem(s){more}; fix them and upload again",
                           errors)
     except BaseException:
-        store.delete(key)
+        discard_quietly(store, key)
         raise
     stats = report.to_dict()
     stats["warnings"] = [{"line": p.line, "message": p.message} for p in report.warnings]
@@ -87,4 +87,4 @@ def delete_dataset(session: Session, tenant: Tenant, dataset_id: str, store: Art
     key = dataset.storage_key
     session.delete(dataset)
     session.commit()
-    store.delete(key)
+    discard_quietly(store, key)

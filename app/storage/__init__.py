@@ -8,6 +8,7 @@ without it they are files under `SBORA_ARTIFACT_DIR`.
 from __future__ import annotations
 
 import functools
+import logging
 from pathlib import Path
 
 from app.core.config import get_settings
@@ -22,7 +23,18 @@ from app.storage.base import (
 from app.storage.local import LocalArtifactStore
 
 __all__ = ["ArtifactStore", "LocalArtifactStore", "StorageCorrupt", "StorageUnavailable", "Stored",
-           "UploadTooLarge", "get_store", "sha256_file_cached"]
+           "UploadTooLarge", "discard_quietly", "get_store", "sha256_file_cached"]
+
+log = logging.getLogger(__name__)
+
+
+def discard_quietly(store: ArtifactStore, key: str) -> None:
+    """Delete what no row refers to any more: if the store cannot now, the objects are only space,
+    left behind with a log line, and the delete the caller asked for still happened."""
+    try:
+        store.delete(key)
+    except StorageUnavailable as exc:
+        log.warning("left %s in the artifact store: %s", key, exc)
 
 
 def get_store() -> ArtifactStore:

@@ -121,8 +121,11 @@ def test_an_unreachable_store_answers_503_and_loses_nothing(client, headers, ada
     assert "artifact store is unavailable" in upload.json()["detail"]
     ready = client.get("/readyz")
     assert ready.status_code == 503 and "unreachable" in ready.json()["checks"]["store"]
+    # A delete is a database change: it happens, and the objects it could not remove stay as space.
+    doomed = client.get("/datasets", headers=headers).json()["data"][0]["id"]
+    assert client.delete(f"/datasets/{doomed}", headers=headers).status_code == 204
     api_settings.restore()  # the store is back
-    assert client.get("/datasets", headers=headers).json()["total"] == datasets_before
+    assert client.get("/datasets", headers=headers).json()["total"] == datasets_before - 1
     assert client.get(f"/adapters/{adapter}", headers=headers).content == before
 
 
