@@ -143,6 +143,21 @@ def retained(setup: dict[str, list[int]], single: dict[str, list[int]], base: di
     return out
 
 
+def retained_interval(setup: dict[str, list[int]], single: dict[str, list[int]], base: dict[str, list[int]],
+                      draws: int = 2000) -> dict[str, list[float]]:
+    """Per task, a 95% bootstrap interval of the retained gain: the test items resampled together
+    for all three outcomes (they are the same items), so how much the figure moves with the sample."""
+    rng = np.random.default_rng(0)
+    out = {}
+    for task in TASKS:
+        b, s, c = (np.asarray(x[task], dtype=float) for x in (base, single, setup))
+        picks = rng.integers(0, len(b), size=(draws, len(b)))
+        gain = s[picks].mean(1) - b[picks].mean(1)
+        ratio = (c[picks].mean(1) - b[picks].mean(1))[gain > 0] / gain[gain > 0]
+        out[task] = [round(float(q), 3) for q in np.percentile(ratio, [2.5, 97.5])] if len(ratio) else []
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, help="training steps for every task (overrides the budget)")
@@ -174,6 +189,9 @@ def main() -> None:
 
     kept = {"sbora_fa_composed": retained(composed, fa_single, base),
             "lora_sum": retained(lora_sum, lora_single, base), "peft_cat": retained(cat, lora_single, base)}
+    kept_ci = {"sbora_fa_composed": retained_interval(composed, fa_single, base),
+               "lora_sum": retained_interval(lora_sum, lora_single, base),
+               "peft_cat": retained_interval(cat, lora_single, base)}
     # A task where an adapter alone gains nothing over the base has no retained gain to speak of.
     def worst(values: dict[str, float]) -> float:
         finite = [v for v in values.values() if np.isfinite(v)]
@@ -198,7 +216,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.machine()})",
         "budget": {"steps": budget.steps, "batch_size": budget.batch_size, "learning_rate": budget.learning_rate,
                    "mc_limit": budget.mc_limit, "math_limit": budget.math_limit},
-        "targets": TARGETS, "ratios": ratios, "retained": kept,
+        "targets": TARGETS, "ratios": ratios, "retained": kept, "retained_ci95": kept_ci,
         "accuracy": accuracies,
         "items": {t: len(v) for t, v in base.items()},
     }
@@ -209,6 +227,9 @@ def main() -> None:
         row = [accuracies[k][task] for k in ("base", "sbora_fa_single", "sbora_fa_composed", "lora_single",
                                                      "lora_sum", "peft_cat")]
         print(f"| {task} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
+    print("\n| retained gain | " + " | ".join(TASKS) + " |\n|---|" + "---:|" * len(TASKS))
+    for method, values in kept.items():
+        print(f"| {method} | " + " | ".join(f"{values[t]:.2f} {kept_ci[method][t]}" for t in TASKS) + " |")
     print(f"\nratios: {json.dumps(ratios)}\nwrote {args.out}")
 
 
