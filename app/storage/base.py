@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,8 +99,24 @@ def sha256_file_cached(path: Path) -> str:
     return _sha256_of_version(path, stat.st_mtime_ns, stat.st_size)
 
 
+def copy_hashing(source: BinaryIO, out: BinaryIO, limit: int | None = None) -> tuple[int, str]:
+    """Copy in 1 MiB chunks; the size and sha256 of what was copied. UploadTooLarge past `limit` bytes."""
+    digest, size = hashlib.sha256(), 0
+    while chunk := source.read(1 << 20):
+        size += len(chunk)
+        if limit is not None and size > limit:
+            raise UploadTooLarge(f"larger than the {limit} byte limit")
+        digest.update(chunk)
+        out.write(chunk)
+    return size, digest.hexdigest()
+
+
+def altered(key: str) -> StorageCorrupt:
+    return StorageCorrupt(f"artifact {key} does not match its recorded sha256; it was altered in the store "
+                          "and is not served")
+
+
 def verified(path: Path, sha256: str | None, key: str) -> Path:
     if sha256 is not None and sha256_file_cached(path) != sha256:
-        raise StorageCorrupt(f"artifact {key} does not match its recorded sha256; it was altered in the store "
-                             "and is not served")
+        raise altered(key)
     return path

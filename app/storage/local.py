@@ -6,7 +6,6 @@ artifact is never visible.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -15,9 +14,9 @@ from typing import BinaryIO
 from app.storage.base import (
     StorageUnavailable,
     Stored,
-    UploadTooLarge,
     check_key,
     check_prefix,
+    copy_hashing,
     verified,
 )
 
@@ -38,21 +37,15 @@ class LocalArtifactStore:
         target = self.path(key)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{id(stream)}")
-        digest, size = hashlib.sha256(), 0
         try:
             with open(tmp, "wb") as out:
-                while chunk := stream.read(1 << 20):
-                    size += len(chunk)
-                    if limit is not None and size > limit:
-                        raise UploadTooLarge(f"larger than the {limit} byte limit")
-                    digest.update(chunk)
-                    out.write(chunk)
+                size, sha256 = copy_hashing(stream, out, limit)
                 out.flush()
                 os.fsync(out.fileno())
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
-        return Stored(key, size, digest.hexdigest())
+        return Stored(key, size, sha256)
 
     def put_file(self, key: str, source: Path) -> Stored:
         with open(source, "rb") as handle:

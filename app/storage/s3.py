@@ -14,7 +14,6 @@ invalidation beyond deletes.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import secrets
 import shutil
@@ -24,12 +23,12 @@ from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from app.storage.base import (
-    StorageCorrupt,
     StorageUnavailable,
     Stored,
-    UploadTooLarge,
+    altered,
     check_key,
     check_prefix,
+    copy_hashing,
     verified,
 )
 from sbora_core.files import sha256_file
@@ -123,20 +122,14 @@ class S3ArtifactStore:
         incoming = self.cache / ".incoming"
         incoming.mkdir(exist_ok=True)
         tmp = incoming / secrets.token_hex(8)
-        digest, size = hashlib.sha256(), 0
         try:
             with open(tmp, "wb") as out:
-                while chunk := stream.read(1 << 20):
-                    size += len(chunk)
-                    if limit is not None and size > limit:
-                        raise UploadTooLarge(f"larger than the {limit} byte limit")
-                    digest.update(chunk)
-                    out.write(chunk)
-            self._upload(key, tmp, digest.hexdigest())
+                size, sha256 = copy_hashing(stream, out, limit)
+            self._upload(key, tmp, sha256)
             self._keep_copy(key, tmp)
         finally:
             tmp.unlink(missing_ok=True)
-        return Stored(key, size, digest.hexdigest())
+        return Stored(key, size, sha256)
 
     def put_file(self, key: str, source: Path) -> Stored:
         # No local copy: the writer (a worker's checkpoints and adapters) does not read them back.
@@ -150,21 +143,17 @@ class S3ArtifactStore:
             return verified(cached, sha256, key)
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_name(f".{cached.name}.{secrets.token_hex(4)}")
-        digest = hashlib.sha256()
         try:
             with _translated(key):
                 response = self.client.get_object(Bucket=self.bucket, Key=self._object(key))
                 recorded = response.get("Metadata", {}).get("sha256")
                 with contextlib.closing(response["Body"]) as body, open(tmp, "wb") as out:
-                    for chunk in body.iter_chunks(1 << 20):
-                        digest.update(chunk)
-                        out.write(chunk)
+                    _, got = copy_hashing(body, out)
             # An object copied in from elsewhere (a migrated store) carries no sha256: nothing to check
             # it against unless the database recorded one.
             expected = sha256 or recorded
-            if expected is not None and digest.hexdigest() != expected:
-                raise StorageCorrupt(f"artifact {key} does not match its recorded sha256; it was altered in the "
-                                     "store and is not served")
+            if expected is not None and got != expected:
+                raise altered(key)
             os.replace(tmp, cached)
         finally:
             tmp.unlink(missing_ok=True)
