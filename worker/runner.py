@@ -20,6 +20,7 @@ from typing import Any, cast
 
 import torch
 from sqlalchemy import CursorResult, Update, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from app import catalog
@@ -67,6 +68,12 @@ def claim(job_id: str, owner: str, node: str, lease_s: int) -> bool:
     (lease expired, its worker silent, or its process gone from this machine): a killed worker's
     job is taken over at once, not after its whole lease."""
     now = utcnow()
+    if node:
+        try:
+            with session_scope() as session:
+                workers.vouch(session, node, get_settings().train_queue, worker_kind())
+        except IntegrityError:  # its first heartbeat landed meanwhile
+            pass
     with session_scope() as session:
         job = session.get(Job, job_id)
         if job is None or job.cancel_requested:

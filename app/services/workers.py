@@ -43,6 +43,13 @@ def beat(session: Session, node: str, queue: str, kind: str) -> None:
         worker.last_seen_at, worker.pid, worker.queue = now, os.getpid(), queue
 
 
+def vouch(session: Session, node: str, queue: str, kind: str) -> None:
+    """A worker claiming a job is alive, even when its first heartbeat has not landed yet: without
+    its row the reconciler would take the job's holder for dead and send the job again."""
+    if session.get(Worker, node) is None:
+        beat(session, node, queue, kind)
+
+
 def set_job(session: Session, node: str, job_id: str | None) -> None:
     """The worker started (`job_id`) or finished (None) a job."""
     session.execute(update(Worker).where(Worker.node == node)
