@@ -28,6 +28,7 @@ from app.api.routes import (
     openai_finetune,
 )
 from app.core.config import get_settings
+from app.core.db import fill_pool, get_engine
 from app.engine_process import EngineStopped, EngineWatchdog, reset_engines, warm_engines
 from app.errors import Conflict, Invalid, NotFound, QuotaExceeded, TooLarge, Unsupported
 from app.migrate import upgrade_database
@@ -42,6 +43,7 @@ log = logging.getLogger("app")
 async def lifespan(_: FastAPI):
     upgrade_database()
     settings = get_settings()
+    fill_pool(get_engine())
     try:
         get_store().check()
     except StorageUnavailable as exc:  # serve anyway: /readyz says not ready until the store answers

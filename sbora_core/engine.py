@@ -100,7 +100,7 @@ class Engine:
         self.max_queue = max_queue
         self.merge_single = merge_single and base.quantization == "none"
         self.cache = AdapterCache(cache_bytes)
-        self.regions = RegionCache()
+        self.regions = RegionCache(cache_bytes)  # originals of the regions merged lately, as many bytes again
         self.hooks = RowAdapterHooks(self.model)
         self.prefill_chunk = prefill_chunk
         self.pending = FairQueue()

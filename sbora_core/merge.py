@@ -8,6 +8,7 @@ region bit for bit. The engine uses this to switch adapters between batches.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -108,28 +109,49 @@ class RegionCache:
     """Base-weight regions read once and reused by every later merge of the same index set.
 
     Reading r strided columns is the costliest step of an FA merge on a CPU; with
-    the original region cached, a swap only writes. Adapters trained with the
-    same `index_seed` on the same base share their index sets, hence entries.
+    the original region cached, a swap only writes. Each entry also keeps its index
+    set on the weight's device, so a merge on a GPU copies nothing from the host and
+    waits for nothing. Adapters trained with the same `index_seed` on the same base
+    share their index sets, hence entries; an engine serving many index sets keeps
+    the most recently used ones up to `capacity_bytes`.
     Valid while the weights outside merged regions stay the base model's: the
     owner must unmerge before merging something else (the engine does).
     """
 
-    def __init__(self) -> None:
-        self._regions: dict[tuple[str, str, bytes], torch.Tensor] = {}
+    def __init__(self, capacity_bytes: int = 1 << 30) -> None:
+        self.capacity_bytes = capacity_bytes
+        self._regions: OrderedDict[tuple[str, str, bytes], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.nbytes = 0
+        self.evictions = 0
 
-    def original(self, name: str, weight: torch.Tensor, variant: Variant, indices: torch.Tensor) -> torch.Tensor:
+    def original(self, name: str, weight: torch.Tensor, variant: Variant,
+                 indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the index set on the weight's device, the region's base values). `indices` as stored
+        (on the host): its bytes are the key, read without a device round trip."""
         key = (name, variant.name, indices.cpu().numpy().tobytes())
-        region = self._regions.get(key)
-        if region is None:
-            region = self._regions[key] = variant.take_region(weight, indices)
-        return region
+        entry = self._regions.get(key)
+        if entry is not None:
+            self._regions.move_to_end(key)
+            return entry
+        on_device = indices.to(weight.device)
+        entry = self._regions[key] = (on_device, variant.take_region(weight, on_device))
+        self.nbytes += _nbytes(entry)
+        while self.nbytes > self.capacity_bytes and len(self._regions) > 1:
+            _, evicted = self._regions.popitem(last=False)  # a merge handle keeps its own references
+            self.nbytes -= _nbytes(evicted)
+            self.evictions += 1
+        return entry
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._regions.values())
+    def __len__(self) -> int:
+        return len(self._regions)
 
     def clear(self) -> None:
         self._regions.clear()
+        self.nbytes = 0
+
+
+def _nbytes(tensors: tuple[torch.Tensor, ...]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 @dataclass
@@ -167,10 +189,10 @@ def merge_adapters(
             weight = weight_matrix(layer)
             if not weight.is_floating_point() or is_quantized_linear(layer):
                 raise ValueError(f"{name}: cannot merge into a quantised weight; load the base in full precision")
-            indices = None if delta.indices is None else delta.indices.to(weight.device)
-            if regions is not None and indices is not None:
-                original = regions.original(name, weight, delta.variant, indices)
+            if regions is not None and delta.indices is not None:
+                indices, original = regions.original(name, weight, delta.variant, delta.indices)
             else:
+                indices = None if delta.indices is None else delta.indices.to(weight.device)
                 original = delta.variant.take_region(weight, indices)
             if delta.variant.sparse:  # checked once per factor; the write is then a single kernel
                 check_factor(delta.sbora_factor, delta.scaling, weight.dtype, name)

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any, TypeVar
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -32,7 +32,27 @@ def make_engine(url: str, **pool: Any) -> Engine:
             cursor.close()
 
         return engine
-    return create_engine(url, **(pool or {"pool_pre_ping": True, "pool_size": 10, "max_overflow": 20}))
+    return create_engine(url, **(pool or {"pool_pre_ping": True, "pool_size": POOL_SIZE, "max_overflow": 20}))
+
+
+POOL_SIZE = 10
+
+
+def fill_pool(engine: Engine, size: int = POOL_SIZE) -> None:
+    """Open the pool's connections now, all at once. A PostgreSQL connection costs a backend
+    process and a handshake: opened lazily, the first burst of requests after a start paid for
+    them one by one and waited 0.5-1 s (bench/load.py's first second). SQLite needs nothing."""
+    if engine.dialect.name == "sqlite":
+        return
+    connections = []
+    try:
+        for _ in range(size):
+            connection = engine.connect()
+            connections.append(connection)
+            connection.execute(text("SELECT 1"))
+    finally:
+        for connection in connections:
+            connection.close()
 
 
 @lru_cache

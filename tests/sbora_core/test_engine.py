@@ -136,6 +136,24 @@ def test_adapter_cache_evicts_least_recently_used_by_bytes(base, tmp_path):
         engine.close()
 
 
+def test_region_cache_keeps_recent_index_sets_within_its_bytes_and_swaps_stay_exact(base):
+    """Six index sets through an engine whose region cache holds two: old entries go, a swap back to
+    an evicted index set reads its region again and answers as before, and the weights end bit-exact."""
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    adapters = [random_adapter(base, index_seed=i, seed=i) for i in range(6)]
+    engine = Engine(base, cache_bytes=int(adapters[0].nbytes() * 2.5))
+    try:
+        first = [engine.generate(ids(engine, PROMPTS[0]), [a], greedy(6)).text for a in adapters]
+        layers = len(adapters[0].modules)  # one entry per layer and index set
+        assert engine.regions.evictions >= 3 * layers and len(engine.regions) <= 3 * layers
+        assert engine.regions.nbytes <= engine.regions.capacity_bytes
+        again = [engine.generate(ids(engine, PROMPTS[0]), [a], greedy(6)).text for a in adapters]
+        assert again == first and len(set(first)) > 1
+    finally:
+        engine.close()
+    assert all(torch.equal(before[k], v) for k, v in base.model.state_dict().items())
+
+
 def test_a_thousand_registered_adapters_are_served_through_a_small_cache(base, tmp_path):
     """Requests spread over 1,000 adapters on disk, with room in memory for 24: every adapter is
     loaded on first use, the least recently used go, and one loaded again answers as it did."""

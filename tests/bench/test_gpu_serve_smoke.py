@@ -1,0 +1,28 @@
+"""bench/gpu_serve.py works before a GPU is at hand: its --smoke mode, a tiny shape on the CPU."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_serve.py"
+
+
+def test_smoke_run_measures_every_row_and_writes_the_ratios(tmp_path):
+    out = tmp_path / "gpu_serve.json"
+    done = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["smoke"] is True and report["versions"]["torch"] and report["versions"]["device"]
+    assert set(report["tokens_per_s"]) == {f"b{b}_{k}" for b in (8, 32) for k in ("base", "merged", "mixed8")} | {
+        "b32_hf_generate"}
+    assert all(v > 0 for v in report["tokens_per_s"].values())
+    arrivals = report["continuous_batching"]
+    assert arrivals["requests"] == report["setup"]["arrivals"]
+    # Requests arrive while others decode: some of them must have joined a running batch.
+    assert arrivals["joined_running_batch"] > 0
+    assert set(report["ratios"]) == set(report["targets"])
+    assert all(v > 0 for v in report["ratios"].values())
