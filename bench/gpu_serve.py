@@ -93,7 +93,9 @@ def build_base(shape: Shape, device: torch.device) -> BaseModel:
                          eos_token_id=1, pad_token_id=0, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(default_dtype(device)).eval()
+        model = LlamaForCausalLM(config)
+    model.to(dtype=default_dtype(device))  # type: ignore[call-arg]  # transformers wraps .to narrowly
+    model.eval()
     return BaseModel(name="llama-config", path=Path("."), fingerprint="config-built", quantization="none",
                      model=model, tokenizer=word_tokenizer(shape.vocab))
 

@@ -189,6 +189,7 @@ def merge_adapters(
             weight = weight_matrix(layer)
             if not weight.is_floating_point() or is_quantized_linear(layer):
                 raise ValueError(f"{name}: cannot merge into a quantised weight; load the base in full precision")
+            indices: torch.Tensor | None
             if regions is not None and delta.indices is not None:
                 indices, original = regions.original(name, weight, delta.variant, delta.indices)
             else:
