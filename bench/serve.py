@@ -201,7 +201,7 @@ def cold_adapter_ms(base, sources: list[Path], prompt: list[int], root: Path, sa
 
     # Serve ids until the adapter cache has been full for a while: what stays is the recently used.
     served = 0
-    while engine.cache.evictions < len(engine.cache.entries) and served < REGISTERED - 2 * samples:
+    while engine.cache.evictions <= len(engine.cache.entries) and served < REGISTERED - 2 * samples:
         first_token_ms(registry[served])
         served += 1
     warm, cold = [], []

@@ -106,52 +106,87 @@ def compose_adapters(adapters: list[SparseAdapter], weights: list[float] | None 
 
 
 class RegionCache:
-    """Base-weight regions read once and reused by every later merge of the same index set.
+    """One model's base-weight regions, read once and reused by every later merge of the same index set.
 
     Reading r strided columns is the costliest step of an FA merge on a CPU; with
-    the original region cached, a swap only writes. Each entry also keeps its index
-    set on the weight's device, so a merge on a GPU copies nothing from the host and
-    waits for nothing. Adapters trained with the same `index_seed` on the same base
-    share their index sets, hence entries; an engine serving many index sets keeps
-    the most recently used ones up to `capacity_bytes`.
+    the original region cached, a swap only writes. Each entry keeps its index set on the weight's device, so a merge on a GPU copies nothing
+    from the host and waits for nothing; the model's layers are looked up and
+    checked once. Adapters trained with the same `index_seed` on the same base
+    share their index sets, hence entries; the most recently used are kept up to
+    `capacity_bytes`.
     Valid while the weights outside merged regions stay the base model's: the
     owner must unmerge before merging something else (the engine does).
     """
 
     def __init__(self, capacity_bytes: int = 1 << 30) -> None:
         self.capacity_bytes = capacity_bytes
-        self._regions: OrderedDict[tuple[str, str, bytes], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._regions: OrderedDict[tuple[str, str, bytes], Region] = OrderedDict()
+        self._layers: dict[str, MergeTarget] = {}
         self.nbytes = 0
         self.evictions = 0
 
-    def original(self, name: str, weight: torch.Tensor, variant: Variant,
-                 indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the index set on the weight's device, the region's base values). `indices` as stored
-        (on the host): its bytes are the key, read without a device round trip."""
+    def targets(self, model: nn.Module, names: set[str]) -> dict[str, MergeTarget]:
+        missing = names - self._layers.keys()
+        if missing:
+            self._layers.update(merge_targets(model, missing))
+        return {name: self._layers[name] for name in names if name in self._layers}
+
+    def original(self, name: str, weight: torch.Tensor, variant: Variant, indices: torch.Tensor) -> Region:
+        """The region of `indices` (as stored, on the host: its bytes are the key, read without a device
+        round trip)."""
         key = (name, variant.name, indices.cpu().numpy().tobytes())
-        entry = self._regions.get(key)
-        if entry is not None:
+        region = self._regions.get(key)
+        if region is not None:
             self._regions.move_to_end(key)
-            return entry
+            return region
         on_device = indices.to(weight.device)
-        entry = self._regions[key] = (on_device, variant.take_region(weight, on_device))
-        self.nbytes += _nbytes(entry)
+        region = self._regions[key] = Region(on_device, variant.take_region(weight, on_device))
+        self.nbytes += region.nbytes
         while self.nbytes > self.capacity_bytes and len(self._regions) > 1:
             _, evicted = self._regions.popitem(last=False)  # a merge handle keeps its own references
-            self.nbytes -= _nbytes(evicted)
+            self.nbytes -= evicted.nbytes
             self.evictions += 1
-        return entry
+        return region
 
     def __len__(self) -> int:
         return len(self._regions)
 
     def clear(self) -> None:
         self._regions.clear()
+        self._layers.clear()
         self.nbytes = 0
 
 
-def _nbytes(tensors: tuple[torch.Tensor, ...]) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+@dataclass(frozen=True)
+class Region:
+    """An index set on the weight's device and the base values there."""
+
+    indices: torch.Tensor
+    original: torch.Tensor
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.indices, self.original))
+
+
+@dataclass(frozen=True)
+class MergeTarget:
+    """A layer a merge may write: its weight matrix, its (d_out, d_in), and why it may not, if so."""
+
+    weight: torch.Tensor
+    shape: tuple[int, int]
+    refusal: str | None
+
+
+def merge_targets(model: nn.Module, names: set[str]) -> dict[str, MergeTarget]:
+    targets = {}
+    for name, layer in linear_modules(model, names).items():
+        weight = weight_matrix(layer)
+        refusal = None
+        if not weight.is_floating_point() or is_quantized_linear(layer):
+            refusal = f"{name}: cannot merge into a quantised weight; load the base in full precision"
+        targets[name] = MergeTarget(weight, shape_of(layer), refusal)
+    return targets
 
 
 @dataclass
@@ -179,35 +214,39 @@ def merge_adapters(
     original regions come from (and go into) the cache instead of being read.
     """
     check_disjoint(adapters)
-    linears = linear_modules(model, {name for adapter in adapters for name in adapter.modules})
-    planned: list[tuple[torch.Tensor, ModuleDelta, torch.Tensor | None, torch.Tensor, torch.Tensor | None]] = []
+    names = {name for adapter in adapters for name in adapter.modules}
+    targets = regions.targets(model, names) if regions is not None else merge_targets(model, names)
+    planned: list[tuple[torch.Tensor, ModuleDelta, torch.Tensor | None, torch.Tensor, torch.Tensor]] = []
     for adapter in adapters:
         for name, delta in adapter.modules.items():
-            layer = linears.get(name)
-            if layer is None or shape_of(layer) != delta.shape:
+            target = targets.get(name)
+            if target is None or target.shape != delta.shape:
                 raise ValueError(f"{name}: the model has no linear module of shape {delta.shape}")
-            weight = weight_matrix(layer)
-            if not weight.is_floating_point() or is_quantized_linear(layer):
-                raise ValueError(f"{name}: cannot merge into a quantised weight; load the base in full precision")
+            if target.refusal is not None:
+                raise ValueError(target.refusal)
+            weight = target.weight
             indices: torch.Tensor | None
-            if regions is not None and delta.indices is not None:
-                indices, original = regions.original(name, weight, delta.variant, delta.indices)
-            else:
-                indices = None if delta.indices is None else delta.indices.to(weight.device)
-                original = delta.variant.take_region(weight, indices)
             if delta.variant.sparse:  # checked once per factor; the write is then a single kernel
                 check_factor(delta.sbora_factor, delta.scaling, weight.dtype, name)
-                new = None
+                factor = delta.sbora_factor
+                if regions is not None:
+                    region = regions.original(name, weight, delta.variant, delta.indices)  # type: ignore[arg-type]
+                    indices, original = region.indices, region.original
+                else:
+                    indices = delta.indices.to(weight.device)  # type: ignore[union-attr]
+                    original = delta.variant.take_region(weight, indices)
             else:
-                new = delta.variant.merged_region(original, delta.scaling, delta.A, delta.B, name)
-            planned.append((weight, delta, indices, original, new))
+                indices = None
+                original = delta.variant.take_region(weight, None)
+                factor = delta.variant.merged_region(original, delta.scaling, delta.A, delta.B, name)
+            planned.append((weight, delta, indices, original, factor))
     handle = MergeHandle()
-    for weight, delta, indices, original, new in planned:
-        if new is not None:
-            delta.variant.put_region(weight, indices, new)
-        else:
+    for weight, delta, indices, original, factor in planned:
+        if delta.variant.sparse:
             assert indices is not None  # every SBoRA delta has its index set
-            delta.variant.add_to_region(weight, indices, original, delta.sbora_factor, delta.scaling)
+            delta.variant.add_to_region(weight, indices, original, factor, delta.scaling)
+        else:
+            delta.variant.put_region(weight, indices, factor)  # LoRA: the merged region, computed above
         handle.saved.append((weight, delta.variant, indices, original))
     return handle
 

@@ -341,7 +341,7 @@ class SBoRAFB(Variant):
 
     def put_region(self, weight: Tensor, indices: Tensor | None, values: Tensor) -> None:
         assert indices is not None
-        weight[indices] = values  # index_put_: ~10x faster on CPU than index_copy_ along dim 0
+        weight[indices] = values  # index_put_: a fifth faster on CPU than index_copy_ along dim 0
 
     def delta(self, scaling: float, A: Tensor | None, B: Tensor | None) -> Tensor:
         assert A is not None

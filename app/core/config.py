@@ -53,7 +53,8 @@ class Settings(BaseSettings):
     engine_max_queue: int = Field(64, description="requests waiting for generation before 429")
     engine_warm_start: bool = Field(True, description="load every offered model into the generation engine when "
                                                       "the API starts (/readyz waits for it), not on first use")
-    adapter_cache_bytes: int = Field(1 << 30, description="bytes of adapters kept loaded per base model (LRU)")
+    adapter_cache_bytes: int = Field(1 << 30, description="bytes of adapters kept loaded per base model (LRU), "
+                                     "and as many again of the base regions their merges replace")
     torch_threads: int = Field(0, ge=0, description="CPU threads torch uses in each worker and in the generation "
                                                    "engine; 0: half the cores each")
     worker_nice: int = Field(10, ge=0, le=19, description="nice value of training processes: on a shared "
