@@ -2,9 +2,9 @@
 
 FastAPI runs every plain-function dependency in its thread pool, one hand-off
 between the event loop and a thread each (two for a generator). Those that do
-no I/O are async functions here, so a request crosses to a thread only for
-its key lookup and its route: under load the hand-offs were a large share of
-the API's CPU.
+no I/O are async functions here, so a request crosses to a thread for its key
+lookup, its route and, while its session holds a connection, closing it:
+under load the hand-offs were a large share of the API's CPU.
 """
 
 from __future__ import annotations
