@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from support import synchronize, timed
 
 from sbora_core.engine import Engine
 from sbora_core.generation import SamplingParams
@@ -100,11 +101,6 @@ def build_base(shape: Shape, device: torch.device) -> BaseModel:
                      model=model, tokenizer=word_tokenizer(shape.vocab))
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def engine_tps(engine: Engine, prompts: list[list[int]], adapter_sets: list[list], params: SamplingParams,
                reps: int) -> float:
     """Generated tokens per second, all prompts submitted together; the median of `reps` after a warm-up."""
@@ -124,11 +120,11 @@ def hf_generate_tps(base: BaseModel, prompts: list[list[int]], new_tokens: int, 
     rates = []
     with torch.no_grad():
         for _ in range(reps + 1):
-            sync(base.device)
+            synchronize(base.device)
             start = time.perf_counter()
             out = base.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens,
                                       min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-            sync(base.device)
+            synchronize(base.device)
             rates.append((out.shape[1] - ids.shape[1]) * len(prompts) / (time.perf_counter() - start))
     return statistics.median(rates[1:])
 
@@ -139,7 +135,7 @@ def merge_ms(base: BaseModel, adapter, reps: int) -> float:
     def once() -> None:
         merge_adapters(base.model, [adapter], regions).unmerge()
 
-    return median_ms(once, base.device, reps)
+    return 1e3 * timed(once, base.device, 1, reps)
 
 
 def peft_merge_ms(base: BaseModel, adapter, reps: int) -> float:
@@ -155,21 +151,9 @@ def peft_merge_ms(base: BaseModel, adapter, reps: int) -> float:
         model.unmerge_adapter()
 
     try:
-        return median_ms(once, base.device, reps)
+        return 1e3 * timed(once, base.device, 1, reps)
     finally:
         model.unload()  # the base model back, without the LoRA layers
-
-
-def median_ms(run, device: torch.device, reps: int) -> float:
-    run()
-    times = []
-    for _ in range(reps):
-        sync(device)
-        start = time.perf_counter()
-        run()
-        sync(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def first_token_s(engine: Engine, prompt: list[int], params: SamplingParams) -> tuple[object, threading.Event, list]:

@@ -29,16 +29,15 @@ import argparse
 import gc
 import json
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from support import timed
 
 from sbora_core.config import LLAMA_PROJECTIONS, SBoRAConfig
 from sbora_core.data import load_examples
@@ -120,27 +119,8 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def peak_gib(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
-def timed(step: Callable[[], object], device: torch.device, warmup: int, steps: int) -> float:
-    """Median seconds of `steps` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(steps):
-        synchronize(device)
-        start = time.perf_counter()
-        step()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def reset_peak(device: torch.device) -> None:

@@ -1,14 +1,18 @@
-"""Helpers shared by the benchmarks: a live server on the default model in a scratch data directory."""
+"""Helpers shared by the benchmarks: a live server on the default model in a scratch data directory, and
+timing on a device whose kernels run asynchronously."""
 
 from __future__ import annotations
 
 import os
 import socket
+import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
+import torch
 
 
 @contextmanager
@@ -41,3 +45,22 @@ def serve_default_model() -> Iterator[tuple[str, str]]:
         finally:
             server.should_exit = True
             thread.join(timeout=60)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(step: Callable[[], object], device: torch.device, warmup: int, steps: int) -> float:
+    """Median seconds of `steps` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        synchronize(device)
+        start = time.perf_counter()
+        step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
