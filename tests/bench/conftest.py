@@ -1,8 +1,10 @@
-"""The benchmarks are scripts, not a package: load one by path as a module."""
+"""The benchmarks are scripts, not a package: load one by path as a module, or run its --smoke mode."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -25,3 +27,16 @@ def load_bench():
         return module
 
     return load
+
+
+@pytest.fixture
+def smoke_report(tmp_path):
+    """Run bench/NAME.py --smoke (tiny shapes on the CPU) and return the JSON it wrote."""
+    def run(name: str) -> dict:
+        out = tmp_path / f"{name}.json"
+        done = subprocess.run([sys.executable, str(BENCH / f"{name}.py"), "--smoke", "--out", str(out)],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return json.loads(out.read_text())
+
+    return run

@@ -2,20 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_serve.py"
-
-
-def test_smoke_run_measures_every_row_and_writes_the_ratios(tmp_path):
-    out = tmp_path / "gpu_serve.json"
-    done = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out)], capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(out.read_text())
+def test_smoke_run_measures_every_row_and_writes_the_ratios(smoke_report):
+    report = smoke_report("gpu_serve")
     assert report["smoke"] is True and report["versions"]["torch"] and report["versions"]["device"]
     assert set(report["tokens_per_s"]) == {f"b{b}_{k}" for b in (8, 32) for k in ("base", "merged", "mixed8")} | {
         "b32_hf_generate"}

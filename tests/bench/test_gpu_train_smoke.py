@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
-
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "gpu_train.py"
 METHODS = {"floor", "sbora_fa", "sbora_fb", "lora", "peft_lora", "qsbora_fa", "peft_qlora"}
 
 
-def test_smoke_run_measures_every_method_and_writes_the_ratios(tmp_path):
-    out = tmp_path / "gpu_train.json"
-    done = subprocess.run([sys.executable, str(BENCH), "--smoke", "--out", str(out)], capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(out.read_text())
+def test_smoke_run_measures_every_method_and_writes_the_ratios(smoke_report):
+    report = smoke_report("gpu_train")
     assert report["smoke"] is True and report["versions"]["torch"]
     (first, rows_a), (second, rows_b) = report["rows"].items()
     assert set(rows_a) == METHODS and set(rows_b) == METHODS | {"qsbora_fa_checkpointed"}
