@@ -80,6 +80,15 @@ class SparseAdapter:
         modules = {n: replace(d, scaling=d.scaling * weight) for n, d in self.modules.items()}
         return SparseAdapter(self.config, modules, self.metadata, f"{self.name or 'adapter'}×{weight:g}")
 
+    def place(self, device: torch.device | str) -> SparseAdapter:
+        """Move the factors to `device`, in place, so that merges and row banks copy nothing from the
+        host. Index sets stay on the host: they are r integers, and merges key their region cache by
+        the indices' bytes, which a device tensor would give only through a synchronising copy."""
+        for m in self.modules.values():
+            m.A = None if m.A is None else m.A.to(device)
+            m.B = None if m.B is None else m.B.to(device)
+        return self
+
     def nbytes(self) -> int:
         """Bytes of tensor data (factors and index sets as stored: int32 indices)."""
         total = 0

@@ -35,7 +35,7 @@ from sbora_core.files import sha256_file
 from sbora_core.generation import Completion, RequestHandle, SamplingParams
 from sbora_core.merge import MergeHandle, RegionCache, check_disjoint, merge_adapters
 from sbora_core.models import BaseModel
-from sbora_core.row_adapters import RowAdapterHooks, build_banks
+from sbora_core.row_adapters import RowAdapterHooks, RowBanks
 
 # The KV cache's name in a forward's arguments and outputs: `cache` in recent transformers 5.x,
 # `past_key_values` before (an older name now a deprecated alias).
@@ -102,6 +102,7 @@ class Engine:
         self.cache = AdapterCache(cache_bytes)
         self.regions = RegionCache(cache_bytes)  # originals of the regions merged lately, as many bytes again
         self.hooks = RowAdapterHooks(self.model)
+        self.banks = RowBanks(self.hooks.shapes(), max_batch_size, self.device)  # one slot per row in flight
         self.prefill_chunk = prefill_chunk
         self.pending = FairQueue()
         self.cv = threading.Condition()
@@ -109,7 +110,7 @@ class Engine:
         # batches: runs from idle to idle; merged/mixed_batches: switches into each way of applying adapters
         self.stats = {"batches": 0, "merged_batches": 0, "mixed_batches": 0, "generated_tokens": 0, "joined": 0}
         self.merged: tuple[tuple[int, ...], MergeHandle | None] | None = None  # the set merged now, and its handle
-        self.banked: list[int] | None = None  # ids of the handles the row banks were built for
+        self.mixed = False  # whether the rows' adapters are applied from the row banks now
         self.batch: Batch | None = None
         self.joining: list[RequestHandle] = []  # admitted, prompts still being prefilled
         self.prefilled: dict[int, tuple[Any, int]] = {}  # a long prompt's cache so far, and tokens done
@@ -135,6 +136,7 @@ class Engine:
             raise AdapterMismatchError(
                 f"adapter {key} was trained on base model {adapter.fingerprint}, not {self.base.fingerprint}"
             )
+        adapter.place(self.device)
         self.cache.put(key, adapter)
         return adapter
 
@@ -198,7 +200,7 @@ class Engine:
             except Exception as exc:  # the requests in flight fail, the engine keeps serving
                 for handle in self.joining + (self.batch.handles if self.batch else []):
                     handle.emit(exc)
-                self.batch, self.joining, self.prefilled, self.banked = None, [], {}, None
+                self.batch, self.joining, self.prefilled = None, [], {}
                 self._idle()
 
     def _admit(self) -> None:
@@ -217,7 +219,8 @@ class Engine:
     def _idle(self) -> None:
         """Nothing in flight: the live weights go back to the base model's."""
         self._unmerge()
-        self.hooks.active, self.banked = {}, None
+        self.hooks.active, self.mixed = {}, False
+        self.banks.release()
 
     def _unmerge(self) -> None:
         if self.merged is not None and self.merged[1] is not None:
@@ -247,32 +250,30 @@ class Engine:
             return
         if self.merged is not None:
             self._unmerge()
-            self.banked = None
-        if self.banked is None:
+        if not self.mixed:
             self.stats["mixed_batches"] += 1
+            self.mixed = True
         self._bank([] if self.batch is None else self.batch.handles)
 
-    def _bank(self, handles: list[RequestHandle]) -> None:
-        """Row banks for these handles' adapters (rebuilt only when the rows changed)."""
-        ids = [id(h) for h in handles]
-        if self.banked != ids:
-            self.hooks.active = build_banks([h.adapters for h in handles], self.hooks.shapes(), self.device)
-            self.banked = ids
+    def _bank(self, rows: list[RequestHandle], start: int = 0) -> None:
+        """Slot i of the row banks holds rows[i]'s adapters; the hooks apply slots start.. (the rows of
+        the next forward)."""
+        self.banks.arrange([(h, h.adapters) for h in rows])
+        self.hooks.active = self.banks.views(start, len(rows) - start)
 
     def _forward(self, handles: list[RequestHandle], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any) -> tuple[torch.Tensor, Any]:
-        """The model on these rows; in unmerged mode their own banks are active for it."""
-        decode = self.batch is not None and handles == self.batch.handles
-        if self.merged is None and not decode:  # a prefill while the batch has its banks: swap them
-            saved, saved_ids = self.hooks.active, self.banked
-            self.hooks.active, self.banked = {}, None
-            self._bank(handles)
+        """The model on these rows; in unmerged mode their own slots are active for it."""
+        prefill = self.mixed and (self.batch is None or handles != self.batch.handles)
+        running = self.batch.handles if self.batch is not None else []
+        if prefill:  # prompts read beside the running batch take the slots after its rows'
+            self._bank(running + handles, start=len(running))
         try:
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
                              **{CACHE_FIELD: cache})
         finally:
-            if self.merged is None and not decode:
-                self.hooks.active, self.banked = saved, saved_ids
+            if prefill:
+                self._bank(running)
         return out.logits[:, -1], getattr(out, CACHE_FIELD)
 
     def _prefill(self) -> None:
@@ -322,7 +323,7 @@ class Engine:
         else:
             self.stats["joined"] += len(fresh.rows)
             self.batch.join(fresh)
-        if self.merged is None:
+        if self.mixed:
             self._bank(self.batch.handles)
 
     def _decode_step(self) -> None:
@@ -335,8 +336,8 @@ class Engine:
         self._take_tokens(batch, logits, started)
         if not batch.rows:
             self.batch = None
-        elif self.merged is None:
-            self._bank(batch.handles)
+        elif self.mixed:
+            self._bank(batch.handles)  # rows that finished leave their slots
 
     def _take_tokens(self, batch: Batch, logits: torch.Tensor, started: float) -> None:
         """Each row takes its token (B, V logits); finished rows leave the batch."""
@@ -356,9 +357,6 @@ class Engine:
         for row in batch.rows:
             if row.finish is not None:
                 row.close(row.finish)
-        if self.merged is None and self.banked is not None and len(keep) < len(batch.rows) and batch is self.batch:
-            self.hooks.select_rows(torch.tensor(keep, device=self.device))
-            self.banked = [self.banked[i] for i in keep]
         batch.next_ids = torch.tensor([[row.produced[-1] if row.finish is None else 0] for row in batch.rows],
                                       dtype=torch.long, device=self.device)
         if keep:

@@ -1,21 +1,28 @@
 """Different adapters for different rows of one batch, applied unmerged.
 
-For a batch whose rows use different adapters (or adapter sets), each adapted
-layer gets, per variant present, a "bank": every row's index set and factor
-stacked along the batch dimension, with the scaling folded in. A forward hook
-then adds all rows' updates with a few batched kernels, whatever the number of
-adapters:
+Each adapted layer keeps, per variant in use, a bank of row slots on the
+model's device: slot i holds the index set and factor (scaling folded in) of the
+adapters of the i-th row in flight. A forward hook adds all rows' updates with a
+few batched kernels, whatever the number of adapters:
 - FA: gather the selected input features of each row, `x[b, :, I_b]`, and
   multiply by that row's B (one `bmm`);
 - FB: `A_b x` for each row (one `bmm`), added into the selected output rows J_b
   (one `scatter_add_`);
 - LoRA: `B_b (A_b x)` (two `bmm`s).
-Rows without an adapter on a layer get zero factors, which add nothing. A row
-that composes several adapters of one variant concatenates their index sets.
+Slots without an adapter on a layer hold zeros, which add nothing; a row that
+composes several adapters of one variant concatenates their index sets.
+
+The banks are allocated once, for as many rows as the engine runs at a time, and
+grow only when a row's adapters are wider than any before. `RowBanks.arrange`
+keeps slot i in step with the i-th row as rows join and leave: a row that stays
+where it was costs nothing, one that moves up is a copy on the device, and a
+new row is one copy of its factors into its slot. A row joining a running batch
+therefore costs its own adapters' bytes, not a rebuild of every row's.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,16 +35,12 @@ from sbora_core.variants import Variant
 
 @dataclass
 class Bank:
+    """Some consecutive slots of one layer's bank for one variant, as one forward uses them."""
+
     variant: Variant
     indices: torch.Tensor | None  # (B, R) int64: FA columns / FB rows; None for LoRA
     A: torch.Tensor | None  # (B, R, d_in): FB (scaled) and LoRA
     B: torch.Tensor | None  # (B, d_out, R): FA (scaled) and LoRA (scaled)
-
-    def select(self, rows: torch.Tensor) -> Bank:
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.index_select(0, rows)
-
-        return Bank(self.variant, pick(self.indices), pick(self.A), pick(self.B))
 
     def apply(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """out + this bank's per-row updates; x (B, T, d_in), out (B, T, d_out).
@@ -52,38 +55,137 @@ class Bank:
         return self.variant.apply_bank(x, out, self.indices, self.A, self.B)
 
 
-def build_banks(
-    rows: list[list[SparseAdapter]], shapes: dict[str, tuple[int, int]], device: torch.device,
-    dtype: torch.dtype = torch.float32,
-) -> dict[str, list[Bank]]:
-    """Per module name, one bank per variant used by any row."""
-    banks: dict[str, list[Bank]] = {}
-    names = sorted({name for adapters in rows for a in adapters for name in a.modules})
-    n = len(rows)
-    for name in names:
-        d_out, d_in = shapes[name]
-        by_variant: dict[Variant, list[list[ModuleDelta]]] = {}
-        for row, adapters in enumerate(rows):
+class Slots:
+    """One layer's bank for one variant: `capacity` rows of `width` index/factor columns."""
+
+    def __init__(self, variant: Variant, shape: tuple[int, int], capacity: int, width: int, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.variant, self.shape, self.dtype, self.device = variant, shape, dtype, device
+        self.width = width
+        d_out, d_in = shape
+        self.indices, self.A, self.B = variant.new_bank(capacity, width, d_out, d_in, dtype, device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.indices, self.A, self.B) if t is not None]
+
+    def widen(self, width: int) -> None:
+        """Room for `width` columns per row; the rows' contents are kept (the new columns are zeros)."""
+        d_out, d_in = self.shape
+        old = (self.indices, self.A, self.B)
+        self.indices, self.A, self.B = self.variant.new_bank(self.capacity, width, d_out, d_in, self.dtype,
+                                                             self.device)
+        if old[0] is not None:
+            self.indices[:, : self.width] = old[0]  # type: ignore[index]
+        if old[1] is not None:
+            self.A[:, : self.width] = old[1]  # type: ignore[index]
+        if old[2] is not None:
+            self.B[:, :, : self.width] = old[2]  # type: ignore[index]
+        self.width = width
+
+    @property
+    def capacity(self) -> int:
+        return self.tensors()[0].shape[0]
+
+    def move(self, to: torch.Tensor, source: torch.Tensor) -> None:
+        """Slots `to` take the contents of slots `source` (read in full before any write)."""
+        for t in self.tensors():
+            t[to] = t[source]
+
+    def fill(self, slot: int, deltas: Sequence[ModuleDelta]) -> None:
+        """Slot `slot` holds these deltas side by side, zeros after them."""
+        for t in self.tensors():
+            t[slot] = 0
+        at = 0
+        for delta in deltas:
+            self.variant.fill_bank(self.indices, self.A, self.B, slot, slice(at, at + delta.r), delta)
+            at += delta.r
+
+    def view(self, start: int, count: int) -> Bank:
+        def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t[start:start + count]
+
+        return Bank(self.variant, rows(self.indices), rows(self.A), rows(self.B))
+
+
+class RowBanks:
+    """Every adapted layer's slots, kept in step with the rows in flight (see the module docstring)."""
+
+    def __init__(self, shapes: dict[str, tuple[int, int]], capacity: int, device: torch.device,
+                 dtype: torch.dtype = torch.float32) -> None:
+        self.shapes, self.capacity, self.device, self.dtype = shapes, capacity, device, dtype
+        self.layers: dict[str, dict[Variant, Slots]] = {}
+        self.owners: list[object | None] = [None] * capacity  # the row each slot holds now
+        self.copied_rows = 0  # slots filled from an adapter so far (moves not counted)
+        self.layout = 0  # bumped when a bank is added or widened: cached views are stale then
+        self._views: tuple[tuple[int, int, int], dict[str, list[Bank]]] | None = None
+
+    def arrange(self, rows: Sequence[tuple[object, Sequence[SparseAdapter]]]) -> None:
+        """Slot i holds the adapters of rows[i] = (owner, adapters); an owner is compared by identity
+        and a slot it held before is reused. Slots past len(rows) keep what they hold."""
+        if len(rows) > self.capacity:
+            raise ValueError(f"{len(rows)} rows in flight, but the banks hold {self.capacity}")
+        if all(self.owners[i] is owner for i, (owner, _) in enumerate(rows)):
+            return
+        where = {id(owner): slot for slot, owner in enumerate(self.owners) if owner is not None}
+        moves = [(i, where[id(owner)]) for i, (owner, _) in enumerate(rows)
+                 if id(owner) in where and where[id(owner)] != i]
+        fresh = [(i, adapters) for i, (owner, adapters) in enumerate(rows) if id(owner) not in where]
+        self._make_room([adapters for _, adapters in fresh])
+        if moves:
+            to = torch.tensor([i for i, _ in moves], device=self.device)
+            source = torch.tensor([s for _, s in moves], device=self.device)
+            for by_variant in self.layers.values():
+                for slots in by_variant.values():
+                    slots.move(to, source)
+        for slot, adapters in fresh:
+            for name, by_variant in self.layers.items():
+                for variant, slots in by_variant.items():
+                    slots.fill(slot, _deltas(adapters, name, variant))
+            self.copied_rows += 1
+        placed = {id(owner) for owner, _ in rows}
+        owners = [None if id(o) in placed else o for o in self.owners]  # a moved row's old slot is free
+        for i, (owner, _) in enumerate(rows):
+            owners[i] = owner
+        self.owners = owners
+
+    def _make_room(self, new_rows: list[Sequence[SparseAdapter]]) -> None:
+        """Banks for every layer and variant the new rows use, wide enough for each of them."""
+        for adapters in new_rows:
+            widths: dict[tuple[str, Variant], int] = {}
             for adapter in adapters:
-                delta = adapter.modules.get(name)
-                if delta is not None:
-                    by_variant.setdefault(delta.variant, [[] for _ in range(n)])[row].append(delta)
-        module_banks = []
-        for variant, per_row in by_variant.items():
-            width = max(sum(d.r for d in deltas) for deltas in per_row)
-            indices, A, B = variant.new_bank(n, width, d_out, d_in, dtype)
-            for row, deltas in enumerate(per_row):
-                at = 0
-                for d in deltas:
-                    variant.fill_bank(indices, A, B, row, slice(at, at + d.r), d)
-                    at += d.r
+                for name, delta in adapter.modules.items():
+                    widths[name, delta.variant] = widths.get((name, delta.variant), 0) + delta.r
+            for (name, variant), width in widths.items():
+                by_variant = self.layers.setdefault(name, {})
+                slots = by_variant.get(variant)
+                if slots is None:
+                    by_variant[variant] = Slots(variant, self.shapes[name], self.capacity, width, self.dtype,
+                                                self.device)
+                    self.layout += 1
+                elif slots.width < width:
+                    slots.widen(width)
+                    self.layout += 1
 
-            def to(t: torch.Tensor | None) -> torch.Tensor | None:
-                return None if t is None else t.to(device)
+    def views(self, start: int, count: int) -> dict[str, list[Bank]]:
+        """Per layer, the banks for slots start .. start+count-1, as the hooks apply them."""
+        key = (start, count, self.layout)
+        if self._views is None or self._views[0] != key:
+            self._views = key, {name: [slots.view(start, count) for slots in by_variant.values()]
+                                for name, by_variant in self.layers.items()}
+        return self._views[1]
 
-            module_banks.append(Bank(variant, to(indices), to(A), to(B)))
-        banks[name] = module_banks
-    return banks
+    def release(self) -> None:
+        """Forget the owners (the rows are gone); the banks stay allocated for the next mixed batch."""
+        self.owners = [None] * self.capacity
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for by_variant in self.layers.values()
+                   for slots in by_variant.values() for t in slots.tensors())
+
+
+def _deltas(adapters: Sequence[SparseAdapter], name: str, variant: Variant) -> list[ModuleDelta]:
+    return [d for a in adapters if (d := a.modules.get(name)) is not None and d.variant is variant]
 
 
 class RowAdapterHooks:
@@ -108,10 +210,6 @@ class RowAdapterHooks:
             return out
 
         return hook
-
-    def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only these rows (finished requests leave the batch)."""
-        self.active = {n: [b.select(rows) for b in banks] for n, banks in self.active.items()}
 
     def remove(self) -> None:
         for handle in self.handles:

@@ -44,18 +44,18 @@ def check_factor(factor: Tensor, scaling: float, dtype: torch.dtype, where: str)
     """Refuse a factor whose merge could write non-finite values into a weight of `dtype`.
 
     Checking the factor rather than the merged region lets the merge write in one
-    kernel; the verdict is kept on the tensor until its version counter moves, so
-    swapping a loaded adapter in and out again skips this pass.
+    kernel. The factor's peak is read once (a device-to-host sync) and kept on the
+    tensor until its version counter moves: swapping a loaded adapter in and out
+    again, at any scaling, reads nothing.
     """
-    key = (factor._version, dtype)
-    if getattr(factor, "_sbora_checked", None) == key:
-        return
-    peak = float(factor.detach().abs().max()) * abs(scaling)
+    version, peak = getattr(factor, "_sbora_peak", (None, 0.0))
+    if version != factor._version:
+        peak = float(factor.detach().abs().max())
+        factor._sbora_peak = (factor._version, peak)  # type: ignore[attr-defined]
     # Half the dtype's range leaves the other half to the base weight; NaN fails the comparison.
-    if not peak < torch.finfo(dtype).max / 2:
+    if not peak * abs(scaling) < torch.finfo(dtype).max / 2:
         raise ValueError(f"{where}: merging would write non-finite values (the adapter factor holds NaN/inf "
                          f"or values too large for {dtype})")
-    factor._sbora_checked = key  # type: ignore[attr-defined]
 
 
 # -- fused autograd functions for the merged training path ----------------------------------------
@@ -230,8 +230,8 @@ class Variant:
         raise NotImplementedError
 
     # Per-row banks of a mixed batch -------------------------------------------------------------
-    def new_bank(self, n: int, width: int, d_out: int, d_in: int,
-                 dtype: torch.dtype) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    def new_bank(self, n: int, width: int, d_out: int, d_in: int, dtype: torch.dtype,
+                 device: torch.device) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
         """Zeroed (indices (n, R), A (n, R, d_in), B (n, d_out, R)) for n rows, None where unused."""
         raise NotImplementedError
 
@@ -305,8 +305,9 @@ class SBoRAFA(Variant):
         assert delta.indices is not None
         return "columns", delta.shape[1], delta.indices, delta.delta().float().norm(dim=0)  # (r,)
 
-    def new_bank(self, n, width, d_out, d_in, dtype):
-        return torch.zeros(n, width, dtype=torch.long), None, torch.zeros(n, d_out, width, dtype=dtype)
+    def new_bank(self, n, width, d_out, d_in, dtype, device):
+        return (torch.zeros(n, width, dtype=torch.long, device=device), None,
+                torch.zeros(n, d_out, width, dtype=dtype, device=device))
 
     def fill_bank(self, indices, A, B, row, span, delta):
         assert indices is not None and B is not None and delta.B is not None
@@ -373,8 +374,9 @@ class SBoRAFB(Variant):
         assert delta.indices is not None
         return "rows", delta.shape[0], delta.indices, delta.delta().float().norm(dim=1)  # (r,)
 
-    def new_bank(self, n, width, d_out, d_in, dtype):
-        return torch.zeros(n, width, dtype=torch.long), torch.zeros(n, width, d_in, dtype=dtype), None
+    def new_bank(self, n, width, d_out, d_in, dtype, device):
+        return (torch.zeros(n, width, dtype=torch.long, device=device),
+                torch.zeros(n, width, d_in, dtype=dtype, device=device), None)
 
     def fill_bank(self, indices, A, B, row, span, delta):
         assert indices is not None and A is not None and delta.A is not None
@@ -437,8 +439,9 @@ class LoRA(Variant):
         squared = (A * ((B.T @ B) @ A)).sum(dim=0).clamp_min(0)  # ||B a_j||² for each column j
         return "columns", delta.shape[1], torch.arange(delta.shape[1]), squared.sqrt() * float(delta.scaling)
 
-    def new_bank(self, n, width, d_out, d_in, dtype):
-        return None, torch.zeros(n, width, d_in, dtype=dtype), torch.zeros(n, d_out, width, dtype=dtype)
+    def new_bank(self, n, width, d_out, d_in, dtype, device):
+        return (None, torch.zeros(n, width, d_in, dtype=dtype, device=device),
+                torch.zeros(n, d_out, width, dtype=dtype, device=device))
 
     def fill_bank(self, indices, A, B, row, span, delta):
         assert A is not None and B is not None and delta.A is not None and delta.B is not None

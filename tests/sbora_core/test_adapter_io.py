@@ -160,6 +160,9 @@ def test_merge_writes_the_region_and_refuses_a_factor_turned_non_finite(tiny, va
         torch.testing.assert_close(weight[delta.indices], before[f"{name}.weight"][delta.indices] + delta.scaling * delta.A)
     handle.unmerge()
 
+    with pytest.raises(ValueError, match="non-finite"):  # the checked factors, shared, scaled past float32
+        merge_adapters(tiny.model, [adapter.scaled(1e39)])
+
     factor = delta.B if variant == "sbora_fa" else delta.A
     factor[0, 0] = float("nan")  # changed in place after the checked merge
     with pytest.raises(ValueError, match=f"{name}: merging would write non-finite values"):

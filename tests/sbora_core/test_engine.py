@@ -181,6 +181,40 @@ def test_a_thousand_registered_adapters_are_served_through_a_small_cache(base, t
         engine.close()
 
 
+def test_rows_joining_freed_slots_and_adapters_loaded_again_answer_as_if_alone(base, tmp_path):
+    """Unmerged, two slots, six requests of different lengths: each request that joins takes the slot
+    a finished one left (a wider adapter's before a narrower one's); adapters evicted from the cache
+    and loaded again answer as before. Every answer equals the request served alone, merged."""
+    adapters = {"fa8": random_adapter(base, "sbora_fa", r=8, index_seed=1, seed=1),
+                "fb": random_adapter(base, "sbora_fb", r=8, index_seed=2, seed=2),
+                "fa4": random_adapter(base, "sbora_fa", r=4, index_seed=3, seed=3),
+                "lora": random_adapter(base, "lora", r=4, seed=4)}
+    for key, adapter in adapters.items():
+        save_adapter(adapter, tmp_path / key)
+    requests = [(PROMPTS[0], "fa8", 24), (PROMPTS[1], "fb", 4), (PROMPTS[2], "fa4", 6), (PROMPTS[3], "lora", 5),
+                (PROMPTS[1], "fa4", 3), (PROMPTS[2], "fa8", 7)]
+    reference = Engine(base, merge_single=True)
+    try:
+        alone = [reference.generate(ids(reference, p), [adapters[k]], greedy(n)).text for p, k, n in requests]
+    finally:
+        reference.close()
+    engine = Engine(base, max_batch_size=2, merge_single=False, cache_bytes=adapters["fa8"].nbytes() + 1)
+    try:
+        answers, loaded = [], []
+        for _wave in range(2):  # the second wave loads every adapter again: the small cache evicted it
+            with engine.cv:
+                handles = []
+                for prompt, key, n in requests:
+                    loaded.append(engine.adapter(key, tmp_path / key))
+                    handles.append(engine.submit(ids(engine, prompt), [loaded[-1]], greedy(n)))
+            answers.append([h.result().text for h in handles])
+        assert answers == [alone, alone]
+        assert engine.stats["joined"] >= 4 and engine.cache.evictions >= 6
+        assert loaded[0] is not loaded[len(requests)], "fa8 should have been loaded afresh in the second wave"
+        assert engine.banks.copied_rows == 2 * len(requests)  # one copy per request, none per step
+    finally:
+        engine.close()
+
 def test_mismatched_or_corrupted_adapters_are_rejected(engine, base, tmp_path, tiny_model_dir):
     other = load_base_model(str(tiny_model_dir), device="cpu")
     save_adapter(random_adapter(other), tmp_path / "other")
