@@ -92,13 +92,15 @@ class Slots:
             t[to] = t[source]
 
     def fill(self, slot: int, deltas: Sequence[ModuleDelta]) -> None:
-        """Slot `slot` holds these deltas side by side, zeros after them."""
-        for t in self.tensors():
-            t[slot] = 0
+        """Slot `slot` holds these deltas side by side, zeros after them (where a wider set may have been)."""
         at = 0
         for delta in deltas:
             self.variant.fill_bank(self.indices, self.A, self.B, slot, slice(at, at + delta.r), delta)
             at += delta.r
+        if at < self.width:
+            for t, columns_dim in ((self.indices, 1), (self.A, 1), (self.B, 2)):
+                if t is not None:
+                    t[slot].narrow(columns_dim - 1, at, self.width - at).zero_()
 
     def view(self, start: int, count: int) -> Bank:
         def rows(t: torch.Tensor | None) -> torch.Tensor | None:

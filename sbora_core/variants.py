@@ -312,7 +312,7 @@ class SBoRAFA(Variant):
     def fill_bank(self, indices, A, B, row, span, delta):
         assert indices is not None and B is not None and delta.B is not None
         indices[row, span] = delta.indices
-        B[row, :, span] = delta.B * delta.scaling
+        torch.mul(delta.B, delta.scaling, out=B[row, :, span])
 
     def apply_bank(self, x, out, indices, A, B):
         assert indices is not None and B is not None
@@ -381,7 +381,7 @@ class SBoRAFB(Variant):
     def fill_bank(self, indices, A, B, row, span, delta):
         assert indices is not None and A is not None and delta.A is not None
         indices[row, span] = delta.indices
-        A[row, span] = delta.A * delta.scaling
+        torch.mul(delta.A, delta.scaling, out=A[row, span])
 
     def apply_bank(self, x, out, indices, A, B):
         assert indices is not None and A is not None
@@ -446,7 +446,7 @@ class LoRA(Variant):
     def fill_bank(self, indices, A, B, row, span, delta):
         assert A is not None and B is not None and delta.A is not None and delta.B is not None
         A[row, span] = delta.A
-        B[row, :, span] = delta.B * delta.scaling
+        torch.mul(delta.B, delta.scaling, out=B[row, :, span])
 
     def apply_bank(self, x, out, indices, A, B):
         assert A is not None and B is not None
