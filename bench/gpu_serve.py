@@ -232,7 +232,10 @@ def main() -> None:
         a.name = f"a{i}"
 
     print("engine tokens/s ...", file=sys.stderr, flush=True)
-    engine = Engine(base, max_batch_size=32)
+    # On a GPU the engine's default: the slot cache, steps replayed as CUDA graphs; the smoke run takes
+    # the slot cache eagerly (the CPU's default is the dynamic cache).
+    engine = Engine(base, max_batch_size=32, slot_cache=True if args.smoke else None)
+    decode = "slot cache, CUDA graphs" if engine.graphs else "slot cache, eager" if engine.slots else "dynamic cache"
     tps: dict[str, float] = {}
     for batch in (8, 32):
         rows = prompts[:batch]
@@ -242,6 +245,9 @@ def main() -> None:
     print("continuous batching ...", file=sys.stderr, flush=True)
     arrivals = continuous_batching(engine, prompts, params, tps["b32_base"], shape.arrivals)
     engine.close()
+    dynamic = Engine(base, max_batch_size=32, slot_cache=False)  # what the slot cache replaced, for the record
+    tps["b32_base_dynamic_cache"] = engine_tps(dynamic, prompts, [[]] * 32, params, args.reps)
+    dynamic.close()
 
     print("transformers generate ...", file=sys.stderr, flush=True)
     tps["b32_hf_generate"] = hf_generate_tps(base, prompts, shape.new_tokens, args.reps)
@@ -262,7 +268,7 @@ def main() -> None:
     report = {
         "smoke": args.smoke,
         "setup": {**shape.__dict__, "parameters": params_count, "dtype": str(default_dtype(device)),
-                  "device": str(device)},
+                  "device": str(device), "decode": decode},
         "versions": versions(device),
         "tokens_per_s": tps,
         "merge_unmerge": merges,

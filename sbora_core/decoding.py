@@ -116,6 +116,10 @@ class Batch:
     def handles(self) -> list[RequestHandle]:
         return [row.handle for row in self.rows]
 
+    @property
+    def joinable(self) -> bool:
+        return joinable(self.cache)
+
     def keep(self, keep: list[int]) -> None:
         """Only these rows stay (the others finished), and left columns none of them needs are cut."""
         if len(keep) < len(self.rows):

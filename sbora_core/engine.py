@@ -30,12 +30,19 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sbora_core.adapter import SparseAdapter
 from sbora_core.adapter_io import WEIGHTS_FILE, AdapterMismatchError, load_adapter
-from sbora_core.decoding import Batch, FairQueue, Row, joinable
+from sbora_core.decoding import Batch, FairQueue, Row
 from sbora_core.files import sha256_file
 from sbora_core.generation import Completion, RequestHandle, SamplingParams
 from sbora_core.merge import MergeHandle, RegionCache, check_disjoint, merge_adapters
 from sbora_core.models import BaseModel
 from sbora_core.row_adapters import RowAdapterHooks, RowBanks
+from sbora_core.static_decode import (
+    DecodeGraphs,
+    SlotBatch,
+    SlotCache,
+    decode_step,
+    supports_slot_cache,
+)
 
 # The KV cache's name in a forward's arguments and outputs: `cache` in recent transformers 5.x,
 # `past_key_values` before (an older name now a deprecated alias).
@@ -91,7 +98,8 @@ class AdapterCache:
 
 class Engine:
     def __init__(self, base: BaseModel, *, max_batch_size: int = 8, max_queue: int = 64,
-                 cache_bytes: int = 1 << 30, merge_single: bool = True, prefill_chunk: int = 256) -> None:
+                 cache_bytes: int = 1 << 30, merge_single: bool = True, prefill_chunk: int = 256,
+                 slot_cache: bool | None = None, max_len: int = 4096) -> None:
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
@@ -104,6 +112,8 @@ class Engine:
         self.hooks = RowAdapterHooks(self.model)
         self.banks = RowBanks(self.hooks.shapes(), max_batch_size, self.device)  # one slot per row in flight
         self.prefill_chunk = prefill_chunk
+        self.dtype = self.model.get_input_embeddings().weight.dtype
+        self.slots, self.graphs = self._slot_cache(slot_cache, max_len)
         self.pending = FairQueue()
         self.cv = threading.Condition()
         self.running = True
@@ -111,7 +121,7 @@ class Engine:
         self.stats = {"batches": 0, "merged_batches": 0, "mixed_batches": 0, "generated_tokens": 0, "joined": 0}
         self.merged: tuple[tuple[int, ...], MergeHandle | None] | None = None  # the set merged now, and its handle
         self.mixed = False  # whether the rows' adapters are applied from the row banks now
-        self.batch: Batch | None = None
+        self.batch: Batch | SlotBatch | None = None
         self.joining: list[RequestHandle] = []  # admitted, prompts still being prefilled
         self.prefilled: dict[int, tuple[Any, int]] = {}  # a long prompt's cache so far, and tokens done
         self.step_seconds = 0.05  # running estimate, for Retry-After
@@ -120,6 +130,23 @@ class Engine:
         self.eos = {t for t in [self.tokenizer.eos_token_id, *configured] if t is not None}
         self.thread = threading.Thread(target=self._loop, daemon=True, name=f"engine-{base.name}")
         self.thread.start()
+
+    def _slot_cache(self, wanted: bool | None, max_len: int) -> tuple[SlotCache | None, DecodeGraphs | None]:
+        """A fixed KV cache for decoding (by default on CUDA, where it lets steps replay as CUDA graphs);
+        None: transformers' dynamic cache."""
+        on_cuda = self.device.type == "cuda"
+        if wanted is None:
+            wanted = on_cuda and supports_slot_cache(self.model) and self.base.quantization == "none"
+        if not wanted:
+            return None, None
+        if not supports_slot_cache(self.model):
+            raise ValueError(f"slot_cache: {self.model.config.model_type} models decode on the dynamic cache only")
+        max_len = min(max_len, getattr(self.model.config, "max_position_embeddings", max_len))
+        cache = SlotCache(self.model.config.num_hidden_layers, self.max_batch_size, max_len, self.device)
+        if not on_cuda:
+            return cache, None
+        return cache, DecodeGraphs(cache, lambda ids: decode_step(self.model, cache, CACHE_FIELD, ids, self.dtype),
+                                   self.max_batch_size)
 
     # -- adapters ------------------------------------------------------------------------------
     def adapter(self, key: str, directory: Path | Callable[[], Path], weights_sha256: str | None = None) -> SparseAdapter:
@@ -206,7 +233,7 @@ class Engine:
     def _admit(self) -> None:
         """Waiting requests join, tenant by tenant in turn, while the batch has room (called under cv)."""
         room = self.max_batch_size - len(self.joining) - (len(self.batch.rows) if self.batch else 0)
-        if self.batch is not None and not joinable(self.batch.cache):
+        if self.batch is not None and not self.batch.joinable:
             room = 0  # this model's cache cannot take rows in mid-run: the next batch starts when it ends
         while self.pending and room > 0 and self.running:
             handle = self.pending.popleft()
@@ -318,10 +345,17 @@ class Engine:
         self._take_tokens(fresh, logits, started)
         if not fresh.rows:
             return
-        if self.batch is None:
+        if self.batch is not None:
+            self.stats["joined"] += len(fresh.rows)
+        if self.slots is not None:  # the prompts' keys and values are copied into free slots
+            if self.batch is None:
+                self.batch = SlotBatch(self.slots)
+            assert isinstance(self.batch, SlotBatch)
+            self.batch.add(fresh)
+        elif self.batch is None:
             self.batch = fresh
         else:
-            self.stats["joined"] += len(fresh.rows)
+            assert isinstance(self.batch, Batch)
             self.batch.join(fresh)
         if self.mixed:
             self._bank(self.batch.handles)
@@ -330,16 +364,33 @@ class Engine:
         batch = self.batch
         assert batch is not None
         started = time.perf_counter()
-        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
-        logits, batch.cache = self._forward(batch.handles, batch.next_ids, mask, batch.positions, batch.cache)
-        batch.mask, batch.positions = mask, batch.positions + 1
+        if isinstance(batch, SlotBatch):
+            logits = self._slot_step(batch)
+        else:
+            mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+            logits, batch.cache = self._forward(batch.handles, batch.next_ids, mask, batch.positions, batch.cache)
+            batch.mask, batch.positions = mask, batch.positions + 1
         self._take_tokens(batch, logits, started)
         if not batch.rows:
             self.batch = None
         elif self.mixed:
             self._bank(batch.handles)  # rows that finished leave their slots
 
-    def _take_tokens(self, batch: Batch, logits: torch.Tensor, started: float) -> None:
+    def _slot_step(self, batch: SlotBatch) -> torch.Tensor:
+        """One decode step on the slot cache: replayed from a CUDA graph where there is one."""
+        n = len(batch.rows)
+        assert self.slots is not None
+        if self.graphs is None:
+            self.slots.set_window(n)
+            logits = decode_step(self.model, self.slots, CACHE_FIELD, batch.next_ids, self.dtype)
+        else:
+            if self.mixed:  # a graph runs its padding rows through their (free) adapter slots too
+                self.hooks.active = self.banks.views(0, self.graphs.bucket(n))
+            logits = self.graphs.run(batch.next_ids, self.banks.layout if self.mixed else None)
+        self.slots.advance(n)
+        return logits
+
+    def _take_tokens(self, batch: Batch | SlotBatch, logits: torch.Tensor, started: float) -> None:
         """Each row takes its token (B, V logits); finished rows leave the batch."""
         greedy = logits.argmax(-1).tolist()
         for i, row in enumerate(batch.rows):
@@ -349,6 +400,9 @@ class Engine:
             token = greedy[i] if row.params.temperature <= 0 else row.sample(logits[i])
             produced = len(row.produced)
             row.push(token, self.tokenizer, self.eos)
+            if row.finish is None and self.slots is not None and \
+                    len(row.handle.prompt_ids) + len(row.produced) >= self.slots.max_len:
+                row.finish = "length"  # its slot is full
             if row.logprobs is not None and len(row.produced) > produced:  # a token kept, not EOS
                 row.record_logprob(token, torch.log_softmax(logits[i].float(), dim=-1), self.tokenizer)
         self.stats["generated_tokens"] += len(batch.rows)
