@@ -1,19 +1,20 @@
 """Decoding on a fixed KV cache: one slot per row, each row writing at its own position.
 
 transformers' dynamic cache grows by concatenation at every step, and rows of
-different lengths share it only through left padding. A `SlotCache` allocates,
-once, keys and values for `capacity` rows x `max_len` positions per layer: the
-running batch's row i lives in slot i, its token at position p in column p. A
-decode step writes each row's new key and value at that row's own position (one
-indexed write per layer) and masks each row's attention to the columns it has
-filled, so rows of any lengths share a step; a row that joins is a copy of its
-prompt's keys and values into a free slot, a row that finishes frees its slot
-(the rows behind it move up, as the adapter slots do).
+different lengths share it only through left padding. A `SlotCache` holds keys
+and values for `capacity` rows per layer, one slot per row: the running batch's
+row i lives in slot i, its token at position p in column p. A decode step
+writes each row's new key and value at that row's own position (one indexed
+write per layer) and masks each row's attention to the columns it has filled,
+so rows of any lengths share a step; a row that joins is a copy of its prompt's
+keys and values into a free slot, a row that finishes frees its slot (the rows
+behind it move up, as the adapter slots do).
 
 Attention reads only the first `window` columns (the longest row's length
-rounded up to a power of two, at least `MIN_WINDOW`), not all `max_len`. For a given number of rows
-and window, every tensor a step touches keeps its address and shape, which is
-what replaying the step as a CUDA graph needs (`DecodeGraphs`).
+rounded up to a power of two, at least `MIN_WINDOW`); columns are allocated as
+windows need them, up to `max_len`. For a given number of rows and window,
+every tensor a step touches keeps its address and shape, which is what
+replaying the step as a CUDA graph needs (`DecodeGraphs`).
 
 Used for model families whose attention takes a prepared 4-D mask and reads
 positions from `position_ids` (`supports_slot_cache`).
@@ -41,7 +42,7 @@ def supports_slot_cache(model: nn.Module) -> bool:
 
 
 class SlotLayer(CacheLayerMixin):
-    """One attention layer's keys and values, (capacity, heads, max_len, head_dim); allocated on the
+    """One attention layer's keys and values, (capacity, heads, columns, head_dim); allocated on the
     first prompt copied in, where its heads, head size and dtype are known."""
 
     is_compileable = True
@@ -51,11 +52,20 @@ class SlotLayer(CacheLayerMixin):
         self.owner = owner
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        capacity, max_len = self.owner.capacity, self.owner.max_len
+        capacity, columns = self.owner.capacity, self.owner.columns
         heads = key_states.shape[1]
-        self.keys = key_states.new_zeros(capacity, heads, max_len, key_states.shape[-1])
-        self.values = value_states.new_zeros(capacity, heads, max_len, value_states.shape[-1])
+        self.keys = key_states.new_zeros(capacity, heads, columns, key_states.shape[-1])
+        self.values = value_states.new_zeros(capacity, heads, columns, value_states.shape[-1])
         self.is_initialized = True
+
+    def grow(self, columns: int) -> None:
+        """Room for `columns` positions per row, what the rows hold kept."""
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            if old is not None:
+                new = old.new_zeros(*old.shape[:2], columns, old.shape[-1])
+                new[:, :, : old.shape[2]] = old
+                setattr(self, name, new)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,7 +102,11 @@ class SlotLayer(CacheLayerMixin):
 
 
 class SlotCache(Cache):
-    """Keys and values of up to `capacity` rows of up to `max_len` positions each."""
+    """Keys and values of up to `capacity` rows of up to `max_len` positions each.
+
+    Columns are allocated as the longest row needs them, doubling (a power of two, as the window), so
+    memory follows the lengths served rather than `max_len`. Growing moves the tensors: `generation`
+    counts the moves, and graphs captured before one are dropped."""
 
     def __init__(self, num_layers: int, capacity: int, max_len: int, device: torch.device) -> None:
         self.capacity, self.max_len = capacity, max_len
@@ -101,13 +115,24 @@ class SlotCache(Cache):
         self.rows = torch.arange(capacity, device=device)
         self.positions = torch.zeros(capacity, dtype=torch.long, device=device)  # where each row writes next
         self.lengths = [0] * capacity  # the same, on the host: the window is chosen without a sync
-        self.window = MIN_WINDOW
+        self.window = self.columns = min(MIN_WINDOW, max_len)
+        self.generation = 0
+
+    def reserve(self, columns: int) -> None:
+        """At least `columns` positions allocated per row (up to max_len)."""
+        if columns <= self.columns:
+            return
+        self.columns = min(self.max_len, max(MIN_WINDOW, 1 << (columns - 1).bit_length()))
+        for layer in self.slot_layers:
+            layer.grow(self.columns)
+        self.generation += 1
 
     def load(self, slot: int, prefill: Any, row: int, length: int) -> None:
         """Slot `slot` takes a prompt's keys and values: row `row` of a prefill's dynamic cache, whose
         last `length` columns are the prompt (left padding before them)."""
         if length >= self.max_len:
             raise ValueError(f"a prompt of {length} tokens does not fit a cache of {self.max_len} positions")
+        self.reserve(length + 1)
         for mine, theirs in zip(self.slot_layers, prefill.layers, strict=True):
             mine.copy_in(slot, theirs.keys[row, :, -length:], theirs.values[row, :, -length:], length)
         self.positions[slot] = length
@@ -135,6 +160,7 @@ class SlotCache(Cache):
         included), at most twice as many."""
         longest = max(self.lengths[:n], default=0) + 1
         self.window = min(self.max_len, max(MIN_WINDOW, 1 << (longest - 1).bit_length()))
+        self.reserve(self.window)
         return self.window
 
     def advance(self, n: int) -> None:
@@ -174,6 +200,7 @@ class DecodeGraphs:
         self.ids = torch.zeros(capacity, 1, dtype=torch.long, device=cache.rows.device)
         self.graphs: dict[tuple[int, int, Any], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool: Any = None
+        self.generation = cache.generation
 
     def bucket(self, n: int) -> int:
         return min(self.capacity, 1 << (n - 1).bit_length())
@@ -182,6 +209,9 @@ class DecodeGraphs:
         n = ids.shape[0]
         rows = self.bucket(n)
         self.cache.set_window(rows)
+        if self.generation != self.cache.generation:  # the cache grew: its tensors moved
+            self.graphs.clear()
+            self.generation = self.cache.generation
         self.ids[:n].copy_(ids)
         key = (rows, self.cache.window, layout)
         if key not in self.graphs:
@@ -200,7 +230,8 @@ class DecodeGraphs:
                 self.step(self.ids[:rows])
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: request threads may load adapters onto the device while this thread captures.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             logits = self.step(self.ids[:rows])
         self.pool = graph.pool()
         return graph, logits

@@ -51,6 +51,7 @@ def test_the_slot_cache_answers_as_the_dynamic_cache_with_rows_joining_leaving_a
     assert [c.completion_tokens for c in slotted] == [n for _, _, n in requests]
     assert engine.stats["joined"] >= 2 and engine.stats["mixed_batches"] >= 1
     assert engine.slots is not None and engine.graphs is None  # eager on the CPU
+    assert (engine.slots.columns, engine.slots.generation) == (128, 1)  # grown once, when a row passed 64
 
     merged = [(p, [fa], n) for p, _, n in requests]  # one adapter for all: merged, on the slot cache too
     assert [c.text for c in serve(base, merged, slot_cache=True)[0]] == \
