@@ -193,10 +193,12 @@ class DecodeGraphs:
 
     Rows are padded up to a power of two; the padding rows are free slots (position 0), whose outputs
     nobody reads. A graph is captured the first time its key is seen, after warm-up steps on a side
-    stream, as PyTorch's CUDA graph notes prescribe."""
+    stream, as PyTorch's CUDA graph notes prescribe. With `capture=False` the same padded steps run
+    eagerly (the tests' way to check the padding on a machine without a GPU)."""
 
-    def __init__(self, cache: SlotCache, step: Callable[[torch.Tensor], torch.Tensor], capacity: int) -> None:
-        self.cache, self.step, self.capacity = cache, step, capacity
+    def __init__(self, cache: SlotCache, step: Callable[[torch.Tensor], torch.Tensor], capacity: int,
+                 capture: bool = True) -> None:
+        self.cache, self.step, self.capacity, self.capture = cache, step, capacity, capture
         self.ids = torch.zeros(capacity, 1, dtype=torch.long, device=cache.rows.device)
         self.graphs: dict[tuple[int, int, Any], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool: Any = None
@@ -213,6 +215,8 @@ class DecodeGraphs:
             self.graphs.clear()
             self.generation = self.cache.generation
         self.ids[:n].copy_(ids)
+        if not self.capture:
+            return self.step(self.ids[:rows])[:n]
         key = (rows, self.cache.window, layout)
         if key not in self.graphs:
             self.graphs[key] = self._capture(rows)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sbora_core.engine import Engine
+from sbora_core.engine import CACHE_FIELD, Engine
 from sbora_core.generation import SamplingParams
 from sbora_core.models import load_base_model
-from sbora_core.static_decode import SlotBatch, supports_slot_cache
+from sbora_core.static_decode import DecodeGraphs, SlotBatch, decode_step, supports_slot_cache
 from sbora_core.testing import build_tiny_model, random_adapter
 
 PROMPTS = ["Once upon a time", "The capital of", "SBoRA adapters are regional updates", "x"]
@@ -23,9 +23,13 @@ def model_dir(tmp_path_factory):
     return build_tiny_model(tmp_path_factory.mktemp("slots") / "peaky", initializer_range=0.3, seed=3)
 
 
-def serve(base, requests, *, slot_cache, device="cpu", **engine_args):
-    """(prompt, adapters, max_new_tokens) requests, all queued before the scheduler takes any."""
+def serve(base, requests, *, slot_cache, padded=False, **engine_args):
+    """(prompt, adapters, max_new_tokens) requests, all queued before the scheduler takes any.
+    `padded`: steps run as the CUDA graphs replay them (rows padded to a power of two), eagerly."""
     engine = Engine(base, max_batch_size=4, slot_cache=slot_cache, **engine_args)
+    if padded:
+        engine.graphs = DecodeGraphs(engine.slots, lambda ids: decode_step(engine.model, engine.slots, CACHE_FIELD, ids,
+                                                                           engine.dtype), 4, capture=False)
     try:
         with engine.cv:
             handles = [engine.submit(engine.tokenizer(p)["input_ids"], a, SamplingParams(max_new_tokens=n))
@@ -52,6 +56,11 @@ def test_the_slot_cache_answers_as_the_dynamic_cache_with_rows_joining_leaving_a
     assert engine.stats["joined"] >= 2 and engine.stats["mixed_batches"] >= 1
     assert engine.slots is not None and engine.graphs is None  # eager on the CPU
     assert (engine.slots.columns, engine.slots.generation) == (128, 1)  # grown once, when a row passed 64
+
+    # The steps the CUDA graphs replay, run eagerly: three rows run as four, the fourth a free slot
+    # with a free adapter slot; what the live rows say does not change.
+    padded, engine = serve(base, requests, slot_cache=True, padded=True)
+    assert [c.text for c in padded] == [c.text for c in dynamic]
 
     merged = [(p, [fa], n) for p, _, n in requests]  # one adapter for all: merged, on the slot cache too
     assert [c.text for c in serve(base, merged, slot_cache=True)[0]] == \
