@@ -99,7 +99,7 @@ class AdapterCache:
 class Engine:
     def __init__(self, base: BaseModel, *, max_batch_size: int = 8, max_queue: int = 64,
                  cache_bytes: int = 1 << 30, merge_single: bool = True, prefill_chunk: int = 256,
-                 slot_cache: bool | None = None, max_len: int = 4096) -> None:
+                 slot_cache: bool | None = None, max_len: int | None = None) -> None:
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
@@ -131,9 +131,10 @@ class Engine:
         self.thread = threading.Thread(target=self._loop, daemon=True, name=f"engine-{base.name}")
         self.thread.start()
 
-    def _slot_cache(self, wanted: bool | None, max_len: int) -> tuple[SlotCache | None, DecodeGraphs | None]:
-        """A fixed KV cache for decoding (by default on CUDA, where it lets steps replay as CUDA graphs);
-        None: transformers' dynamic cache."""
+    def _slot_cache(self, wanted: bool | None, max_len: int | None) -> tuple[SlotCache | None, DecodeGraphs | None]:
+        """A fixed KV cache for decoding (by default on CUDA, where it lets steps replay as CUDA graphs),
+        rows of up to `max_len` positions (the model's context by default; memory follows the lengths
+        served); None: transformers' dynamic cache."""
         on_cuda = self.device.type == "cuda"
         if wanted is None:
             wanted = on_cuda and supports_slot_cache(self.model) and self.base.quantization == "none"
@@ -141,7 +142,8 @@ class Engine:
             return None, None
         if not supports_slot_cache(self.model):
             raise ValueError(f"slot_cache: {self.model.config.model_type} models decode on the dynamic cache only")
-        max_len = min(max_len, getattr(self.model.config, "max_position_embeddings", max_len))
+        context = getattr(self.model.config, "max_position_embeddings", None) or 4096
+        max_len = min(max_len or context, context)
         cache = SlotCache(self.model.config.num_hidden_layers, self.max_batch_size, max_len, self.device)
         if not on_cuda:
             return cache, None
