@@ -22,6 +22,7 @@ positions from `position_ids` (`supports_slot_cache`).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -32,13 +33,22 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from sbora_core.decoding import Batch, Row
 from sbora_core.generation import RequestHandle
 
+log = logging.getLogger(__name__)
+
 MIN_WINDOW = 64  # windows are powers of two from here: few distinct shapes, hence few graphs
 SLOT_CACHE_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}  # rotary positions from position_ids, 4-D masks
 
 
 def supports_slot_cache(model: nn.Module) -> bool:
+    """Whether decoding on a slot cache answers as on the dynamic cache, and can be captured: a family
+    that takes positions from position_ids and a prepared 4-D mask, an attention that honours that
+    mask, no sliding window, and no rotary embedding that recomputes its frequencies from the
+    positions it sees (dynamic and longrope scaling: a host sync, and state a graph would freeze)."""
     config: Any = model.config
-    return config.model_type in SLOT_CACHE_FAMILIES and not getattr(config, "sliding_window", None)
+    rope_types = {getattr(m, "rope_type", None) for m in model.modules()} - {None}
+    return (config.model_type in SLOT_CACHE_FAMILIES and not getattr(config, "sliding_window", None)
+            and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
+            and not any("dynamic" in str(t) or t == "longrope" for t in rope_types))
 
 
 class SlotLayer(CacheLayerMixin):
@@ -193,7 +203,11 @@ class DecodeGraphs:
 
     Rows are padded up to a power of two; the padding rows are free slots (position 0), whose outputs
     nobody reads. A graph is captured the first time its key is seen, after warm-up steps on a side
-    stream, as PyTorch's CUDA graph notes prescribe. With `capture=False` the same padded steps run
+    stream, as PyTorch's CUDA graph notes prescribe. Warm-up and capture use this object's own
+    stream (engines of other models capture on theirs) on the cache's device. Graphs that can no
+    longer replay are dropped: all of them when the cache grows (its tensors moved), those of older
+    adapter layouts when the row banks change theirs. A capture that fails turns capturing off: the
+    steps then run eagerly, and the log says why. With `capture=False` the same padded steps run
     eagerly (the tests' way to check the padding on a machine without a GPU)."""
 
     def __init__(self, cache: SlotCache, step: Callable[[torch.Tensor], torch.Tensor], capacity: int,
@@ -203,6 +217,8 @@ class DecodeGraphs:
         self.graphs: dict[tuple[int, int, Any], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.pool: Any = None
         self.generation = cache.generation
+        self.layout: Any = None  # the latest adapter layout a graph was captured for
+        self.stream = torch.cuda.Stream(device=cache.rows.device) if capture else None
 
     def bucket(self, n: int) -> int:
         return min(self.capacity, 1 << (n - 1).bit_length())
@@ -212,32 +228,49 @@ class DecodeGraphs:
         rows = self.bucket(n)
         self.cache.set_window(rows)
         if self.generation != self.cache.generation:  # the cache grew: its tensors moved
-            self.graphs.clear()
+            self._drop(lambda key: True)
             self.generation = self.cache.generation
+        if layout is not None and layout != self.layout:  # the row banks were added to or widened
+            self._drop(lambda key: key[2] is not None)
+            self.layout = layout
         self.ids[:n].copy_(ids)
         if not self.capture:
             return self.step(self.ids[:rows])[:n]
         key = (rows, self.cache.window, layout)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(rows)
+            try:
+                self.graphs[key] = self._capture(rows)
+            except Exception:  # a step that cannot be captured still decodes, eagerly
+                log.exception("capturing a decode step as a CUDA graph failed; decoding eagerly from now on")
+                self._drop(lambda key: True)
+                self.capture = False
+                return self.step(self.ids[:rows])[:n]
         graph, logits = self.graphs[key]
         graph.replay()
         return logits[:n]
 
+    def _drop(self, which: Callable[[tuple[int, int, Any]], bool]) -> None:
+        for key in [k for k in self.graphs if which(k)]:
+            del self.graphs[key]
+        if not self.graphs:
+            self.pool = None  # a pool no graph uses any more cannot be shared by the next capture
+
     def _capture(self, rows: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm-up steps write keys and values at the rows' current positions, as the replay will:
-        # the same columns, overwritten by the real step.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.step(self.ids[:rows])
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        # thread_local: request threads may load adapters onto the device while this thread captures.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-            logits = self.step(self.ids[:rows])
-        self.pool = graph.pool()
+        assert self.stream is not None
+        with torch.cuda.device(self.cache.rows.device):
+            # Warm-up steps on the capture's own stream (lazy per-stream set-up, cuBLAS workspaces,
+            # happens here, outside the graph's pool). They write keys and values at the rows'
+            # current positions, as the replay will: the same columns, overwritten by the real step.
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                for _ in range(2):
+                    self.step(self.ids[:rows])
+            torch.cuda.current_stream().wait_stream(self.stream)
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: request threads may load adapters onto the device meanwhile.
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                logits = self.step(self.ids[:rows])
+            self.pool = graph.pool()
         return graph, logits
 
 

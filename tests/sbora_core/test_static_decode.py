@@ -96,6 +96,24 @@ def test_the_batch_keeps_each_row_in_the_slot_of_its_index(model_dir):
     assert batch.next_ids.flatten().tolist() == [1, 3]
 
 
+def tiny_llama(**config):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, **config))
+
+
+def test_models_whose_decoding_a_slot_cache_would_change_keep_the_dynamic_cache():
+    assert supports_slot_cache(tiny_llama())
+    # Dynamic RoPE recomputes its frequencies from the longest position it has seen.
+    assert not supports_slot_cache(tiny_llama(rope_parameters={"rope_type": "dynamic", "factor": 2.0,
+                                                               "rope_theta": 10000.0}))
+    assert not supports_slot_cache(tiny_llama(sliding_window=16))
+    flash = tiny_llama()
+    flash.config._attn_implementation = "flash_attention_2"  # would not honour the 4-D mask
+    assert not supports_slot_cache(flash)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("mixed", [False, True], ids=["merged", "per-row adapters"])
 def test_graph_replayed_decoding_equals_eager_decoding(model_dir, mixed):
@@ -105,8 +123,12 @@ def test_graph_replayed_decoding_equals_eager_decoding(model_dir, mixed):
     fa, fb = random_adapter(base, "sbora_fa", index_seed=1, seed=1), random_adapter(base, "sbora_fb", index_seed=2, seed=2)
     for adapter in (fa, fb):
         adapter.place("cuda")
-    requests = [(PROMPTS[i % 4], [fa if mixed and i % 2 else fb], 6 + 5 * i) for i in range(6)]
+    # The longest row passes 64 and 128 positions: the cache grows twice after graphs were captured.
+    requests = [(PROMPTS[i % 4], [fa if mixed and i % 2 else fb], 6 + 5 * i) for i in range(5)]
+    requests.append((PROMPTS[0], [fa if mixed else fb], 140))
     eager, _ = serve(base, requests, slot_cache=False)
     graphed, engine = serve(base, requests, slot_cache=True)
-    assert engine.graphs is not None and engine.graphs.graphs, "no step was captured"
+    assert engine.graphs is not None and engine.graphs.capture, "capturing failed and was turned off"
+    assert engine.graphs.graphs, "no step was captured"
+    assert engine.slots.generation >= 2
     assert [c.text for c in graphed] == [c.text for c in eager]
