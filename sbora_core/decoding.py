@@ -18,8 +18,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sbora_core.generation import Completion, RequestHandle, TokenLogprob
+
+# The KV cache's name in a forward's arguments and outputs: `cache` in recent transformers 5.x,
+# `past_key_values` before (an older name now a deprecated alias).
+CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
 class Row:

@@ -12,25 +12,26 @@ turn. At every step the engine picks how to apply adapters:
   changes or the engine falls idle;
 - requests use different adapters, or the base is quantised: the weights stay
   as they are and each row's adapters are applied unmerged (`row_adapters`).
-Each request has its own sampling parameters, stop strings, token budget and
-seed, streams text as it is decoded, and can be cancelled at any step.
+Decode steps run on transformers' dynamic cache, or on CUDA on a slot cache
+whose steps replay as CUDA graphs (`static_decode`). Each request has its own
+sampling parameters, stop strings, token budget and seed, streams text as it is
+decoded, and can be cancelled at any step.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from sbora_core.adapter import SparseAdapter
+from sbora_core.adapter_cache import AdapterCache
 from sbora_core.adapter_io import WEIGHTS_FILE, AdapterMismatchError, load_adapter
-from sbora_core.decoding import Batch, FairQueue, Row
+from sbora_core.decoding import CACHE_FIELD, Batch, FairQueue, Row
 from sbora_core.files import sha256_file
 from sbora_core.generation import Completion, RequestHandle, SamplingParams
 from sbora_core.merge import MergeHandle, RegionCache, check_disjoint, merge_adapters
@@ -44,10 +45,6 @@ from sbora_core.static_decode import (
     supports_slot_cache,
 )
 
-# The KV cache's name in a forward's arguments and outputs: `cache` in recent transformers 5.x,
-# `past_key_values` before (an older name now a deprecated alias).
-CACHE_FIELD = "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
-
 
 class QueueFull(RuntimeError):
     """The engine's queue is at its bound; try again after `retry_after_s`."""
@@ -59,41 +56,6 @@ class QueueFull(RuntimeError):
 
 class AdapterIntegrityError(ValueError):
     """The adapter's weights file does not match its recorded sha256."""
-
-
-class AdapterCache:
-    """Loaded adapters, least recently used evicted first once their bytes pass the capacity."""
-
-    def __init__(self, capacity_bytes: int) -> None:
-        self.capacity_bytes = capacity_bytes
-        self.entries: OrderedDict[str, SparseAdapter] = OrderedDict()
-        self.bytes = 0
-        self.hits = self.misses = self.evictions = 0
-        self.lock = threading.Lock()
-
-    def get(self, key: str) -> SparseAdapter | None:
-        with self.lock:
-            adapter = self.entries.get(key)
-            if adapter is None:
-                self.misses += 1
-                return None
-            self.hits += 1
-            self.entries.move_to_end(key)
-            return adapter
-
-    def put(self, key: str, adapter: SparseAdapter) -> None:
-        with self.lock:
-            if key in self.entries:
-                self.bytes -= self.entries.pop(key).nbytes()
-            self.entries[key] = adapter
-            self.bytes += adapter.nbytes()
-            while self.bytes > self.capacity_bytes and len(self.entries) > 1:
-                _, evicted = self.entries.popitem(last=False)
-                self.bytes -= evicted.nbytes()
-                self.evictions += 1
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.entries
 
 
 class Engine:
@@ -147,7 +109,7 @@ class Engine:
         cache = SlotCache(self.model.config.num_hidden_layers, self.max_batch_size, max_len, self.device)
         if not on_cuda:
             return cache, None
-        return cache, DecodeGraphs(cache, lambda ids: decode_step(self.model, cache, CACHE_FIELD, ids, self.dtype),
+        return cache, DecodeGraphs(cache, lambda ids: decode_step(self.model, cache, ids, self.dtype),
                                    self.max_batch_size)
 
     # -- adapters ------------------------------------------------------------------------------
@@ -384,7 +346,7 @@ class Engine:
         assert self.slots is not None
         if self.graphs is None:
             self.slots.set_window(n)
-            logits = decode_step(self.model, self.slots, CACHE_FIELD, batch.next_ids, self.dtype)
+            logits = decode_step(self.model, self.slots, batch.next_ids, self.dtype)
         else:
             if self.mixed:  # a graph runs its padding rows through their (free) adapter slots too
                 self.hooks.active = self.banks.views(0, self.graphs.bucket(n))

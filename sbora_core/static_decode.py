@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from sbora_core.decoding import Batch, Row
+from sbora_core.decoding import CACHE_FIELD, Batch, Row
 from sbora_core.generation import RequestHandle
 
 log = logging.getLogger(__name__)
@@ -187,13 +187,12 @@ class SlotCache(Cache):
             ~allowed, torch.finfo(dtype).min)[:, None, None, :]
 
 
-def decode_step(model: nn.Module, cache: SlotCache, cache_field: str, ids: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
+def decode_step(model: nn.Module, cache: SlotCache, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Logits (n, vocab) of one step for the first n = len(ids) rows; ids (n, 1). Writes their keys and
     values at their positions; `cache.advance` moves them on afterwards."""
     n = ids.shape[0]
     out = model(input_ids=ids, attention_mask=cache.mask(n, dtype), position_ids=cache.positions[:n, None],
-                use_cache=True, **{cache_field: cache})
+                use_cache=True, **{CACHE_FIELD: cache})
     return out.logits[:, -1]
 
 

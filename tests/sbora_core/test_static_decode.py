@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sbora_core.engine import CACHE_FIELD, Engine
+from sbora_core.engine import Engine
 from sbora_core.generation import SamplingParams
 from sbora_core.models import load_base_model
 from sbora_core.static_decode import DecodeGraphs, SlotBatch, decode_step, supports_slot_cache
@@ -28,8 +28,8 @@ def serve(base, requests, *, slot_cache, padded=False, **engine_args):
     `padded`: steps run as the CUDA graphs replay them (rows padded to a power of two), eagerly."""
     engine = Engine(base, max_batch_size=4, slot_cache=slot_cache, **engine_args)
     if padded:
-        engine.graphs = DecodeGraphs(engine.slots, lambda ids: decode_step(engine.model, engine.slots, CACHE_FIELD, ids,
-                                                                           engine.dtype), 4, capture=False)
+        engine.graphs = DecodeGraphs(engine.slots, lambda ids: decode_step(engine.model, engine.slots, ids, engine.dtype),
+                                     4, capture=False)
     try:
         with engine.cv:
             handles = [engine.submit(engine.tokenizer(p)["input_ids"], a, SamplingParams(max_new_tokens=n))
