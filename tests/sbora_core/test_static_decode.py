@@ -67,6 +67,16 @@ def test_the_slot_cache_answers_as_the_dynamic_cache_with_rows_joining_leaving_a
         [c.text for c in serve(base, merged, slot_cache=False)[0]]
 
 
+def test_a_long_prompt_read_in_chunks_joins_the_slot_cache_as_it_would_the_dynamic_one(model_dir):
+    base = load_base_model(str(model_dir), device="cpu")
+    long_prompt = "SBoRA adapters are regional updates of a few columns. " * 3
+    requests = [(PROMPTS[0], [], 40), (long_prompt, [], 12), (PROMPTS[1], [], 5)]
+    dynamic, _ = serve(base, requests, slot_cache=False, prefill_chunk=8)
+    slotted, engine = serve(base, requests, slot_cache=True, prefill_chunk=8)
+    assert [c.text for c in slotted] == [c.text for c in dynamic]
+    assert engine.slots is not None and engine.slots.columns == 256  # the long row passed 128 positions
+
+
 def test_a_row_stops_when_its_slot_is_full(model_dir):
     base = load_base_model(str(model_dir), device="cpu")
     prompt_ids = base.tokenizer(PROMPTS[0])["input_ids"]
