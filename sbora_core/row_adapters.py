@@ -58,6 +58,8 @@ class Bank:
 class Slots:
     """One layer's bank for one variant: `capacity` rows of `width` index/factor columns."""
 
+    COLUMNS_DIM = (1, 1, 2)  # where indices (n, R), A (n, R, d_in) and B (n, d_out, R) keep their R columns
+
     def __init__(self, variant: Variant, shape: tuple[int, int], capacity: int, width: int, dtype: torch.dtype,
                  device: torch.device) -> None:
         self.variant, self.shape, self.dtype, self.device = variant, shape, dtype, device
@@ -68,18 +70,18 @@ class Slots:
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.indices, self.A, self.B) if t is not None]
 
+    def with_columns_dim(self) -> list[tuple[torch.Tensor, int]]:
+        return [(t, dim) for t, dim in zip((self.indices, self.A, self.B), self.COLUMNS_DIM, strict=True)
+                if t is not None]
+
     def widen(self, width: int) -> None:
         """Room for `width` columns per row; the rows' contents are kept (the new columns are zeros)."""
         d_out, d_in = self.shape
-        old = (self.indices, self.A, self.B)
+        old = self.with_columns_dim()
         self.indices, self.A, self.B = self.variant.new_bank(self.capacity, width, d_out, d_in, self.dtype,
                                                              self.device)
-        if old[0] is not None:
-            self.indices[:, : self.width] = old[0]  # type: ignore[index]
-        if old[1] is not None:
-            self.A[:, : self.width] = old[1]  # type: ignore[index]
-        if old[2] is not None:
-            self.B[:, :, : self.width] = old[2]  # type: ignore[index]
+        for (new, dim), (kept, _) in zip(self.with_columns_dim(), old, strict=True):
+            new.narrow(dim, 0, self.width).copy_(kept)
         self.width = width
 
     @property
@@ -98,9 +100,8 @@ class Slots:
             self.variant.fill_bank(self.indices, self.A, self.B, slot, slice(at, at + delta.r), delta)
             at += delta.r
         if at < self.width:
-            for t, columns_dim in ((self.indices, 1), (self.A, 1), (self.B, 2)):
-                if t is not None:
-                    t[slot].narrow(columns_dim - 1, at, self.width - at).zero_()
+            for t, dim in self.with_columns_dim():
+                t[slot].narrow(dim - 1, at, self.width - at).zero_()
 
     def view(self, start: int, count: int) -> Bank:
         def rows(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -119,7 +120,7 @@ class RowBanks:
         self.owners: list[object | None] = [None] * capacity  # the row each slot holds now
         self.copied_rows = 0  # slots filled from an adapter so far (moves not counted)
         self.layout = 0  # bumped when a bank is added or widened: cached views are stale then
-        self._views: tuple[tuple[int, int, int], dict[str, list[Bank]]] | None = None
+        self._views: dict[tuple[int, int], dict[str, list[Bank]]] = {}  # by (start, count), for this layout
 
     def arrange(self, rows: Sequence[tuple[object, Sequence[SparseAdapter]]]) -> None:
         """Slot i holds the adapters of rows[i] = (owner, adapters); an owner is compared by identity
@@ -164,26 +165,23 @@ class RowBanks:
                     by_variant[variant] = Slots(variant, self.shapes[name], self.capacity, width, self.dtype,
                                                 self.device)
                     self.layout += 1
+                    self._views.clear()
                 elif slots.width < width:
                     slots.widen(width)
                     self.layout += 1
+                    self._views.clear()
 
     def views(self, start: int, count: int) -> dict[str, list[Bank]]:
         """Per layer, the banks for slots start .. start+count-1, as the hooks apply them."""
-        key = (start, count, self.layout)
-        if self._views is None or self._views[0] != key:
-            self._views = key, {name: [slots.view(start, count) for slots in by_variant.values()]
-                                for name, by_variant in self.layers.items()}
-        return self._views[1]
+        views = self._views.get((start, count))  # decode, prefill and padded graph steps alternate
+        if views is None:
+            views = self._views[start, count] = {name: [slots.view(start, count) for slots in by_variant.values()]
+                                                 for name, by_variant in self.layers.items()}
+        return views
 
     def release(self) -> None:
         """Forget the owners (the rows are gone); the banks stay allocated for the next mixed batch."""
         self.owners = [None] * self.capacity
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for by_variant in self.layers.values()
-                   for slots in by_variant.values() for t in slots.tensors())
 
 
 def _deltas(adapters: Sequence[SparseAdapter], name: str, variant: Variant) -> list[ModuleDelta]:
