@@ -374,7 +374,7 @@ def _submit(engine, adapters: list[AdapterRef], prompt: str | None,
         ids = tokenizer(prompt or "")["input_ids"]
     if not ids:
         raise RequestRejected("prompt", "prompt: empty")
-    context = getattr(engine.model.config, "max_position_embeddings", None) or 2048
+    context = engine.base.context_length
     if len(ids) + params.max_new_tokens > context:
         raise RequestRejected("prompt", f"prompt: {len(ids)} tokens + max_new_tokens {params.max_new_tokens} "
                                         f"exceed the model's context of {context} tokens")

@@ -97,14 +97,14 @@ class Engine:
         """A fixed KV cache for decoding (by default on CUDA, where it lets steps replay as CUDA graphs),
         rows of up to `max_len` positions (the model's context by default; memory follows the lengths
         served); None: transformers' dynamic cache."""
-        on_cuda = self.device.type == "cuda"
+        on_cuda, supported = self.device.type == "cuda", supports_slot_cache(self.model)
         if wanted is None:
-            wanted = on_cuda and supports_slot_cache(self.model) and self.base.quantization == "none"
+            wanted = on_cuda and supported and self.base.quantization == "none"
         if not wanted:
             return None, None
-        if not supports_slot_cache(self.model):
+        if not supported:
             raise ValueError(f"slot_cache: {self.model.config.model_type} models decode on the dynamic cache only")
-        context = getattr(self.model.config, "max_position_embeddings", None) or 4096
+        context = self.base.context_length
         max_len = min(max_len or context, context)
         cache = SlotCache(self.model.config.num_hidden_layers, self.max_batch_size, max_len, self.device)
         if not on_cuda:

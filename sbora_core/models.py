@@ -260,6 +260,11 @@ class BaseModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def context_length(self) -> int:
+        """Positions a request may span, prompt and new tokens together (2048 where the config is silent)."""
+        return getattr(self.model.config, "max_position_embeddings", None) or 2048
+
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
