@@ -111,8 +111,9 @@ class RegionCache:
     Reading r strided columns is the costliest step of an FA merge on a CPU; with
     the original region cached, a swap only writes. Each entry keeps its index
     set on the weight's device, so a merge on a GPU copies nothing from the host
-    and waits for nothing; the model's layers are looked up and checked once. Adapters trained with the same `index_seed` on the same base
-    share their index sets, hence entries; the most recently used are kept up to
+    and waits for nothing; the model's layers are looked up and checked once.
+    Adapters trained with the same `index_seed` on the same base share their
+    index sets, hence entries; the most recently used are kept up to
     `capacity_bytes`.
     Valid while the weights outside merged regions stay the base model's: the
     owner must unmerge before merging something else (the engine does).
