@@ -128,11 +128,15 @@ class SlotCache(Cache):
         self.window = self.columns = min(MIN_WINDOW, max_len)
         self.generation = 0
 
+    def span(self, columns: int) -> int:
+        """`columns` rounded up to a power of two, at least MIN_WINDOW, at most max_len."""
+        return min(self.max_len, max(MIN_WINDOW, 1 << (columns - 1).bit_length()))
+
     def reserve(self, columns: int) -> None:
         """At least `columns` positions allocated per row (up to max_len)."""
         if columns <= self.columns:
             return
-        self.columns = min(self.max_len, max(MIN_WINDOW, 1 << (columns - 1).bit_length()))
+        self.columns = self.span(columns)
         for layer in self.slot_layers:
             layer.grow(self.columns)
         self.generation += 1
@@ -168,8 +172,7 @@ class SlotCache(Cache):
     def set_window(self, n: int) -> int:
         """The columns the next step's n rows attend to: enough for the longest (the column it writes
         included), at most twice as many."""
-        longest = max(self.lengths[:n], default=0) + 1
-        self.window = min(self.max_len, max(MIN_WINDOW, 1 << (longest - 1).bit_length()))
+        self.window = self.span(max(self.lengths[:n], default=0) + 1)
         self.reserve(self.window)
         return self.window
 
