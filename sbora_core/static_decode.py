@@ -45,7 +45,10 @@ def supports_slot_cache(model: nn.Module) -> bool:
     mask, no sliding window, and no rotary embedding that recomputes its frequencies from the
     positions it sees (dynamic and longrope scaling: a host sync, and state a graph would freeze)."""
     config: Any = model.config
-    rope_types = {getattr(m, "rope_type", None) for m in model.modules()} - {None}
+    rope_types: set[str] = set()
+    for module in model.modules():
+        kind = getattr(module, "rope_type", None)  # a dict by layer type in some families (Gemma 3)
+        rope_types.update(kind.values() if isinstance(kind, dict) else [kind] if kind else [])
     return (config.model_type in SLOT_CACHE_FAMILIES and not getattr(config, "sliding_window", None)
             and getattr(config, "_attn_implementation", "sdpa") in ("sdpa", "eager")
             and not any("dynamic" in str(t) or t == "longrope" for t in rope_types))
