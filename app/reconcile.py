@@ -9,8 +9,9 @@ Every `reconcile_interval_s` it looks at
 - queued jobs whose message was lost (a broker restarted without its queue, a
   worker killed after taking the message): a job queued for `queued_stale_s`
   since its last message is sent again while a live worker of its queue has
-  sat idle that long too (it would have taken a waiting message). With no live
-  worker nothing is sent: the message waits.
+  sat idle that long too (it would have taken a waiting message; a worker
+  holding a message is busy from its arrival, before its job is claimed). With
+  no live worker nothing is sent: the message waits.
 
 At most one message is outstanding per job attempt: each send is first
 recorded on the job row with a conditional update (`enqueued_attempt`,

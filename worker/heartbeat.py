@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from app.core.config import get_settings
 from app.core.db import session_scope
@@ -19,24 +20,39 @@ log = logging.getLogger(__name__)
 
 
 class WorkerHeartbeat(threading.Thread):
-    def __init__(self, node: str, queue: str, kind: str) -> None:
+    """Beats every `worker_heartbeat_s`, and at once when a message arrives (`message_received`), so
+    the row says the worker is busy before the reconciler's staleness window can run out.
+    `holds_messages` tells whether the worker holds any message (received, running, not yet done)."""
+
+    def __init__(self, node: str, queue: str, kind: str, holds_messages: Callable[[], bool]) -> None:
         super().__init__(daemon=True, name="worker-heartbeat")
         self.node, self.queue, self.kind = node, queue, kind
+        self.holds_messages = holds_messages
         self.stop_event = threading.Event()
+        self.wake = threading.Event()  # set by a message's arrival, and by stop
+
+    def message_received(self) -> None:
+        self.wake.set()
 
     def run(self) -> None:
         interval = get_settings().worker_heartbeat_s
         while True:
+            # A wake-up counts as holding a message: it is sent just before the worker records the message.
+            holds_message = self.wake.is_set()
+            self.wake.clear()
             try:
                 with session_scope() as session:
-                    workers.beat(session, self.node, self.queue, self.kind)
+                    workers.beat(session, self.node, self.queue, self.kind,
+                                 holds_message=holds_message or self.holds_messages())
             except Exception:  # a database blip: the next beat tries again
                 log.exception("heartbeat of %s failed", self.node)
-            if self.stop_event.wait(interval):
+            self.wake.wait(interval)
+            if self.stop_event.is_set():
                 return
 
     def stop(self) -> None:
         self.stop_event.set()
+        self.wake.set()
         self.join(timeout=5)
         try:
             with session_scope() as session:

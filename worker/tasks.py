@@ -12,7 +12,14 @@ import signal
 import sys
 from typing import Any
 
-from celery.signals import setup_logging, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import (
+    setup_logging,
+    task_received,
+    worker_process_init,
+    worker_ready,
+    worker_shutdown,
+)
+from celery.worker import state as worker_state
 
 from app import logs
 from app.core.config import get_settings
@@ -38,8 +45,16 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     global _heartbeat
     queues = [q.name for q in sender.task_consumer.queues] if sender is not None else []
     _heartbeat = WorkerHeartbeat(incarnation(sender.hostname, os.getpid()),
-                                 queues[0] if queues else get_settings().train_queue, worker_kind())
+                                 queues[0] if queues else get_settings().train_queue, worker_kind(),
+                                 holds_messages=lambda: len(worker_state.reserved_requests) > 0)
     _heartbeat.start()
+
+
+@task_received.connect
+def _say_busy(**_: Any) -> None:
+    """Runs in the main process as a message arrives, before the pool process claims its job."""
+    if _heartbeat is not None:
+        _heartbeat.message_received()
 
 
 @worker_shutdown.connect

@@ -32,22 +32,30 @@ def dead_after() -> timedelta:
     return timedelta(seconds=DEAD_AFTER_BEATS * get_settings().worker_heartbeat_s)
 
 
-def beat(session: Session, node: str, queue: str, kind: str) -> None:
-    """Record that `node` is alive (creating its row on the first beat)."""
+def beat(session: Session, node: str, queue: str, kind: str, *, holds_message: bool = False) -> None:
+    """Record that `node` is alive (creating its row on the first beat), and whether it holds a message.
+
+    A worker holding a message is not idle even before its pool process has claimed the job (which
+    `set_job` records): on a busy machine that can take seconds, and the reconciler would take the
+    message for lost and send it again. Once it holds none, its idle time starts."""
     now = utcnow()
     worker = session.get(Worker, node)
     if worker is None:
         session.add(Worker(node=node, hostname=socket.gethostname(), pid=os.getpid(), queue=queue, kind=kind,
-                           started_at=now, last_seen_at=now, idle_since=now))
-    else:
-        worker.last_seen_at, worker.pid, worker.queue = now, os.getpid(), queue
+                           started_at=now, last_seen_at=now, idle_since=None if holds_message else now))
+        return
+    worker.last_seen_at, worker.pid, worker.queue = now, os.getpid(), queue
+    if holds_message:
+        worker.idle_since = None
+    elif worker.idle_since is None:
+        worker.idle_since = now
 
 
 def vouch(session: Session, node: str, queue: str, kind: str) -> None:
     """A worker claiming a job is alive, even when its first heartbeat has not landed yet: without
     its row the reconciler would take the job's holder for dead and send the job again."""
     if session.get(Worker, node) is None:
-        beat(session, node, queue, kind)
+        beat(session, node, queue, kind, holds_message=True)
 
 
 def set_job(session: Session, node: str, job_id: str | None) -> None:

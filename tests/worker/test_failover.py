@@ -198,3 +198,33 @@ def test_the_reconciler_sends_one_message_per_attempt(stack, client, headers, da
         row = session.get(Job, job["id"])
         assert row.enqueued_attempt == 2
         row.status, row.cancel_requested = "cancelled", True  # leave nothing for the next test
+
+
+def test_a_worker_slow_to_claim_its_message_is_not_taken_for_idle(stack, client, headers, dataset_id):
+    """On a loaded machine a pool process can take seconds to claim the job whose message its worker
+    holds. The reconciler must not take that message for lost and send a second one: a worker holding
+    a message is busy from its arrival. Here a row lock on the job holds the claim up."""
+    if stack.flavour != "production":
+        pytest.skip("SQLite locks the whole database, so the heartbeat would wait too; a row lock is PostgreSQL's")
+    from sqlalchemy import text
+
+    from app.core.db import get_side_engine, session_scope
+    from app.models import Job
+
+    job = client.post("/jobs", headers=headers, json=job_body(dataset_id)).json()
+    with session_scope() as session:
+        first_send = session.get(Job, job["id"]).enqueued_at
+    stale_s = float(stack.env["SBORA_QUEUED_STALE_S"])
+    with get_side_engine().connect() as lock:
+        lock.execute(text("SELECT id FROM jobs WHERE id = :id FOR UPDATE"), {"id": job["id"]})
+        stack.start_worker()
+        node = node_of(len(stack.workers) - 1)
+        wait_for(lambda: node in live_nodes(), 60, 0.2, "the worker's first heartbeat")
+        time.sleep(stale_s + 3)  # the message is stale and the worker has lived that long: was it resent?
+        assert get(client, headers, f"/jobs/{job['id']}")["status"] == "queued"
+        lock.rollback()
+    assert wait_terminal(client, headers, job["id"])["status"] == "succeeded"
+    with session_scope() as session:
+        assert session.get(Job, job["id"]).enqueued_at == first_send, "the job was sent twice"
+    assert broker_messages(stack) == 0
+    stack.stop_workers()
