@@ -46,9 +46,11 @@ def test_a_killed_worker_is_restarted_and_reaped(tmp_path, tiny_model_dir):
         port = probe.getsockname()[1]
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
+        # Beats every 0.3 s: the dead worker stops counting within 0.9 s, before the supervisor's first
+        # restart (1 s later) can be ready, so there is a window with no live worker to observe.
         proc = subprocess.Popen([sys.executable, "-m", "sbora_cli.main", "serve", "--port", str(port)],
-                                env=serve_env(tmp_path, tiny_model_dir), stdout=subprocess.PIPE, stderr=log,
-                                text=True, start_new_session=True)
+                                env={**serve_env(tmp_path, tiny_model_dir), "SBORA_WORKER_HEARTBEAT_S": "0.3"},
+                                stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         key = proc.stdout.readline().strip()  # the key, alone on the first line of stdout
@@ -59,7 +61,7 @@ def test_a_killed_worker_is_restarted_and_reaped(tmp_path, tiny_model_dir):
         [first] = celery_workers(serve)
         first.send_signal(signal.SIGKILL)
         # Not ready while no worker lives (three missed beats), then ready again with a new one.
-        wait_for(lambda: not ready(url), 30, 0.2, "readiness to notice the dead worker")
+        wait_for(lambda: not ready(url), 30, 0.05, "readiness to notice the dead worker")
         wait_for(lambda: ready(url), 90, 0.5, "a restarted worker")
         [second] = celery_workers(serve)
         assert second.pid != first.pid
