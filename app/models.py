@@ -144,7 +144,7 @@ class Worker(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     job_id: Mapped[str | None] = mapped_column(String(40), default=None)  # what it runs now
-    idle_since: Mapped[datetime | None] = mapped_column(default=utcnow)  # None while it runs a job
+    idle_since: Mapped[datetime | None] = mapped_column(default=utcnow)  # None while it holds a message or runs a job
 
 
 class AdapterGroup(Timestamps, Base):
