@@ -68,7 +68,7 @@ class Slots:
         self.indices, self.A, self.B = variant.new_bank(capacity, width, d_out, d_in, dtype, device)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for t in (self.indices, self.A, self.B) if t is not None]
+        return [t for t, _ in self.with_columns_dim()]
 
     def with_columns_dim(self) -> list[tuple[torch.Tensor, int]]:
         return [(t, dim) for t, dim in zip((self.indices, self.A, self.B), self.COLUMNS_DIM, strict=True)
