@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -70,12 +71,16 @@ def local_key(data_dir: Path) -> str:
     return plain
 
 
+def _exit_on_sigterm(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)  # the shell's convention for "ended by this signal"
+
+
 def serve_command(
     host: Annotated[str | None, typer.Option(help="bind address (default SBORA_HOST)")] = None,
     port: Annotated[int | None, typer.Option(help="port (default SBORA_PORT)")] = None,
     worker: Annotated[bool, typer.Option(help="also start one training worker")] = True,
 ) -> None:
-    """Run the API and one worker: migrations, a local API key, then the server until Ctrl-C."""
+    """Run the API and one worker: migrations, a local API key, then the server until Ctrl-C or SIGTERM."""
     import uvicorn
 
     from app import catalog
@@ -102,6 +107,9 @@ def serve_command(
     configure_logging()
     command = worker_command_line(name=worker_kind())
     supervisor = Supervised("worker", lambda: subprocess.Popen(command)) if worker else None
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler it
+    # found: with the default one the process would die there, before `finally` stops the worker.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         if supervisor is not None:
             supervisor.start()

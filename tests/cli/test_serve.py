@@ -40,7 +40,7 @@ def celery_workers(serve: psutil.Process) -> list[psutil.Process]:
     return [p for p in serve.children() if "celery" in " ".join(p.cmdline()) and p.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_a_killed_worker_is_restarted_and_reaped(tmp_path, tiny_model_dir):
+def test_a_killed_worker_is_restarted_and_reaped_and_sigterm_stops_it(tmp_path, tiny_model_dir):
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -68,8 +68,17 @@ def test_a_killed_worker_is_restarted_and_reaped(tmp_path, tiny_model_dir):
         assert not psutil.pid_exists(first.pid) or psutil.Process(first.pid).status() != psutil.STATUS_ZOMBIE
         lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
         assert any("killed by SIGKILL; starting it again" in e.get("message", "") for e in lines)
+        # A SIGTERM to `sbora serve` alone (systemd, docker stop) stops its worker too: none is orphaned.
+        worker_processes = [second, *second.children()]
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+        _, orphans = psutil.wait_procs(worker_processes, timeout=30)
+        assert not orphans, f"sbora serve exited and left its worker running: {orphans}"
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:  # the group is gone: nothing left to stop
+            pass
         proc.wait(timeout=60)
 
 
