@@ -204,6 +204,22 @@ def continuous_batching(engine: Engine, prompts: list[list[int]], params: Sampli
             "joined_running_batch": engine.stats["joined"] - joined_before}
 
 
+def ratios_of(tps: dict[str, float], merges: dict[str, float], arrivals: dict) -> dict[str, float]:
+    """The issue's ratios, each once both of its figures are measured."""
+    pairs = {
+        "b32_engine_vs_hf_generate": (tps.get("b32_base"), tps.get("b32_hf_generate")),
+        "base_vs_merged_tps": (tps.get("b32_base"), tps.get("b32_merged")),
+        "merged_vs_base_tps": (tps.get("b32_merged"), tps.get("b32_base")),
+        "mixed8_vs_base_tps": (tps.get("b32_mixed8"), tps.get("b32_base")),
+        "fa_merge_speedup_vs_peft": (merges.get("peft_lora_ms"), merges.get("sbora_fa_ms")),
+        "ttft_p50_vs_idle": (arrivals.get("ttft_p50_ms"), arrivals.get("idle_ttft_ms")),
+    }
+    out = {key: a / b for key, (a, b) in pairs.items() if a and b}
+    if "sbora_fa_ms" in merges:
+        out["fa_merge_unmerge_ms"] = merges["sbora_fa_ms"]
+    return {key: out[key] for key in TARGETS if key in out}
+
+
 def versions(device: torch.device) -> dict:
     import peft
     import transformers
@@ -230,54 +246,73 @@ def main() -> None:
     adapters = [random_adapter(base, "sbora_fa", r=shape.r, seed=i, index_seed=i, std=0.02) for i in range(8)]
     for i, a in enumerate(adapters):
         a.name = f"a{i}"
-
-    print("engine tokens/s ...", file=sys.stderr, flush=True)
-    # On a GPU the engine's default: the slot cache, steps replayed as CUDA graphs; the smoke run takes
-    # the slot cache eagerly (the CPU's default is the dynamic cache).
-    engine = Engine(base, max_batch_size=32, slot_cache=True if args.smoke else None)
-    decode = "slot cache, CUDA graphs" if engine.graphs else "slot cache, eager" if engine.slots else "dynamic cache"
-    tps: dict[str, float] = {}
-    for batch in (8, 32):
-        rows = prompts[:batch]
-        for key, sets in (("base", [[]] * batch), ("merged", [[adapters[0]]] * batch),
-                          ("mixed8", [[adapters[i % 8]] for i in range(batch)])):
-            tps[f"b{batch}_{key}"] = engine_tps(engine, rows, sets, params, args.reps)
-    print("continuous batching ...", file=sys.stderr, flush=True)
-    arrivals = continuous_batching(engine, prompts, params, tps["b32_base"], shape.arrivals)
-    engine.close()
-    dynamic = Engine(base, max_batch_size=32, slot_cache=False)  # what the slot cache replaced, for the record
-    tps["b32_base_dynamic_cache"] = engine_tps(dynamic, prompts, [[]] * 32, params, args.reps)
-    dynamic.close()
-
-    print("transformers generate ...", file=sys.stderr, flush=True)
-    tps["b32_hf_generate"] = hf_generate_tps(base, prompts, shape.new_tokens, args.reps)
-    print("merge + unmerge ...", file=sys.stderr, flush=True)
-    merges = {"sbora_fa_ms": merge_ms(base, adapters[0], args.reps + 4),
-              "peft_lora_ms": peft_merge_ms(base, adapters[0], args.reps + 4)}
-
-    ratios = {
-        "b32_engine_vs_hf_generate": tps["b32_base"] / tps["b32_hf_generate"],
-        "base_vs_merged_tps": tps["b32_base"] / tps["b32_merged"],
-        "merged_vs_base_tps": tps["b32_merged"] / tps["b32_base"],
-        "mixed8_vs_base_tps": tps["b32_mixed8"] / tps["b32_base"],
-        "fa_merge_unmerge_ms": merges["sbora_fa_ms"],
-        "fa_merge_speedup_vs_peft": merges["peft_lora_ms"] / merges["sbora_fa_ms"],
-        "ttft_p50_vs_idle": arrivals["ttft_p50_ms"] / arrivals["idle_ttft_ms"],
-    }
+        a.place(device)  # as the engine's adapter cache places what it loads
     params_count = sum(p.numel() for p in base.model.parameters())
+    tps: dict[str, float] = {}
+    merges: dict[str, float] = {}
+    arrivals: dict = {}
+    ratios: dict[str, float] = {}
     report = {
         "smoke": args.smoke,
         "setup": {**shape.__dict__, "parameters": params_count, "dtype": str(default_dtype(device)),
-                  "device": str(device), "decode": decode},
+                  "device": str(device)},
         "versions": versions(device),
         "tokens_per_s": tps,
         "merge_unmerge": merges,
         "continuous_batching": arrivals,
         "ratios": ratios,
         "targets": TARGETS,
+        "errors": {},
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+
+    def section(name: str, work) -> None:
+        """Run one part; a failure is recorded and the later parts still run. Saves after each."""
+        print(f"{name} ...", file=sys.stderr, flush=True)
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - a failed part is a finding, not the end of the run
+            report["errors"][name] = f"{type(exc).__name__}: {exc}"[:2000]
+            print(f"  failed: {report['errors'][name]}", file=sys.stderr, flush=True)
+        ratios.update(ratios_of(tps, merges, arrivals))
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+
+    def engine_rows() -> None:
+        # On a GPU the engine's default: the slot cache, steps replayed as CUDA graphs; the smoke run takes
+        # the slot cache eagerly (the CPU's default is the dynamic cache).
+        engine = Engine(base, max_batch_size=32, slot_cache=True if args.smoke else None)
+        report["setup"]["decode"] = ("slot cache, CUDA graphs" if engine.graphs else
+                                     "slot cache, eager" if engine.slots else "dynamic cache")
+        try:
+            for batch in (8, 32):
+                rows = prompts[:batch]
+                for key, sets in (("base", [[]] * batch), ("merged", [[adapters[0]]] * batch),
+                                  ("mixed8", [[adapters[i % 8]] for i in range(batch)])):
+                    tps[f"b{batch}_{key}"] = engine_tps(engine, rows, sets, params, args.reps)
+            print("continuous batching ...", file=sys.stderr, flush=True)
+            arrivals.update(continuous_batching(engine, prompts, params, tps["b32_base"], shape.arrivals))
+        finally:
+            engine.close()
+
+    def dynamic_cache() -> None:
+        dynamic = Engine(base, max_batch_size=32, slot_cache=False)  # what the slot cache replaced, for the record
+        try:
+            tps["b32_base_dynamic_cache"] = engine_tps(dynamic, prompts, [[]] * 32, params, args.reps)
+        finally:
+            dynamic.close()
+
+    def hf_generate() -> None:
+        tps["b32_hf_generate"] = hf_generate_tps(base, prompts, shape.new_tokens, args.reps)
+
+    def merge_rows() -> None:
+        merges["sbora_fa_ms"] = merge_ms(base, adapters[0], args.reps + 4)
+        merges["peft_lora_ms"] = peft_merge_ms(base, adapters[0], args.reps + 4)
+
+    section("engine tokens/s", engine_rows)
+    section("dynamic cache", dynamic_cache)
+    section("transformers generate", hf_generate)
+    section("merge + unmerge", merge_rows)
+
     print(f"\nGPU serving, {params_count / 1e9:.2f}B parameters on {report['versions']['device']}\n")
     print("| measurement | value |\n|---|---:|")
     for key, value in tps.items():
@@ -287,6 +322,8 @@ def main() -> None:
     print("\n| ratio | value | target |\n|---|---:|---|")
     for key, value in ratios.items():
         print(f"| {key} | {value:.3f} | {TARGETS[key]} |")
+    for name, error in report["errors"].items():
+        print(f"{name} failed: {error}")
 
 
 if __name__ == "__main__":

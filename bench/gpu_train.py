@@ -32,7 +32,7 @@ import platform
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -130,19 +130,19 @@ def reset_peak(device: torch.device) -> None:
 
 
 # -- the contenders ------------------------------------------------------------------------------
-def ours(model_dir: Path, data: Path, shape: Shape, variant: str, quantization: str, device: torch.device,
-         args: argparse.Namespace, checkpointing: bool = False) -> dict[str, Any]:
+# Each `*_step` builds one method's model and returns (one training step, its trainable parameter
+# count); `bench/gpu_profile.py` profiles the same steps this script times.
+def ours_step(model_dir: Path, data: Path, shape: Shape, variant: str, quantization: str, device: torch.device,
+              r: int, checkpointing: bool = False) -> tuple[Callable[[], object], int]:
     """The product's own step: load_base_model, inject_adapter and the optimiser through `prepare`."""
-    reset_peak(device)
     hp = Hyperparameters(max_steps=10**6, batch_size=shape.batch, max_seq_len=shape.seq, learning_rate=1e-4,
                          warmup_ratio=0.0, checkpoint_every=None, gradient_checkpointing=checkpointing)
     job = TrainJob(base_model=str(model_dir), train_file=str(data), output_dir=str(model_dir.parent / "run"),
-                   sbora=SBoRAConfig(variant=variant, r=args.r, alpha=2.0 * args.r, dropout=0.0),
+                   sbora=SBoRAConfig(variant=variant, r=r, alpha=2.0 * r, dropout=0.0),
                    hyperparameters=hp, quantization=quantization, device=str(device))
     run = prepare(job)
     run.start()
-    seconds = timed(run.step, device, args.warmup, args.steps)
-    return {"step_s": seconds, "peak_gib": peak_gib(device), "trainable": sum(p.numel() for p in run.params)}
+    return run.step, sum(p.numel() for p in run.params)
 
 
 def plain_model(model_dir: Path, quantization: str, device: torch.device) -> Any:
@@ -156,10 +156,9 @@ def plain_model(model_dir: Path, quantization: str, device: torch.device) -> Any
     return AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
 
 
-def baseline(model_dir: Path, data: Path, shape: Shape, kind: str, quantization: str, device: torch.device,
-             args: argparse.Namespace) -> dict[str, Any]:
+def baseline_step(model_dir: Path, data: Path, shape: Shape, kind: str, quantization: str, device: torch.device,
+                  r: int) -> tuple[Callable[[], object], int]:
     """`floor` (frozen, gradients to the inputs) or `peft` (PEFT LoRA), in the product's backward pass."""
-    reset_peak(device)
     model = plain_model(model_dir, quantization, device)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -169,7 +168,7 @@ def baseline(model_dir: Path, data: Path, shape: Shape, kind: str, quantization:
     else:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(r=args.r, lora_alpha=2 * args.r, lora_dropout=0.0,
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
                                                  target_modules=list(LLAMA_PROJECTIONS)))
         params = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -192,43 +191,57 @@ def baseline(model_dir: Path, data: Path, shape: Shape, kind: str, quantization:
         else:
             float(loss)
 
-    seconds = timed(step, device, args.warmup, args.steps)
-    return {"step_s": seconds, "peak_gib": peak_gib(device), "trainable": sum(p.numel() for p in params)}
+    return step, sum(p.numel() for p in params)
 
 
-def measure_shape(shape: Shape, device: torch.device, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    rows: dict[str, dict[str, Any]] = {}
+def method_steps(model_dir: Path, data: Path, shape: Shape, device: torch.device,
+                 r: int) -> dict[str, Callable[[], tuple[Callable[[], object], int]]]:
+    """Every row of a shape: its name -> a builder of (step, trainable parameters)."""
+    plan: dict[str, Callable[[], tuple[Callable[[], object], int]]] = {
+        "floor": lambda: baseline_step(model_dir, data, shape, "floor", "none", device, r),
+        "sbora_fa": lambda: ours_step(model_dir, data, shape, "sbora_fa", "none", device, r),
+        "sbora_fb": lambda: ours_step(model_dir, data, shape, "sbora_fb", "none", device, r),
+        "lora": lambda: ours_step(model_dir, data, shape, "lora", "none", device, r),
+        "peft_lora": lambda: baseline_step(model_dir, data, shape, "peft", "none", device, r),
+        "qsbora_fa": lambda: ours_step(model_dir, data, shape, "sbora_fa", "nf4", device, r),
+        "peft_qlora": lambda: baseline_step(model_dir, data, shape, "peft", "nf4", device, r),
+    }
+    if shape.name in ("8b", "tiny-b"):
+        small = replace(shape, batch=4 if shape.name == "8b" else 2, seq=512 if shape.name == "8b" else 32)
+        plan["qsbora_fa_checkpointed"] = lambda: ours_step(model_dir, data, small, "sbora_fa", "nf4", device, r,
+                                                           checkpointing=True)
+    return plan
+
+
+def measure_shape(shape: Shape, device: torch.device, args: argparse.Namespace,
+                  rows: dict[str, dict[str, Any]], save: Callable[[], None]) -> None:
+    """Fill `rows` method by method, saving after each: a later failure or timeout keeps what was measured.
+    A method that fails gets its error recorded and the others still run."""
+    wanted = args.methods_8b if shape.name == "8b" and args.methods_8b else args.methods
     with tempfile.TemporaryDirectory(dir=args.scratch) as scratch:
         model_dir = build_model_dir(shape, Path(scratch) / "model", default_dtype(device), device)
         data = write_dataset(Path(scratch) / "data.jsonl", shape, records=4 * shape.batch)
-        plan: list[tuple[str, Callable[[], dict[str, Any]]]] = [
-            ("floor", lambda: baseline(model_dir, data, shape, "floor", "none", device, args)),
-            ("sbora_fa", lambda: ours(model_dir, data, shape, "sbora_fa", "none", device, args)),
-            ("sbora_fb", lambda: ours(model_dir, data, shape, "sbora_fb", "none", device, args)),
-            ("lora", lambda: ours(model_dir, data, shape, "lora", "none", device, args)),
-            ("peft_lora", lambda: baseline(model_dir, data, shape, "peft", "none", device, args)),
-            ("qsbora_fa", lambda: ours(model_dir, data, shape, "sbora_fa", "nf4", device, args)),
-            ("peft_qlora", lambda: baseline(model_dir, data, shape, "peft", "nf4", device, args)),
-        ]
-        if shape.name in ("8b", "tiny-b"):
-            small = Shape(shape.name, shape.hidden, shape.intermediate, shape.layers, shape.heads, shape.kv_heads,
-                          shape.vocab, batch=4 if shape.name == "8b" else 2, seq=512 if shape.name == "8b" else 32)
-            plan.append(("qsbora_fa_checkpointed", lambda: ours(model_dir, data, small, "sbora_fa", "nf4", device,
-                                                                args, checkpointing=True)))
-        for key, measure in plan:
-            if args.methods and key not in args.methods:
+        for key, build in method_steps(model_dir, data, shape, device, args.r).items():
+            if wanted and key not in wanted:
                 continue
             print(f"  {shape.name} {key} ...", file=sys.stderr, flush=True)
-            rows[key] = measure()
-            free_memory()  # the method's model went out of scope with its function
+            reset_peak(device)
+            try:
+                step, trainable = build()
+                seconds = timed(step, device, args.warmup, args.steps)
+                rows[key] = {"step_s": seconds, "peak_gib": peak_gib(device), "trainable": trainable}
+            except Exception as exc:  # noqa: BLE001 - one method's failure is a result too
+                rows[key] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            step = None  # type: ignore[assignment]  # the method's model goes with its step
+            free_memory()
             print(f"    {rows[key]}", file=sys.stderr, flush=True)
-    return rows
+            save()
 
 
 def ratios_of(by_shape: dict[str, dict[str, dict[str, Any]]]) -> dict[str, float]:
     def ratio(shape: str, a: str, b: str, what: str = "step_s") -> float | None:
         rows = by_shape.get(shape, {})
-        if a in rows and b in rows and rows[a][what] and rows[b][what]:
+        if rows.get(a, {}).get(what) and rows.get(b, {}).get(what):
             return round(rows[a][what] / rows[b][what], 3)
         return None
 
@@ -275,6 +288,8 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script works")
     parser.add_argument("--shapes", nargs="+", default=["1b", "8b"], choices=list(SHAPES))
     parser.add_argument("--methods", nargs="+", default=[], help="only these rows (default: all)")
+    parser.add_argument("--methods-8b", nargs="+", default=[],
+                        help="only these rows at the 8B shape (default: --methods)")
     parser.add_argument("--r", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
@@ -289,11 +304,8 @@ def main() -> None:
         if not torch.cuda.is_available():
             parser.error("no CUDA GPU: run on a GPU machine, or --smoke to check the script on the CPU")
         device, shapes = torch.device("cuda"), SHAPES
-    by_shape = {}
-    for name in args.shapes:
-        print(f"{shapes[name].name}:", file=sys.stderr, flush=True)
-        by_shape[shapes[name].name] = measure_shape(shapes[name], device, args)
-    report = {
+    by_shape: dict[str, dict[str, dict[str, Any]]] = {}
+    report: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()})",
         "smoke": args.smoke,
         "versions": versions(),
@@ -301,14 +313,26 @@ def main() -> None:
                      "warmup_steps": args.warmup, "timed_steps": args.steps,
                      "shapes": {s.name: vars(s) for s in (shapes[n] for n in args.shapes)}},
         "targets": TARGETS,
-        "ratios": ratios_of(by_shape),
+        "ratios": {},
         "rows": by_shape,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+
+    def save() -> None:
+        report["ratios"] = ratios_of(by_shape)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+
+    for name in args.shapes:
+        print(f"{shapes[name].name}:", file=sys.stderr, flush=True)
+        by_shape[shapes[name].name] = {}
+        measure_shape(shapes[name], device, args, by_shape[shapes[name].name], save)
+    save()
     print("| shape | method | step (s) | peak (GiB) | trainable |\n|---|---|---:|---:|---:|")
     for shape, rows in by_shape.items():
         for key, row in rows.items():
+            if "error" in row:
+                print(f"| {shape} | {key} | failed: {row['error'][:80]} | | |")
+                continue
             peak = f"{row['peak_gib']:.1f}" if row["peak_gib"] is not None else "-"
             print(f"| {shape} | {key} | {row['step_s']:.4f} | {peak} | {row['trainable']:,} |")
     print(f"\nratios: {json.dumps(report['ratios'])}\nwrote {args.out}")

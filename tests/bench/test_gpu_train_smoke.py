@@ -11,6 +11,7 @@ def test_smoke_run_measures_every_method_and_writes_the_ratios(smoke_report):
     (first, rows_a), (second, rows_b) = report["rows"].items()
     assert set(rows_a) == METHODS and set(rows_b) == METHODS | {"qsbora_fa_checkpointed"}
     for rows in (rows_a, rows_b):
+        assert not [row["error"] for row in rows.values() if "error" in row]
         assert all(row["step_s"] > 0 for row in rows.values())
         # SBoRA trains one factor, LoRA two; PEFT's LoRA has exactly ours' parameters.
         assert rows["floor"]["trainable"] == 0
