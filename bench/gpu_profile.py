@@ -68,7 +68,10 @@ def profiled(work: Callable[[], object], steps: int, device: torch.device, limit
     wall = time.perf_counter() - start
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     # The engine decodes on its own thread: record every thread's ops, not only this one's.
-    config = _ExperimentalConfig(profile_all_threads=True)
+    try:
+        config = _ExperimentalConfig(profile_all_threads=True)
+    except TypeError:  # an older torch: CUDA kernels are still seen from every thread
+        config = _ExperimentalConfig()
     with profile(activities=activities, experimental_config=config) as prof:
         work()
         synchronize(device)
