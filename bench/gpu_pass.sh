@@ -5,6 +5,8 @@
 #
 #   bench/gpu_pass.sh OUT            # on a GPU machine; installs wheels found in .whl/ first
 #   bench/gpu_pass.sh --smoke OUT    # here, on the CPU: the same steps on tiny shapes (tests skip)
+#   PARTS="pytest_cuda gpu_train" bench/gpu_pass.sh OUT   # some parts only
+#   PROFILE_ARGS="--parts training --rows floor sbora_fa" ...  # what gpu_profile measures
 #
 # OUT receives pass.txt (machine, versions, each part's exit code and time), one log per part and
 # the three JSON reports. The wheels: bitsandbytes and the transformers/peft this project pins,
@@ -33,9 +35,11 @@ if [ -w /dev/shm ] && [ "$(df -k --output=avail /dev/shm | tail -1)" -gt 4000000
     echo "scratch: $scratch"
 } >>"$out/pass.txt" 2>&1
 
+PARTS=${PARTS:-pytest_cuda gpu_serve gpu_train gpu_profile}
 part() {  # part NAME LIMIT_S COMMAND...
     local name=$1 limit=$2 start rc
     shift 2
+    case " $PARTS " in *" $name "*) ;; *) return ;; esac
     start=$(date +%s)
     timeout -k 10 "$limit" "$@" >"$out/$name.log" 2>&1
     rc=$?
@@ -49,4 +53,5 @@ part gpu_serve 150 "$PY" bench/gpu_serve.py $smoke --out "$out/gpu_serve.json"
 # comparisons with PEFT are made at the 1B shape.
 part gpu_train 230 "$PY" bench/gpu_train.py $smoke --warmup 2 --steps 5 --scratch "$scratch" \
     --methods-8b floor sbora_fa sbora_fb qsbora_fa_checkpointed --out "$out/gpu_train.json"
-part gpu_profile 70 "$PY" bench/gpu_profile.py $smoke --scratch "$scratch" --out "$out/gpu_profile.json"
+# shellcheck disable=SC2086  # PROFILE_ARGS is a list of arguments
+part gpu_profile 70 "$PY" bench/gpu_profile.py $smoke ${PROFILE_ARGS:-} --scratch "$scratch" --out "$out/gpu_profile.json"

@@ -83,7 +83,7 @@ def training(device: torch.device, shape: gpu_train.Shape, args: argparse.Namesp
         model_dir = gpu_train.build_model_dir(shape, Path(scratch) / "model", default_dtype(device), device)
         data = gpu_train.write_dataset(Path(scratch) / "data.jsonl", shape, records=4 * shape.batch)
         builders = gpu_train.method_steps(model_dir, data, shape, device, args.r)
-        for key in TRAIN_ROWS:
+        for key in args.rows:
             print(f"  train {key} ...", file=sys.stderr, flush=True)
             try:
                 step, _ = builders[key]()
@@ -138,6 +138,9 @@ def main() -> None:
     parser.add_argument("--r", type=int, default=32)
     parser.add_argument("--decode-tokens", type=int, default=32)
     parser.add_argument("--scratch", type=Path, default=None)
+    parser.add_argument("--parts", nargs="+", default=["training", "decoding"], choices=["training", "decoding"])
+    parser.add_argument("--rows", nargs="+", default=list(TRAIN_ROWS), choices=TRAIN_ROWS,
+                        help="the training rows profiled")
     parser.add_argument("--out", type=Path, default=RESULTS / "gpu_profile.json")
     args = parser.parse_args()
     if args.smoke:
@@ -159,8 +162,10 @@ def main() -> None:
         args.out.write_text(json.dumps(report, indent=2))
 
     args.save = save
-    training(device, train_shape, args, report["training"])
-    decoding(device, serve_shape, args, report["decoding"])
+    if "training" in args.parts:
+        training(device, train_shape, args, report["training"])
+    if "decoding" in args.parts:
+        decoding(device, serve_shape, args, report["decoding"])
     save()
     for part in ("training", "decoding"):
         for key, row in report[part].items():

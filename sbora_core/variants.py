@@ -127,8 +127,11 @@ class _AddColumns(torch.autograd.Function):
         x_sel = x.index_select(-1, indices)  # (..., r)
         if keep is not None:
             x_sel = x_sel * keep
-        y = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-        y = y + scaling * F.linear(x_sel, factor.to(x.dtype))  # (..., d_out)
+        y = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))  # (..., d_out)
+        # The update joins y in one GEMM epilogue (y += s x_I B^T): no (..., d_out) temporary, no
+        # separate scaling and addition passes over it.
+        y.view(-1, y.shape[-1]).addmm_(x_sel.reshape(-1, x_sel.shape[-1]).to(y.dtype), factor.to(y.dtype).t(),
+                                       alpha=scaling)
         ctx.save_for_backward(x_sel, weight, factor, indices, keep)
         ctx.scaling = scaling
         return y
@@ -354,9 +357,12 @@ class SBoRAFB(Variant):
 
     def forward_unmerged(self, base, x, indices, A, B, scaling, dropout):
         assert A is not None
-        y = base(x)
-        ax = scaling * F.linear(dropout(x).to(A.dtype), A)  # (..., r)
-        return y.index_add(-1, indices, ax.to(y.dtype))
+        y = base(x)  # (..., d_out); the base's backward keeps its input, not y: y may change in place
+        # Under autocast the product runs in the autocast dtype whatever x's is: a cast of x to the
+        # factor's fp32 would only copy every activation twice. Without autocast, fp32 as before.
+        dtype = x.dtype if torch.is_autocast_enabled(x.device.type) else A.dtype
+        ax = F.linear(dropout(x).to(dtype), A.to(dtype))  # (..., r)
+        return y.index_add_(-1, indices, (ax * scaling).to(y.dtype))  # r rows of y, not a copy of y
 
     def dropout_correction(self, x, indices, factor, scaling, dropout, d_out):
         diff = dropout(x) - x  # (..., d_in)
