@@ -357,12 +357,15 @@ class SBoRAFB(Variant):
 
     def forward_unmerged(self, base, x, indices, A, B, scaling, dropout):
         assert A is not None
-        y = base(x)  # (..., d_out); the base's backward keeps its input, not y: y may change in place
+        y = base(x)  # (..., d_out)
         # Under autocast the product runs in the autocast dtype whatever x's is: a cast of x to the
         # factor's fp32 would only copy every activation twice. Without autocast, fp32 as before.
         dtype = x.dtype if torch.is_autocast_enabled(x.device.type) else A.dtype
-        ax = F.linear(dropout(x).to(dtype), A.to(dtype))  # (..., r)
-        return y.index_add_(-1, indices, (ax * scaling).to(y.dtype))  # r rows of y, not a copy of y
+        ax = (F.linear(dropout(x).to(dtype), A.to(dtype)) * scaling).to(y.dtype)  # (..., r)
+        # Linear layers keep their input for backward, not y, so y's r rows can change in place rather
+        # than in a copy of y; but not a view a custom autograd function returned (bitsandbytes' int8
+        # layer on CUDA), which autograd refuses to modify.
+        return y.index_add(-1, indices, ax) if y._is_view() else y.index_add_(-1, indices, ax)
 
     def dropout_correction(self, x, indices, factor, scaling, dropout, d_out):
         diff = dropout(x) - x  # (..., d_in)

@@ -207,3 +207,42 @@ def test_half_precision_bases_keep_the_adapter_term_separate():
     region = original.index_select(1, layer.sbora_indices)
     merged = (region.float() + layer.scaling * layer.trainable.detach()).to(torch.bfloat16)
     assert (merged == region).float().mean() > 0.5
+
+
+class _OutputAsView(torch.autograd.Function):
+    """y = x W^T returned as a view made inside the function, as bitsandbytes' int8 layer returns it on CUDA."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(weight)
+        return (x.reshape(-1, x.shape[-1]) @ weight.t()).view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, gy):
+        (weight,) = ctx.saved_tensors
+        return gy @ weight, None
+
+
+class ViewOutputLinear(nn.Linear):
+    def forward(self, x):
+        return _OutputAsView.apply(x, self.weight)
+
+
+@pytest.mark.parametrize("variant", ["sbora_fa", "sbora_fb", "lora"])
+def test_a_base_whose_output_is_a_custom_functions_view_trains_as_a_plain_one(variant):
+    torch.manual_seed(0)
+    plain = nn.Linear(16, 12, bias=False)
+    viewing = ViewOutputLinear(16, 12, bias=False)
+    viewing.load_state_dict(plain.state_dict())
+    indices = torch.tensor([1, 5, 6, 11])
+    layers = [SBoRALinear(base, variant, r=4, alpha=8, indices=indices if variant != "lora" else None)
+              for base in (plain, viewing)]
+    with torch.no_grad():  # a non-zero update, the same in both
+        layers[0].trainable.copy_(torch.linspace(-1, 1, layers[0].trainable.numel()).view_as(layers[0].trainable))
+    layers[1].load_state_dict(layers[0].state_dict())
+    x = torch.randn(2, 3, 16)
+    outputs = [layer(x) for layer in layers]
+    torch.testing.assert_close(outputs[1], outputs[0])
+    for out in outputs:
+        out.square().sum().backward()
+    torch.testing.assert_close(layers[1].trainable.grad, layers[0].trainable.grad)

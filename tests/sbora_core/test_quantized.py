@@ -24,7 +24,8 @@ def train_steps(model, batch, params, steps=12, lr=1e-2):
     return losses
 
 
-@pytest.mark.parametrize(("quantization", "variant"), [("nf4", "sbora_fa"), ("nf4", "sbora_fb"), ("int8", "sbora_fa")])
+@pytest.mark.parametrize(("quantization", "variant"), [("nf4", "sbora_fa"), ("nf4", "sbora_fb"), ("int8", "sbora_fa"),
+                                                             ("int8", "sbora_fb")])
 def test_training_on_quantized_base_lowers_loss(tiny_model_dir, batch, quantization, variant):
     base = load_base_model(str(tiny_model_dir), quantization=quantization, device="cpu")
     layers = inject_adapter(base.model, SBoRAConfig(variant=variant, r=8, alpha=16, base_fingerprint=base.fingerprint))
