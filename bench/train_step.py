@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
-from sbora_core.adapter import SparseAdapter
-from sbora_core.adapter_io import load_adapter, save_adapter
-from sbora_core.config import LLAMA_PROJECTIONS, SBoRAConfig
-from sbora_core.inject import adapter_from_model, inject_adapter
-from sbora_core.merge import RegionCache, merge_adapters
-from sbora_core.models import DEFAULT_MODEL, load_base_model, resolve_model
+from sbora_core.method.adapter import SparseAdapter
+from sbora_core.method.adapter_io import load_adapter, save_adapter
+from sbora_core.method.config import LLAMA_PROJECTIONS, SBoRAConfig
+from sbora_core.method.inject import adapter_from_model, inject_adapter
+from sbora_core.method.merge import RegionCache, merge_adapters
+from sbora_core.method.models import DEFAULT_MODEL, load_base_model, resolve_model
 
 METHODS = ["floor", "sbora_fa", "sbora_fb", "lora", "peft_lora"]
 LABELS = {

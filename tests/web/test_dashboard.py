@@ -16,7 +16,7 @@ import pytest
 import torch
 from stack import chat_lines, embedded_stack_with_worker, missing_dependency, train_tiny_adapter
 
-from sbora_core.adapter_io import load_adapter
+from sbora_core.method.adapter_io import load_adapter
 
 TINY = "tiny-llama"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
