@@ -2,14 +2,17 @@
 
 `make lint` checks the import contracts statically (import-linter, see
 pyproject.toml); these tests import the real entry points in a fresh
-interpreter and look at what ended up in `sys.modules`.
+interpreter and look at what ended up in `sys.modules`. The import graph has
+no circles, and no code here imports through the library's kept flat paths.
 """
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import grimp
 import pytest
@@ -88,3 +91,26 @@ def test_the_cycle_check_finds_a_circle():
     assert import_cycle(graph, set(graph.modules)) == ["p.a", "p.b", "p.c", "p.a"]
     graph.remove_import(importer="p.c", imported="p.a")
     assert import_cycle(graph, set(graph.modules)) is None
+
+
+FLAT_PATHS = {"sbora_core.models", "sbora_core.config", "sbora_core.inject", "sbora_core.adapter_io",
+              "sbora_core.merge"}  # kept for users of the library; code here imports from sbora_core.method
+
+
+def test_no_code_here_imports_through_the_flat_paths():
+    root = Path(__file__).resolve().parent.parent
+    found = []
+    for package in ("sbora_core", "app", "worker", "sbora_cli", "bench", "tests"):
+        for path in sorted((root / package).rglob("*.py")):
+            if path.name == "test_public_api.py" or path.relative_to(root).as_posix() in \
+                    {f"{m.replace('.', '/')}.py" for m in FLAT_PATHS}:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = {a.name for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+                else:
+                    continue
+                found += [f"{path.relative_to(root)}:{node.lineno} {n}" for n in sorted(names & FLAT_PATHS)]
+    assert not found, "import from sbora_core.method instead:\n" + "\n".join(found)

@@ -1,0 +1,5 @@
+"""Moved to `sbora_core.method.models`; this path stays so code written against the flat layout
+(the README's library example before the split) keeps importing. Code in this repository imports
+from `sbora_core.method.models` (tests/test_import_layers.py checks)."""
+
+from sbora_core.method.models import *  # noqa: F403
