@@ -213,7 +213,7 @@ def main() -> None:
         "fa_step_vs_peft_lora": fa["step_s"] / peft["step_s"],
         "fa_rss_vs_peft_lora": fa["peak_rss_mb"] / peft["peak_rss_mb"],
         "fa_file_vs_peft_lora": fa["file_bytes"] / peft["file_bytes"],
-        # The serving engine swaps with a RegionCache (original regions read once); see README.
+        # The serving engine swaps with a RegionCache (original regions read once); see docs/architecture.md.
         "fa_merge_speedup_vs_peft": peft["merge_unmerge_s"] / fa["merge_unmerge_cached_s"],
         "fb_merge_speedup_vs_peft": peft["merge_unmerge_s"] / fb["merge_unmerge_cached_s"],
         "fa_merge_speedup_vs_peft_uncached": peft["merge_unmerge_s"] / fa["merge_unmerge_s"],

@@ -116,7 +116,7 @@ def browser(tmp_path):
 
 
 class Shots:
-    """Full-page screenshots into SBORA_TEST_ARTIFACTS (or tmp_path); README copies on request."""
+    """Full-page screenshots into SBORA_TEST_ARTIFACTS (or tmp_path); copies in docs/img on request."""
 
     def __init__(self, driver, tmp_path: Path) -> None:
         self.driver = driver
