@@ -21,10 +21,10 @@ from sqlalchemy import select
 from app.core.config import get_settings
 from app.core.db import get_side_engine
 from app.models import RegisteredModel
-from sbora_core import models
-from sbora_core.config import SBoRAConfig
-from sbora_core.inject import check_config
-from sbora_core.linear import shape_of
+from sbora_core.method import models
+from sbora_core.method.config import SBoRAConfig
+from sbora_core.method.inject import check_config
+from sbora_core.method.linear import shape_of
 
 
 class UnknownBaseModel(ValueError):
@@ -33,7 +33,7 @@ class UnknownBaseModel(ValueError):
 
 @lru_cache
 def configured() -> dict[str, str]:
-    """`SBORA_MODELS`: public model id -> what sbora_core.models resolves (a name or a directory)."""
+    """`SBORA_MODELS`: public model id -> what sbora_core.method.models resolves (a name or a directory)."""
     catalog: dict[str, str] = {}
     for source in get_settings().models:
         path = Path(source).expanduser()

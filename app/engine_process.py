@@ -3,7 +3,7 @@
 Decoding a small model is Python-bound: in the API process it would hold the
 GIL for most of every step and stall every other request (under load, p99 of
 plain GETs rose from milliseconds to seconds). So one child process holds the
-base models and their `sbora_core.engine.Engine`s; the API sends it requests
+base models and their `sbora_core.serving.engine.Engine`s; the API sends it requests
 and receives text pieces over two multiprocessing queues:
 
     API -> engine  ("submit", rid, model_id, model_source, adapters, prompt, messages, params, tenant)
@@ -33,9 +33,9 @@ from typing import Any
 from app.core.config import get_settings
 from app.core.processes import exit_reason
 from app.errors import Invalid, without_paths
-from sbora_core.adapter_io import AdapterMismatchError
-from sbora_core.engine import AdapterIntegrityError, QueueFull
-from sbora_core.generation import Completion, EventStream, SamplingParams
+from sbora_core.method.adapter_io import AdapterMismatchError
+from sbora_core.serving.engine import AdapterIntegrityError, QueueFull
+from sbora_core.serving.generation import Completion, EventStream, SamplingParams
 
 log = logging.getLogger("app.engine")
 
@@ -291,7 +291,7 @@ def serve(requests: multiprocessing.Queue, replies: multiprocessing.Queue, limit
     """The engine process: one Engine per base model, created on first use."""
     import torch
 
-    from sbora_core.models import set_model_cache_dir
+    from sbora_core.method.models import set_model_cache_dir
 
     torch.set_grad_enabled(False)
     torch.set_num_threads(limits.torch_threads)
@@ -350,8 +350,8 @@ def _forward(replies: multiprocessing.Queue, handles: dict, rid: str, item: obje
 
 
 def _new_engine(source: str, limits: EngineLimits):
-    from sbora_core.engine import Engine
-    from sbora_core.models import load_base_model
+    from sbora_core.method.models import load_base_model
+    from sbora_core.serving.engine import Engine
 
     return Engine(load_base_model(source), max_batch_size=limits.max_batch_size,
                   max_queue=limits.max_queue, cache_bytes=limits.cache_bytes)
@@ -360,7 +360,7 @@ def _new_engine(source: str, limits: EngineLimits):
 def _submit(engine, adapters: list[AdapterRef], prompt: str | None,
             messages: list[dict[str, str]] | None, params: SamplingParams, tenant: str):
     """Tokenise, check the context length, load and verify the adapters, queue."""
-    from sbora_core.tokenization import render_chat
+    from sbora_core.training.tokenization import render_chat
 
     tokenizer = engine.tokenizer
     if messages is not None:

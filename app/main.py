@@ -35,7 +35,7 @@ from app.migrate import upgrade_database
 from app.reconcile import Reconciler
 from app.storage import StorageCorrupt, StorageUnavailable, get_store
 from app.web import install_dashboard
-from sbora_core.engine import AdapterIntegrityError, QueueFull
+from sbora_core.serving.engine import AdapterIntegrityError, QueueFull
 
 log = logging.getLogger("app")
 

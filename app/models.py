@@ -80,7 +80,7 @@ class RegisteredModel(Timestamps, Base):
 
     __tablename__ = "base_models"
     name: Mapped[str] = mapped_column(String(100), primary_key=True)  # the public id jobs and adapters use
-    source: Mapped[str] = mapped_column(String(1000))  # a directory or hub id, as sbora_core.models resolves it
+    source: Mapped[str] = mapped_column(String(1000))  # a directory or hub id, as sbora_core.method.models resolves it
     fingerprint: Mapped[str] = mapped_column(String(80))
     model_type: Mapped[str] = mapped_column(String(64))
     hidden_size: Mapped[int | None] = mapped_column(Integer, default=None)

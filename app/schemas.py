@@ -8,8 +8,8 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from sbora_core.config import SBoRAConfig, field_help
-from sbora_core.job import Hyperparameters
+from sbora_core.method.config import SBoRAConfig, field_help
+from sbora_core.training.job import Hyperparameters
 
 T = TypeVar("T")
 
@@ -67,7 +67,7 @@ def spec_field(spec: type, name: str, **constraints: Any) -> Any:
 
 
 class MethodSpec(BaseModel):
-    """The adapter to train; fields and defaults are sbora_core.config.SBoRAConfig's."""
+    """The adapter to train; fields and defaults are sbora_core.method.config.SBoRAConfig's."""
 
     model_config = ConfigDict(extra="forbid")
     variant: Literal["sbora_fa", "sbora_fb", "lora"] = spec_field(SBoRAConfig, "variant")
@@ -80,7 +80,7 @@ class MethodSpec(BaseModel):
 
 
 class HyperparametersSpec(BaseModel):
-    """Training settings; fields and defaults are sbora_core.job.Hyperparameters'."""
+    """Training settings; fields and defaults are sbora_core.training.job.Hyperparameters'."""
 
     model_config = ConfigDict(extra="forbid")
     epochs: int = spec_field(Hyperparameters, "epochs", ge=1, le=1000)

@@ -35,13 +35,13 @@ import numpy as np
 import quality  # bench/quality.py (this script runs from bench/): data, budget and overlap check
 import torch
 
-from sbora_core.adapter_io import export_peft, load_adapter
-from sbora_core.config import SBoRAConfig
-from sbora_core.evaluate import evaluate_file
-from sbora_core.job import Hyperparameters, TrainJob
-from sbora_core.merge import merge_adapters
-from sbora_core.models import DEFAULT_MODEL, load_base_model
-from sbora_core.train import train
+from sbora_core.method.adapter_io import export_peft, load_adapter
+from sbora_core.method.config import SBoRAConfig
+from sbora_core.method.merge import merge_adapters
+from sbora_core.method.models import DEFAULT_MODEL, load_base_model
+from sbora_core.training.evaluate import evaluate_file
+from sbora_core.training.job import Hyperparameters, TrainJob
+from sbora_core.training.train import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = {

@@ -38,10 +38,10 @@ from pathlib import Path
 import torch
 from support import synchronize, timed
 
-from sbora_core.engine import Engine
-from sbora_core.generation import SamplingParams
-from sbora_core.merge import RegionCache, merge_adapters
-from sbora_core.models import BaseModel, default_dtype
+from sbora_core.method.merge import RegionCache, merge_adapters
+from sbora_core.method.models import BaseModel, default_dtype
+from sbora_core.serving.engine import Engine
+from sbora_core.serving.generation import SamplingParams
 from sbora_core.testing import random_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -7,7 +7,7 @@ intermediate 14336, 32 layers, 32/8 heads, vocab 128256). For each shape the
 methods run in turn, each on a freshly loaded model, r=32 on all seven
 projections, no dropout:
 - bf16 base: the floor (frozen base, gradients to the inputs only), SBoRA-FA,
-  SBoRA-FB and LoRA through the product's own training step (`sbora_core.train`:
+  SBoRA-FB and LoRA through the product's own training step (`sbora_core.training.train`:
   `prepare` and `Run.step`), and PEFT LoRA in the same step (`backward_pass`);
 - NF4 base (bf16 compute): QSBoRA-FA, and PEFT QLoRA;
 - the 8B shape on NF4 at batch 4 x 512 with gradient checkpointing: the peak
@@ -39,13 +39,13 @@ from typing import Any
 import torch
 from support import timed
 
-from sbora_core.config import LLAMA_PROJECTIONS, SBoRAConfig
-from sbora_core.data import load_examples
-from sbora_core.job import Hyperparameters, TrainJob
-from sbora_core.models import default_dtype
+from sbora_core.method.config import LLAMA_PROJECTIONS, SBoRAConfig
+from sbora_core.method.models import default_dtype
 from sbora_core.testing import build_byte_tokenizer
-from sbora_core.tokenization import collate, tokenize_examples
-from sbora_core.train import autocast_for, backward_pass, prepare
+from sbora_core.training.data import load_examples
+from sbora_core.training.job import Hyperparameters, TrainJob
+from sbora_core.training.tokenization import collate, tokenize_examples
+from sbora_core.training.train import autocast_for, backward_pass, prepare
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {

@@ -43,12 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sbora_core.adapter_io import apply_adapter, load_adapter
-from sbora_core.config import SBoRAConfig
-from sbora_core.evaluate import evaluate_file, load_task
-from sbora_core.job import Hyperparameters, TrainJob
-from sbora_core.models import DEFAULT_MODEL, load_base_model
-from sbora_core.train import train
+from sbora_core.method.adapter_io import apply_adapter, load_adapter
+from sbora_core.method.config import SBoRAConfig
+from sbora_core.method.models import DEFAULT_MODEL, load_base_model
+from sbora_core.training.evaluate import evaluate_file, load_task
+from sbora_core.training.job import Hyperparameters, TrainJob
+from sbora_core.training.train import train
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -39,13 +39,13 @@ from pathlib import Path
 
 import torch
 
-from sbora_core.adapter_io import export_peft, load_adapter, save_adapter
-from sbora_core.config import SBoRAConfig
-from sbora_core.engine import Engine
-from sbora_core.generation import SamplingParams
-from sbora_core.inject import adapter_from_model, inject_adapter, remove_adapter
-from sbora_core.merge import RegionCache, merge_adapters
-from sbora_core.models import DEFAULT_MODEL, load_base_model
+from sbora_core.method.adapter_io import export_peft, load_adapter, save_adapter
+from sbora_core.method.config import SBoRAConfig
+from sbora_core.method.inject import adapter_from_model, inject_adapter, remove_adapter
+from sbora_core.method.merge import RegionCache, merge_adapters
+from sbora_core.method.models import DEFAULT_MODEL, load_base_model
+from sbora_core.serving.engine import Engine
+from sbora_core.serving.generation import SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {
@@ -180,8 +180,8 @@ def merge_unmerge_ms(base, adapters: dict[str, Path], peft_model, reps: int) -> 
 def cold_adapter_ms(base, sources: list[Path], prompt: list[int], root: Path, samples: int) -> dict[str, float]:
     """First-token ms of a request for an adapter the engine has never loaded, and of one still in its
     cache, after it has served adapters from REGISTERED ids (see the module docstring)."""
-    from sbora_core.adapter_io import CONFIG_FILE, WEIGHTS_FILE
-    from sbora_core.files import sha256_file
+    from sbora_core.method.adapter_io import CONFIG_FILE, WEIGHTS_FILE
+    from sbora_core.method.files import sha256_file
 
     sha = {src: sha256_file(src / WEIGHTS_FILE) for src in sources}
     registry: list[tuple[str, Path, str]] = []

@@ -33,12 +33,12 @@ from typing import Any
 
 import torch
 
-from sbora_core.adapter import SparseAdapter
-from sbora_core.adapter_io import load_adapter, save_adapter
-from sbora_core.config import LLAMA_PROJECTIONS, SBoRAConfig
-from sbora_core.inject import adapter_from_model, inject_adapter
-from sbora_core.merge import RegionCache, merge_adapters
-from sbora_core.models import DEFAULT_MODEL, load_base_model, resolve_model
+from sbora_core.method.adapter import SparseAdapter
+from sbora_core.method.adapter_io import load_adapter, save_adapter
+from sbora_core.method.config import LLAMA_PROJECTIONS, SBoRAConfig
+from sbora_core.method.inject import adapter_from_model, inject_adapter
+from sbora_core.method.merge import RegionCache, merge_adapters
+from sbora_core.method.models import DEFAULT_MODEL, load_base_model, resolve_model
 
 METHODS = ["floor", "sbora_fa", "sbora_fb", "lora", "peft_lora"]
 LABELS = {
@@ -213,7 +213,7 @@ def main() -> None:
         "fa_step_vs_peft_lora": fa["step_s"] / peft["step_s"],
         "fa_rss_vs_peft_lora": fa["peak_rss_mb"] / peft["peak_rss_mb"],
         "fa_file_vs_peft_lora": fa["file_bytes"] / peft["file_bytes"],
-        # The serving engine swaps with a RegionCache (original regions read once); see README.
+        # The serving engine swaps with a RegionCache (original regions read once); see docs/architecture.md.
         "fa_merge_speedup_vs_peft": peft["merge_unmerge_s"] / fa["merge_unmerge_cached_s"],
         "fb_merge_speedup_vs_peft": peft["merge_unmerge_s"] / fb["merge_unmerge_cached_s"],
         "fa_merge_speedup_vs_peft_uncached": peft["merge_unmerge_s"] / fa["merge_unmerge_s"],

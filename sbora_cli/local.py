@@ -50,9 +50,9 @@ def train_command(
 ) -> None:
     """Fine-tune a base model from a job file; Ctrl-C checkpoints, rerunning resumes."""
     from sbora_cli.training_progress import ConsoleCallbacks
-    from sbora_core.data import DatasetError
-    from sbora_core.job import TrainJob
-    from sbora_core.train import train
+    from sbora_core.training.data import DatasetError
+    from sbora_core.training.job import TrainJob
+    from sbora_core.training.train import train
 
     try:
         job = TrainJob.from_dict(read_job_file(config))
@@ -92,13 +92,13 @@ def validate_command(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Check a dataset before training: every problem with its line number, and statistics."""
-    from sbora_core.data import validate_dataset
+    from sbora_core.training.data import validate_dataset
 
     tokenizer = None
     if model:
         from transformers import AutoTokenizer
 
-        from sbora_core.models import resolve_model
+        from sbora_core.method.models import resolve_model
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     if not dataset.is_file():
@@ -132,9 +132,9 @@ def eval_command(
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Accuracy of a base model, with or without an adapter, on task files."""
-    from sbora_core.adapter_io import apply_adapter, load_adapter
-    from sbora_core.evaluate import evaluate_file
-    from sbora_core.models import load_base_model
+    from sbora_core.method.adapter_io import apply_adapter, load_adapter
+    from sbora_core.method.models import load_base_model
+    from sbora_core.training.evaluate import evaluate_file
 
     base = load_base_model(model)
     if adapter is not None:

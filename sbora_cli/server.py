@@ -174,7 +174,7 @@ def models_list(ctx: typer.Context) -> None:
         return
     from app import catalog
     from app.migrate import upgrade_database
-    from sbora_core.models import available_models
+    from sbora_core.method.models import available_models
 
     upgrade_database()
     offered, configured = catalog.offered(), catalog.configured()

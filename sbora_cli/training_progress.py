@@ -10,9 +10,8 @@ from typing import Any
 
 from rich.progress import Progress
 
-from sbora_cli.local import console
-from sbora_core.train import Callbacks
-from sbora_core.train import Progress as TrainingProgress
+from sbora_core.training.train import Callbacks
+from sbora_core.training.train import Progress as TrainingProgress
 
 
 class ConsoleCallbacks(Callbacks):
@@ -20,6 +19,7 @@ class ConsoleCallbacks(Callbacks):
 
     def __init__(self, bar: Progress) -> None:
         self.bar = bar
+        self.console = bar.console  # the command's console: messages print above the bar
         self.task = bar.add_task("training", total=None, loss="-", tps="-")
         self.cancelled = False
 
@@ -27,20 +27,20 @@ class ConsoleCallbacks(Callbacks):
         if self.cancelled:
             raise KeyboardInterrupt
         self.cancelled = True
-        console.print("[yellow]stopping after this step (Ctrl-C again to abort without a checkpoint)[/yellow]")
+        self.console.print("[yellow]stopping after this step (Ctrl-C again to abort without a checkpoint)[/yellow]")
 
     def on_progress(self, p: TrainingProgress) -> None:
         self.bar.update(self.task, completed=p.step, total=p.total_steps, loss=f"{p.loss:.4f}",
                         tps=f"{p.tokens_per_s:,.0f}")
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        console.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        self.console.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def on_checkpoint(self, step: int, path: Path) -> None:
-        console.print(f"[dim]checkpoint {path}[/dim]")
+        self.console.print(f"[dim]checkpoint {path}[/dim]")
 
     def on_log(self, message: str) -> None:
-        console.print(f"[dim]{message}[/dim]")
+        self.console.print(f"[dim]{message}[/dim]")
 
     def should_cancel(self) -> bool:
         return self.cancelled

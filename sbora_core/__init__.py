@@ -5,8 +5,8 @@ Face causal language models. Imports torch, transformers, safetensors and
 bitsandbytes; never a web framework or a task queue.
 """
 
-from sbora_core.adapter import ModuleDelta, SparseAdapter
-from sbora_core.config import SBoRAConfig
+from sbora_core.method.adapter import ModuleDelta, SparseAdapter
+from sbora_core.method.config import SBoRAConfig
 
 __all__ = ["ModuleDelta", "SBoRAConfig", "SparseAdapter"]
 __version__ = "0.1.0"

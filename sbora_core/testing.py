@@ -13,6 +13,9 @@ from typing import Any
 
 import torch
 
+from sbora_core.method.config import SBoRAConfig
+from sbora_core.method.inject import adapter_from_model, inject_adapter, remove_adapter
+
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
@@ -137,9 +140,6 @@ def random_adapter(base: Any, variant: str = "sbora_fa", *, r: int = 8, seed: in
                    std: float = 0.3, indices: dict[str, torch.Tensor] | None = None) -> Any:
     """A SparseAdapter with random factors for `base` (a loaded BaseModel): what training leaves,
     without training; `base.model` is left as it was."""
-    from sbora_core.config import SBoRAConfig
-    from sbora_core.inject import adapter_from_model, inject_adapter, remove_adapter
-
     config = SBoRAConfig(variant=variant, r=r, alpha=2 * r, dropout=0.0, index_seed=index_seed,
                          base_fingerprint=base.fingerprint)
     layers = inject_adapter(base.model, config, fast_path=False, indices=indices)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from app.core.config import Settings
 from app.storage import ArtifactStore
-from sbora_core.checkpoint import STATE_FILE
+from sbora_core.training.checkpoint import STATE_FILE
 
 log = logging.getLogger("worker")
 

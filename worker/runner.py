@@ -33,12 +33,12 @@ from app.services import groups, workers
 from app.services.adapters import register_adapter, register_checkpoint
 from app.services.jobs import add_event
 from app.storage import ArtifactStore, StorageUnavailable, get_store
-from sbora_core.adapter_io import AdapterFormatError
-from sbora_core.config import SBoRAConfig
-from sbora_core.data import DatasetError
-from sbora_core.job import Hyperparameters, TrainJob
-from sbora_core.models import UnknownModelError
-from sbora_core.train import Callbacks, Progress, train
+from sbora_core.method.adapter_io import AdapterFormatError
+from sbora_core.method.config import SBoRAConfig
+from sbora_core.method.models import UnknownModelError
+from sbora_core.training.data import DatasetError
+from sbora_core.training.job import Hyperparameters, TrainJob
+from sbora_core.training.train import Callbacks, Progress, train
 from worker import job_files
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class Heartbeat(threading.Thread):
 
 
 class DatabaseCallbacks(Callbacks):
-    """sbora_core.train callbacks that record progress and events on the job row."""
+    """sbora_core.training.train callbacks that record progress and events on the job row."""
 
     def __init__(self, job_id: str, heartbeat: Heartbeat, store: ArtifactStore) -> None:
         self.job_id = job_id

@@ -18,10 +18,16 @@ from app.services import groups
 from app.services.queries import owned, page
 from app.services.quotas import check_storage
 from app.storage import ArtifactStore, discard_quietly, sha256_file_cached
-from sbora_core.adapter_io import CONFIG_FILE, WEIGHTS_FILE, export_peft, load_adapter, save_adapter
-from sbora_core.files import sha256_file
-from sbora_core.merge import compose_adapters
-from sbora_core.update_map import UpdateMap, update_map
+from sbora_core.method.adapter_io import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    export_peft,
+    load_adapter,
+    save_adapter,
+)
+from sbora_core.method.files import sha256_file
+from sbora_core.method.merge import compose_adapters
+from sbora_core.method.update_map import UpdateMap, update_map
 
 ArchiveFormat = Literal["sparse", "peft"]
 _ARCHIVES: dict[str, str] = {"sparse": "sparse.zip", "peft": "peft.zip"}

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from app import catalog
 from app.errors import Conflict, Invalid, NotFound
 from app.models import UNFINISHED_STATUSES, Adapter, AdapterGroup, Job, RegisteredModel
-from sbora_core import models
+from sbora_core.method import models
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 

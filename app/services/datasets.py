@@ -15,8 +15,8 @@ from app.models import TERMINAL_STATUSES, Dataset, Job, Tenant
 from app.services.queries import owned, page
 from app.services.quotas import check_storage
 from app.storage import ArtifactStore, UploadTooLarge, discard_quietly
-from sbora_core.data import validate_dataset
-from sbora_core.job import Hyperparameters
+from sbora_core.training.data import validate_dataset
+from sbora_core.training.job import Hyperparameters
 
 # Steps per epoch are estimated at the default batch size; a job's own size rescales them.
 DEFAULT_BATCH_SIZE = Hyperparameters().batch_size

@@ -20,7 +20,7 @@ from app.models import Adapter, Job, Tenant
 from app.openai_schemas import FineTuningJobCreate, OpenAIHyperparameters
 from app.schemas import HyperparametersSpec, JobCreate, MethodSpec
 from app.services import jobs
-from sbora_core.job import Hyperparameters
+from sbora_core.training.job import Hyperparameters
 
 DEFAULT_LEARNING_RATE = Hyperparameters().learning_rate
 # Our field names, as the OpenAI request spells them (for errors' `param`).

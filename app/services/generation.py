@@ -25,7 +25,7 @@ from app.metrics import observe_generation
 from app.models import Adapter, Tenant
 from app.services.adapters import adapter_files, get_adapter
 from app.storage import get_store
-from sbora_core.generation import Completion, SamplingParams
+from sbora_core.serving.generation import Completion, SamplingParams
 
 
 @dataclass

@@ -3,7 +3,7 @@
 A group fixes a tenant's base model, a variant (`sbora_fa` or `sbora_fb`), the
 rank r, the targeted layers and an index seed. Each layer's indices are one
 permutation drawn from that seed, cut into blocks of r: slot k is block k of
-every layer (`sbora_core.inject.draw_indices`). A job created in a group takes
+every layer (`sbora_core.method.inject.draw_indices`). A job created in a group takes
 the smallest free slot, in the same transaction that records the job (the
 database's unique (group, slot) constraint settles concurrent creations, on
 SQLite and PostgreSQL alike); the slot stays with the job's adapter and is
@@ -27,8 +27,8 @@ from app import catalog
 from app.errors import Conflict, Invalid, NotFound
 from app.models import AdapterGroup, GroupSlot, Job, Tenant
 from app.services.queries import owned, page
-from sbora_core.config import ConfigError
-from sbora_core.inject import draw_indices
+from sbora_core.method.config import ConfigError
+from sbora_core.method.inject import draw_indices
 
 CROSSING = ("a group holds sbora_fa or sbora_fb adapters: FA adapters own columns and FB adapters rows, and "
             "a column and a row always cross, so only one variant composes")

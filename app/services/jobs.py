@@ -18,8 +18,8 @@ from app.services import groups
 from app.services.datasets import check_dataset_ref, get_dataset
 from app.services.queries import owned, page
 from app.services.quotas import check_unfinished_jobs
-from sbora_core.config import ConfigError
-from sbora_core.job import Hyperparameters
+from sbora_core.method.config import ConfigError
+from sbora_core.training.job import Hyperparameters
 
 ALLOCATION_TRIES = 20
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from sbora_core.files import sha256_file
+from sbora_core.method.files import sha256_file
 
 # Keys are built from opaque ids (`datasets/ds_....data`), never from anything a user typed.
 _KEY = re.compile(r"^[a-z]+(/[A-Za-z0-9_.-]+)+$")

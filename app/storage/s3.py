@@ -31,7 +31,7 @@ from app.storage.base import (
     copy_hashing,
     verified,
 )
-from sbora_core.files import sha256_file
+from sbora_core.method.files import sha256_file
 
 CHUNK = 8 << 20  # multipart above this size, in parts of this size
 _CREDENTIAL_ERRORS = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken",

@@ -11,7 +11,7 @@ import httpx
 import pytest
 from stack import wait_for
 
-from sbora_core.adapter_io import load_adapter
+from sbora_core.method.adapter_io import load_adapter
 
 TINY = "tiny-llama"
 

@@ -22,9 +22,9 @@ from stack import chat_lines, embedded_stack_with_worker, wait_for
 from app.openai_schemas import FineTuningJobCreate
 from app.schemas import HyperparametersSpec, MethodSpec
 from app.services.fine_tuning import to_job_create
-from sbora_core.adapter_io import load_adapter
-from sbora_core.config import USER_FIELDS, SBoRAConfig
-from sbora_core.job import Hyperparameters
+from sbora_core.method.adapter_io import load_adapter
+from sbora_core.method.config import USER_FIELDS, SBoRAConfig
+from sbora_core.training.job import Hyperparameters
 
 
 def test_request_models_take_fields_and_defaults_from_the_core():

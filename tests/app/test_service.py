@@ -11,8 +11,8 @@ import pytest
 import torch
 from stack import chat_lines, wait_for
 
-from sbora_core.adapter_io import apply_adapter, load_adapter
-from sbora_core.models import load_base_model
+from sbora_core.method.adapter_io import apply_adapter, load_adapter
+from sbora_core.method.models import load_base_model
 
 TINY = "tiny-llama"
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sbora_core.models import BaseModel, load_base_model
+from sbora_core.method.models import BaseModel, load_base_model
 
 
 @pytest.fixture

@@ -11,12 +11,12 @@ import json
 import pytest
 import torch
 
-from sbora_core.adapter_io import load_adapter
-from sbora_core.config import SBoRAConfig
-from sbora_core.job import Hyperparameters, TrainJob
-from sbora_core.merge import merge_adapters
-from sbora_core.models import load_base_model
-from sbora_core.train import Callbacks, train
+from sbora_core.method.adapter_io import load_adapter
+from sbora_core.method.config import SBoRAConfig
+from sbora_core.method.merge import merge_adapters
+from sbora_core.method.models import load_base_model
+from sbora_core.training.job import Hyperparameters, TrainJob
+from sbora_core.training.train import Callbacks, train
 
 pytestmark = pytest.mark.cuda
 
@@ -63,7 +63,7 @@ def test_training_on_a_gpu_lowers_the_loss(tiny_model_dir, data, tmp_path, varia
 
 
 def test_the_frozen_base_is_bf16_and_the_factors_fp32(tiny_model_dir):
-    from sbora_core.inject import inject_adapter
+    from sbora_core.method.inject import inject_adapter
 
     base = load_base_model(str(tiny_model_dir), device="cuda")
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -11,21 +11,21 @@ import json
 import pytest
 import torch
 
-from sbora_core.adapter_io import apply_adapter, export_peft, load_adapter, save_adapter
-from sbora_core.config import SBoRAConfig
-from sbora_core.engine import Engine
-from sbora_core.generation import SamplingParams
-from sbora_core.inject import (
+from sbora_core.method.adapter_io import apply_adapter, export_peft, load_adapter, save_adapter
+from sbora_core.method.config import SBoRAConfig
+from sbora_core.method.inject import (
     layer_role,
     remove_adapter,
     select_targets,
 )
-from sbora_core.job import Hyperparameters, TrainJob
-from sbora_core.linear import is_conv1d
-from sbora_core.merge import merge_adapters
-from sbora_core.models import load_base_model
+from sbora_core.method.linear import is_conv1d
+from sbora_core.method.merge import merge_adapters
+from sbora_core.method.models import load_base_model
+from sbora_core.serving.engine import Engine
+from sbora_core.serving.generation import SamplingParams
 from sbora_core.testing import build_tiny_family, family_configs, random_adapter
-from sbora_core.train import Callbacks, train
+from sbora_core.training.job import Hyperparameters, TrainJob
+from sbora_core.training.train import Callbacks, train
 
 FAMILIES = list(family_configs(300, 1, 0))
 VARIANTS = ["sbora_fa", "sbora_fb", "lora"]
@@ -143,8 +143,8 @@ def test_a_family_that_bypasses_its_layers_is_refused_by_name():
     would silently do nothing, so it is refused; in_proj goes through the module and trains."""
     from transformers import AutoModelForCausalLM, MambaConfig
 
-    from sbora_core.config import ConfigError
-    from sbora_core.inject import check_config
+    from sbora_core.method.config import ConfigError
+    from sbora_core.method.inject import check_config
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(MambaConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2))

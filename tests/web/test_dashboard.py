@@ -16,7 +16,7 @@ import pytest
 import torch
 from stack import chat_lines, embedded_stack_with_worker, missing_dependency, train_tiny_adapter
 
-from sbora_core.adapter_io import load_adapter
+from sbora_core.method.adapter_io import load_adapter
 
 TINY = "tiny-llama"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -116,7 +116,7 @@ def browser(tmp_path):
 
 
 class Shots:
-    """Full-page screenshots into SBORA_TEST_ARTIFACTS (or tmp_path); README copies on request."""
+    """Full-page screenshots into SBORA_TEST_ARTIFACTS (or tmp_path); copies in docs/img on request."""
 
     def __init__(self, driver, tmp_path: Path) -> None:
         self.driver = driver

@@ -17,7 +17,7 @@ from app.services.generation import (
     start_generation,
     stream_pieces,
 )
-from sbora_core.generation import Completion, SamplingParams
+from sbora_core.serving.generation import Completion, SamplingParams
 
 router = APIRouter(tags=["generate"])
 

@@ -41,7 +41,7 @@ from app.services.generation import (
     start_generation,
     stream_pieces,
 )
-from sbora_core.generation import Completion, SamplingParams, TokenLogprob
+from sbora_core.serving.generation import Completion, SamplingParams, TokenLogprob
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 

@@ -1,0 +1,418 @@
+"""The training loop: one fine-tuning job from dataset to adapter.
+
+`train(job, callbacks)` runs three phases:
+- `prepare`: read the data (a bad file fails before any model loads), load
+  the base model (optionally 4-bit or 8-bit), inject the adapter, build AdamW
+  with a warmup + cosine/linear/constant schedule, and resume from the latest
+  checkpoint if there is one;
+- `Run.step`: one optimiser step over `grad_accum` micro-batches;
+- `Run.finish`: the final validation, metrics and the adapter files.
+It reports through `Callbacks` (progress, evaluation, checkpoints, log lines)
+and polls `should_cancel` once per optimiser step. Checkpoints
+(`checkpoint.py`) hold everything needed to resume exactly, so a resumed run
+ends with the same adapter as an uninterrupted one.
+
+Deterministic given the seed: the data order of epoch e is a permutation drawn
+from (seed, e), and dropout draws from the global generator saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint
+
+from sbora_core.method.adapter_io import save_adapter
+from sbora_core.method.config import ConfigError, SBoRAConfig
+from sbora_core.method.inject import adapter_from_model, inject_adapter, trainable_parameters
+from sbora_core.method.layers import follow_optimizer
+from sbora_core.method.models import BaseModel, load_base_model
+from sbora_core.training.checkpoint import (
+    History,
+    Position,
+    checkpoint_dirs,
+    load_checkpoint,
+    save_checkpoint,
+)
+from sbora_core.training.data import load_examples
+from sbora_core.training.evaluate import validation_loss
+from sbora_core.training.job import Hyperparameters, TrainJob
+from sbora_core.training.tokenization import (
+    IGNORE_INDEX,
+    TokenizedExample,
+    collate,
+    pack_examples,
+    tokenize_examples,
+)
+
+
+@dataclass
+class Progress:
+    step: int
+    total_steps: int
+    epoch: float  # fractional: 1.5 = halfway through the second epoch
+    loss: float
+    learning_rate: float
+    tokens: int  # tokens processed so far (padding excluded)
+    tokens_per_s: float
+    elapsed_s: float
+    eta_s: float
+
+
+class Callbacks:
+    """Override what you need; every hook defaults to doing nothing."""
+
+    def on_progress(self, progress: Progress) -> None: ...
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+
+    def on_log(self, message: str) -> None: ...
+
+    def should_cancel(self) -> bool:
+        return False
+
+
+@dataclass
+class TrainResult:
+    status: str  # "succeeded" or "cancelled"
+    adapter_dir: Path | None
+    metrics: dict[str, Any]
+    last_checkpoint: Path | None
+
+
+# -- schedule and batches ----------------------------------------------------------------------
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Multiplier on the peak learning rate at `step` (0-based)."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, list]:
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    val = set(order[:n_val])
+    return [e for i, e in enumerate(examples) if i not in val], [e for i, e in enumerate(examples) if i in val]
+
+
+def micro_batches(examples: list[TokenizedExample], hp: Hyperparameters, pos: Position) -> Iterator[list[TokenizedExample]]:
+    """Endless micro-batches from `pos`, advancing `pos.epoch` / `pos.batch` as it goes."""
+    n_batches = math.ceil(len(examples) / hp.batch_size)
+    while True:
+        order = epoch_order(len(examples), hp.seed, pos.epoch)
+        while pos.batch < n_batches:
+            chunk = order[pos.batch * hp.batch_size : (pos.batch + 1) * hp.batch_size]
+            pos.batch += 1
+            yield [examples[i] for i in chunk]
+        pos.epoch += 1
+        pos.batch = 0
+
+
+def _make_optimizer(params: list[torch.nn.Parameter], hp: Hyperparameters, device: torch.device):
+    kwargs: dict[str, Any] = {"lr": hp.learning_rate, "weight_decay": hp.weight_decay}
+    if device.type in ("cpu", "cuda"):
+        kwargs["fused"] = True  # one kernel for all factors instead of a Python loop per tensor
+    return torch.optim.AdamW(params, **kwargs)
+
+
+# Families whose logits are exactly lm_head(last hidden state): no soft-capping or scaling after the
+# head, so the loss can be computed from the hidden states in chunks.
+PLAIN_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
+LOSS_CHUNK_ROWS = 2048  # target positions whose logits exist at once
+
+
+def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+
+
+def _token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross-entropy over target tokens (labels != -100).
+
+    On plain-head families the logits are made only at target positions, a chunk of rows at a time,
+    and recomputed in the backward pass: full (B, T, vocab) fp32 logits and their gradient are the
+    largest tensors of a step with a large vocabulary (3 GiB at batch 4 x 512 with 128k tokens)."""
+    if "position_ids" in batch:  # packed rows: the positions tell the examples apart, no mask
+        inputs = {"position_ids": batch["position_ids"]}
+    else:
+        inputs = {"attention_mask": batch["attention_mask"]}
+    shift_labels = batch["labels"][:, 1:]  # (B, T-1)
+    plain = model.config.model_type in PLAIN_HEAD_FAMILIES
+    head, decoder = (model.get_output_embeddings(), model.get_decoder()) if plain else (None, None)
+    if head is None or decoder is None:
+        logits = model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits
+        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+        return F.cross_entropy(shift_logits, shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state  # (B, T, H)
+    targets = shift_labels != IGNORE_INDEX
+    rows, labels = hidden[:, :-1][targets], shift_labels[targets]  # (M, H), (M,)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, labels.numel(), LOSS_CHUNK_ROWS):
+        part = slice(start, start + LOSS_CHUNK_ROWS)
+        total = total + torch.utils.checkpoint.checkpoint(_chunk_loss_sum, head, rows[part], labels[part],
+                                                          use_reentrant=False)
+    return total
+
+
+def backward_pass(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], autocast: Any,
+                  device: torch.device) -> tuple[torch.Tensor, int]:
+    """Forward and backward over one step's micro-batches (CPU tensors from `collate`).
+
+    Returns the step's mean loss per target token, still on the device (read it once, not per
+    micro-batch), and the tokens processed (padding excluded, counted before the copy to the device).
+    """
+    step_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    tokens = sum(int(b["attention_mask"].sum()) for b in micro)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for batch in micro:
+        on_device = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast:
+            loss = _token_loss_sum(model, on_device) / max(1, step_targets)
+        loss.backward()
+        total += loss.detach()
+    return total, tokens
+
+
+def autocast_for(device: torch.device) -> Any:
+    """bf16 autocast on a GPU that has bf16 (factors stay fp32, their matmuls run in bf16); off elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def device_name(device: torch.device) -> str:
+    """What a run ran on, for the adapter's metadata: the GPU's name, or the CPU's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()})"
+
+
+# -- a run -------------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """A prepared run: the model with its adapter, the data, the optimiser, and where it stands."""
+
+    job: TrainJob
+    callbacks: Callbacks
+    base: BaseModel
+    config: SBoRAConfig  # the job's adapter config with the base model's fingerprint
+    train_examples: list[TokenizedExample]
+    val_examples: list[TokenizedExample]
+    optimizer: Any
+    scheduler: Any
+    params: list[torch.nn.Parameter]
+    total_steps: int
+    steps_per_epoch: int
+    pos: Position = field(default_factory=Position)
+    history: History = field(default_factory=History)
+    last_checkpoint: Path | None = None
+    started: float = field(default_factory=time.perf_counter)  # when this process began the job
+    run_start: float = 0.0  # when this process began stepping
+    run_start_step: int = 0
+    elapsed_before: float = 0.0  # training time of earlier processes (from the checkpoint)
+
+    def __post_init__(self) -> None:
+        self.hp = self.job.hyperparameters
+        self.output_dir = Path(self.job.output_dir)
+        self.model = self.base.model
+        self.pad_id = self.base.tokenizer.pad_token_id
+        self.batches = micro_batches(self.train_examples, self.hp, self.pos)
+        self.batches_per_epoch = max(1, math.ceil(len(self.train_examples) / self.hp.batch_size))
+        self.autocast = autocast_for(self.base.device)
+
+    @property
+    def elapsed_s(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.run_start
+
+    def start(self) -> None:
+        self.run_start, self.run_start_step = time.perf_counter(), self.pos.step
+        self.elapsed_before = self.history.elapsed_s
+        self.model.train()
+
+    def step(self) -> float:
+        """One optimiser step; the step's mean loss per target token."""
+        hp = self.hp
+        micro = [collate(next(self.batches), self.pad_id) for _ in range(hp.grad_accum)]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, tokens = backward_pass(self.model, micro, self.autocast, self.base.device)
+        self.pos.tokens += tokens
+        if hp.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, hp.max_grad_norm)
+        loss_sum = float(loss)  # the step's one read back from the device
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(
+                f"training diverged at step {self.pos.step + 1} (loss {loss_sum}); lower learning_rate")
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.pos.step += 1
+        self.history.train_loss.append([self.pos.step, loss_sum])
+        self._report(loss_sum, lr)
+        return loss_sum
+
+    def _report(self, loss: float, lr: float) -> None:
+        run_elapsed = time.perf_counter() - self.run_start
+        pos = self.pos
+        self.callbacks.on_progress(Progress(
+            step=pos.step, total_steps=self.total_steps, epoch=pos.epoch + pos.batch / self.batches_per_epoch,
+            loss=loss, learning_rate=lr, tokens=pos.tokens,
+            tokens_per_s=pos.tokens / max(1e-9, self.elapsed_s), elapsed_s=self.elapsed_s,
+            eta_s=run_elapsed / (pos.step - self.run_start_step) * (self.total_steps - pos.step),
+        ))
+
+    def evaluate(self) -> float:
+        loss = validation_loss(self.model, self.val_examples, self.hp.eval_batch_size, self.pad_id)
+        self.model.train()
+        self.history.val_loss.append([self.pos.step, loss])
+        self.callbacks.on_eval(self.pos.step, {"val_loss": loss})
+        return loss
+
+    def checkpoint(self) -> Path:
+        self.history.elapsed_s = self.elapsed_s
+        path = save_checkpoint(self.output_dir, self.model, self.config, self.optimizer, self.scheduler,
+                               self.pos, self.history, self.hp.keep_checkpoints)
+        self.last_checkpoint = path
+        self.callbacks.on_checkpoint(self.pos.step, path)
+        return path
+
+    def after_step(self) -> None:
+        """Validation and checkpoints that fall on this step."""
+        hp, step = self.hp, self.pos.step
+        if self.val_examples and hp.eval_every and step % hp.eval_every == 0:
+            self.evaluate()
+        if hp.checkpoint_every and step % hp.checkpoint_every == 0:
+            self.checkpoint()
+
+    def cancel(self) -> TrainResult:
+        """Keep the work done so far (a cancelled run can be resumed from here)."""
+        if self.pos.step and (self.last_checkpoint is None
+                              or not self.last_checkpoint.name.endswith(f"{self.pos.step:07d}")):
+            self.checkpoint()
+        self.callbacks.on_log(f"cancelled after step {self.pos.step} of {self.total_steps}")
+        return TrainResult("cancelled", None, {"steps": self.pos.step, "total_steps": self.total_steps},
+                           self.last_checkpoint)
+
+    def finish(self) -> TrainResult:
+        """The final validation (unless the last step had one), the metrics and the adapter files."""
+        val_loss = None
+        if self.val_examples:
+            val_loss = self.history.val_loss[-1][1] if self.history.evaluated_at(self.pos.step) else self.evaluate()
+        metrics = {
+            "train_loss": self.history.recent_train_loss(),
+            "val_loss": val_loss,
+            "steps": self.pos.step,
+            "epochs": self.pos.step / self.steps_per_epoch,
+            "tokens": self.pos.tokens,
+            "wall_time_s": self.elapsed_s,
+            "trainable_params": trainable_parameters(self.model),
+            "train_examples": len(self.train_examples),
+            "val_examples": len(self.val_examples),
+            "loss_curve": self.history.train_loss,
+            "val_curve": self.history.val_loss,
+        }
+        metadata = {
+            "base_model_name": self.base.name,
+            "quantization": self.job.quantization,
+            "hyperparameters": asdict(self.hp),
+            "metrics": {k: v for k, v in metrics.items() if k not in ("loss_curve", "val_curve")},
+            "device": str(self.base.device),
+            "device_name": device_name(self.base.device),
+            "total_time_s": time.perf_counter() - self.started,
+        }
+        adapter_dir = save_adapter(adapter_from_model(self.model, self.config, metadata),
+                                   self.output_dir / "adapter")
+        self.callbacks.on_log(f"finished {self.pos.step} steps; adapter written")
+        return TrainResult("succeeded", adapter_dir, metrics, self.last_checkpoint)
+
+
+def prepare(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool = True) -> Run:
+    """Load data and model, inject the adapter, build the optimiser; resume from the latest checkpoint."""
+    cb = callbacks or Callbacks()
+    hp = job.hyperparameters
+    started = time.perf_counter()
+    output_dir = Path(job.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(hp.seed)
+    random.seed(hp.seed)
+
+    # Data first: a bad file fails before any model is loaded.
+    train_records = load_examples(job.train_file)
+    val_records = load_examples(job.val_file) if job.val_file else []
+    if not val_records and hp.val_fraction > 0:
+        train_records, val_records = split_validation(train_records, hp.val_fraction, hp.seed)
+
+    base = load_base_model(job.base_model, quantization=job.quantization, device=job.device)
+    train_examples = tokenize_examples(base.tokenizer, train_records, hp.max_seq_len)
+    val_examples = tokenize_examples(base.tokenizer, val_records, hp.max_seq_len)
+    if not train_examples:
+        raise ConfigError("train_file", "no example has a completion left after truncation; raise max_seq_len")
+    packed = ""
+    if hp.packing:
+        rows = pack_examples(train_examples, hp.max_seq_len)
+        packed = f" ({len(train_examples)} packed into {len(rows)} rows)"
+        train_examples = rows
+    weights = next(base.model.parameters()).dtype
+    cb.on_log(f"loaded {base.name} ({job.quantization}, {str(weights).removeprefix('torch.')}) on "
+              f"{device_name(base.device)}; {len(train_examples)} training{packed} and {len(val_examples)} "
+              "validation examples")
+
+    config = SBoRAConfig.from_dict({**job.sbora.to_dict(), "base_fingerprint": base.fingerprint})
+    layers = list(inject_adapter(base.model, config).values())
+    if hp.gradient_checkpointing:
+        # Non-reentrant: works with a frozen base (no input needs grad) and replays dropout exactly.
+        checkpointing = {"use_reentrant": False}
+        if hasattr(base.model, "activation_checkpointing_enable"):  # the name in newer transformers
+            base.model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpointing)
+        else:
+            base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing)
+    params = [p for p in base.model.parameters() if p.requires_grad]
+    optimizer = _make_optimizer(params, hp, base.device)
+    follow_optimizer(optimizer, layers)
+    steps_per_epoch = math.ceil(math.ceil(len(train_examples) / hp.batch_size) / hp.grad_accum)
+    total_steps = hp.max_steps or hp.epochs * steps_per_epoch
+    warmup = hp.warmup_steps or int(hp.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, hp.schedule))
+    pos, history, last_checkpoint = Position(), History(), None
+    checkpoints = checkpoint_dirs(output_dir)
+    if resume and checkpoints:
+        last_checkpoint = checkpoints[-1]
+        pos, history = load_checkpoint(last_checkpoint, base.model, optimizer, scheduler)
+        cb.on_log(f"resumed from {last_checkpoint.name} (step {pos.step} of {total_steps})")
+    return Run(job=job, callbacks=cb, base=base, config=config, train_examples=train_examples,
+               val_examples=val_examples, optimizer=optimizer, scheduler=scheduler, params=params,
+               total_steps=total_steps, steps_per_epoch=steps_per_epoch, pos=pos, history=history,
+               last_checkpoint=last_checkpoint, started=started)
+
+
+def train(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool = True) -> TrainResult:
+    """Run `job` to completion or cancellation; resumes from its latest checkpoint if any."""
+    run = prepare(job, callbacks, resume=resume)
+    run.start()
+    while run.pos.step < run.total_steps:
+        if run.callbacks.should_cancel():
+            return run.cancel()
+        run.step()
+        run.after_step()
+    return run.finish()
