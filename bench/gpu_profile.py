@@ -32,9 +32,9 @@ from torch._C._profiler import _ExperimentalConfig
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from sbora_core.engine import Engine
-from sbora_core.generation import SamplingParams
-from sbora_core.models import default_dtype
+from sbora_core.method.models import default_dtype
+from sbora_core.serving.engine import Engine
+from sbora_core.serving.generation import SamplingParams
 from sbora_core.testing import random_adapter
 
 RESULTS = Path(__file__).resolve().parent / "results"
