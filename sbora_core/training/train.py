@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-import torch.utils.checkpoint
 
 from sbora_core.method.adapter_io import save_adapter
 from sbora_core.method.config import ConfigError, SBoRAConfig
@@ -46,6 +44,7 @@ from sbora_core.training.checkpoint import (
 from sbora_core.training.data import load_examples
 from sbora_core.training.evaluate import validation_loss
 from sbora_core.training.job import Hyperparameters, TrainJob
+from sbora_core.training.loss import token_loss_sum
 from sbora_core.training.tokenization import (
     IGNORE_INDEX,
     TokenizedExample,
@@ -138,44 +137,6 @@ def _make_optimizer(params: list[torch.nn.Parameter], hp: Hyperparameters, devic
     return torch.optim.AdamW(params, **kwargs)
 
 
-# Families whose logits are exactly lm_head(last hidden state): no soft-capping or scaling after the
-# head, so the loss can be computed from the hidden states in chunks.
-PLAIN_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
-LOSS_CHUNK_ROWS = 2048  # target positions whose logits exist at once
-
-
-def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
-
-
-def _token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over target tokens (labels != -100).
-
-    On plain-head families the logits are made only at target positions, a chunk of rows at a time,
-    and recomputed in the backward pass: full (B, T, vocab) fp32 logits and their gradient are the
-    largest tensors of a step with a large vocabulary (3 GiB at batch 4 x 512 with 128k tokens)."""
-    if "position_ids" in batch:  # packed rows: the positions tell the examples apart, no mask
-        inputs = {"position_ids": batch["position_ids"]}
-    else:
-        inputs = {"attention_mask": batch["attention_mask"]}
-    shift_labels = batch["labels"][:, 1:]  # (B, T-1)
-    plain = model.config.model_type in PLAIN_HEAD_FAMILIES
-    head, decoder = (model.get_output_embeddings(), model.get_decoder()) if plain else (None, None)
-    if head is None or decoder is None:
-        logits = model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits
-        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-        return F.cross_entropy(shift_logits, shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state  # (B, T, H)
-    targets = shift_labels != IGNORE_INDEX
-    rows, labels = hidden[:, :-1][targets], shift_labels[targets]  # (M, H), (M,)
-    total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, labels.numel(), LOSS_CHUNK_ROWS):
-        part = slice(start, start + LOSS_CHUNK_ROWS)
-        total = total + torch.utils.checkpoint.checkpoint(_chunk_loss_sum, head, rows[part], labels[part],
-                                                          use_reentrant=False)
-    return total
-
-
 def backward_pass(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], autocast: Any,
                   device: torch.device) -> tuple[torch.Tensor, int]:
     """Forward and backward over one step's micro-batches (CPU tensors from `collate`).
@@ -189,7 +150,7 @@ def backward_pass(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], 
     for batch in micro:
         on_device = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast:
-            loss = _token_loss_sum(model, on_device) / max(1, step_targets)
+            loss = token_loss_sum(model, on_device) / max(1, step_targets)
         loss.backward()
         total += loss.detach()
     return total, tokens

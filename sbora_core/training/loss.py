@@ -1,0 +1,83 @@
+"""The supervised loss: summed next-token cross-entropy over the target tokens of a batch.
+
+With a large vocabulary the logits are the largest tensors of a training step: (B, T, vocab) in
+the compute dtype, again in fp32 for the loss, and the gradient of each (3 GiB at batch 4 x 512
+with LLaMA-3's 128k tokens, more than the 4-bit weights of an 8B model). On families whose logits
+are exactly lm_head(last hidden state), `token_loss_sum` makes logits only at target positions,
+a chunk of rows at a time, and computes each chunk's gradient with respect to the hidden states
+while its logits exist (as Liger Kernel's fused linear cross-entropy does): memory of one chunk,
+no second pass over the head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sbora_core.training.tokenization import IGNORE_INDEX
+
+# Families whose logits are exactly lm_head(last hidden state): no soft-capping or scaling after the head.
+PLAIN_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
+LOSS_CHUNK_ROWS = 2048  # target positions whose logits exist at once
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """sum over rows of CE(hidden W^T, labels) for a frozen head W (vocab, H), chunk by chunk."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # (M, H)
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk):
+            rows, target = hidden[start : start + chunk], labels[start : start + chunk]  # (C, H), (C,)
+            logits = F.linear(rows, weight).float()  # (C, V)
+            lse = logits.logsumexp(-1)  # (C,)
+            total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            if grad is not None:
+                # d(CE)/d(logits) = softmax - one_hot, written over the logits; then through the head.
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(target.numel(), device=probs.device), target] -= 1.0
+                grad[start : start + chunk] = F.linear(probs.to(weight.dtype), weight.t()).to(grad.dtype)
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx: Any, grad_total: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_total.to(grad.dtype), None, None, None
+
+
+def _fusable_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
+    """(decoder, head) when the loss may be computed from the decoder's hidden states with a frozen,
+    bias-free linear head; None: the model's own logits are needed."""
+    if getattr(model.config, "model_type", None) not in PLAIN_HEAD_FAMILIES:
+        return None
+    head, decoder = model.get_output_embeddings(), model.get_decoder()  # type: ignore[operator]
+    if type(head) is not nn.Linear or head.bias is not None or head.weight.requires_grad or decoder is None:
+        return None  # an adapted, biased or trained head keeps the ordinary path
+    return decoder, head
+
+
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of next-token cross-entropy over target tokens (labels != -100)."""
+    if "position_ids" in batch:  # packed rows: the positions tell the examples apart, no mask
+        inputs = {"position_ids": batch["position_ids"]}
+    else:
+        inputs = {"attention_mask": batch["attention_mask"]}
+    shift_labels = batch["labels"][:, 1:]  # (B, T-1)
+    fusable = _fusable_head(model)
+    if fusable is None:
+        logits = model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits
+        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
+        return F.cross_entropy(shift_logits, shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    decoder, head = fusable
+    hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state  # (B, T, H)
+    targets = shift_labels != IGNORE_INDEX
+    rows = hidden[:, :-1][targets]  # (M, H)
+    return LinearCrossEntropy.apply(rows, head.weight, shift_labels[targets], LOSS_CHUNK_ROWS)
