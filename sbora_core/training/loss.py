@@ -4,7 +4,7 @@ With a large vocabulary the logits are the largest tensors of a training step: (
 the compute dtype, again in fp32 for the loss, and the gradient of each (3 GiB at batch 4 x 512
 with LLaMA-3's 128k tokens, more than the 4-bit weights of an 8B model). On families whose logits
 are exactly lm_head(last hidden state), `token_loss_sum` makes logits only at target positions,
-a chunk of rows at a time, and computes each chunk's gradient with respect to the hidden states
+a chunk of rows at a time (256 MiB of fp32 logits), and computes each chunk's gradient with respect to the hidden states
 while its logits exist (as Liger Kernel's fused linear cross-entropy does): memory of one chunk,
 no second pass over the head.
 """
@@ -21,7 +21,11 @@ from sbora_core.training.tokenization import IGNORE_INDEX
 
 # Families whose logits are exactly lm_head(last hidden state): no soft-capping or scaling after the head.
 PLAIN_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
-LOSS_CHUNK_ROWS = 2048  # target positions whose logits exist at once
+LOSS_CHUNK_BYTES = 256 << 20  # fp32 logits that exist at once: 523 rows at 128k tokens, 2,048 at 32k
+
+
+def chunk_rows(vocab: int) -> int:
+    return max(64, LOSS_CHUNK_BYTES // (4 * vocab))
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -36,11 +40,15 @@ class LinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk):
             rows, target = hidden[start : start + chunk], labels[start : start + chunk]  # (C, H), (C,)
             logits = F.linear(rows, weight).float()  # (C, V)
-            lse = logits.logsumexp(-1)  # (C,)
-            total += (lse - logits.gather(1, target[:, None]).squeeze(1)).sum()
+            target_logit = logits.gather(1, target[:, None]).squeeze(1)  # (C,)
+            # Softmax in place over the chunk's one fp32 copy of the logits: no other (C, V) temporary.
+            peak = logits.amax(-1, keepdim=True)  # (C, 1)
+            probs = logits.sub_(peak).exp_()
+            sums = probs.sum(-1)  # (C,)
+            total += (sums.log() + peak.squeeze(1) - target_logit).sum()
             if grad is not None:
-                # d(CE)/d(logits) = softmax - one_hot, written over the logits; then through the head.
-                probs = logits.sub_(lse[:, None]).exp_()
+                # d(CE)/d(logits) = softmax - one_hot; then through the head.
+                probs.div_(sums[:, None])
                 probs[torch.arange(target.numel(), device=probs.device), target] -= 1.0
                 grad[start : start + chunk] = F.linear(probs.to(weight.dtype), weight.t()).to(grad.dtype)
         ctx.save_for_backward(grad)
@@ -80,4 +88,4 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state  # (B, T, H)
     targets = shift_labels != IGNORE_INDEX
     rows = hidden[:, :-1][targets]  # (M, H)
-    return LinearCrossEntropy.apply(rows, head.weight, shift_labels[targets], LOSS_CHUNK_ROWS)
+    return LinearCrossEntropy.apply(rows, head.weight, shift_labels[targets], chunk_rows(head.out_features))

@@ -18,11 +18,14 @@ def reference_loss(model, batch):
                            ignore_index=-100, reduction="sum")
 
 
-@pytest.mark.parametrize("chunk", [3, 2048])  # several chunks, and one
-def test_chunked_loss_and_gradients_equal_the_full_logits(tiny, batch, monkeypatch, chunk):
-    monkeypatch.setattr(loss_module, "LOSS_CHUNK_ROWS", chunk)
+@pytest.mark.parametrize("chunks", ["several", "one"])
+def test_chunked_loss_and_gradients_equal_the_full_logits(tiny, batch, monkeypatch, chunks):
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK_BYTES", 1 if chunks == "several" else 1 << 30)
     batch = {**batch, "labels": batch["labels"].clone()}
     batch["labels"][0, :4] = -100  # prompt tokens are not targets
+    targets = int((batch["labels"][:, 1:] != -100).sum())
+    rows = loss_module.chunk_rows(tiny.model.config.vocab_size)
+    assert (rows < targets) == (chunks == "several")
     layers = inject_adapter(tiny.model, SBoRAConfig(variant="sbora_fa", r=4, alpha=8))
     for layer in layers.values():
         with torch.no_grad():
