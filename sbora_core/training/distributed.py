@@ -260,5 +260,7 @@ def validation_loss(root: nn.Module, model: nn.Module, examples: list[TokenizedE
             if i < len(mine):
                 sums[0] += loss.double()
                 sums[1] += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    if callable(reshard := getattr(root, "reshard", None)):
+        reshard()  # FSDP2 keeps the root gathered after a forward for the backward, which eval never runs
     dist.all_reduce(sums, group=ranks.group)
     return float(sums[0] / sums[1].clamp(min=1))

@@ -7,8 +7,9 @@ of the run directory, so the caller's `Callbacks` (a database, a console) work a
 - `events.jsonl`: rank 0's callbacks, one JSON object a line, replayed on the caller's callbacks;
 - `cancel`: made when the caller's `should_cancel` says so; rank 0 reads it at its next step
   and every rank stops there (rank 0 checkpoints first);
-- `result.json`: rank 0's result; `ranks/R.json`: how rank R ended (none: it was killed),
-  `ranks/R.pid` its process, so that nothing outlives the run.
+- `result.json`: rank 0's result; `ranks/R.json`: how rank R ended, `ranks/R.stopped`: torchrun
+  stopped it (a peer had failed), neither: it was killed; `ranks/R.pid`: its process, so that
+  nothing outlives the run.
 
 torchrun tears every local rank down when one fails; the ranks' collectives give up after
 `step_timeout_s` (a dead peer on another machine), and `abort` (the caller's view of the other
@@ -117,7 +118,9 @@ class EventTail:
     def __init__(self, path: Path) -> None:
         self.path, self.offset, self.last_step = path, 0, 0
 
-    def forward(self, callbacks: Callbacks) -> None:
+    def forward(self, callbacks: Callbacks) -> int:
+        """Replay the new events on `callbacks`; how many there were."""
+        count = 0
         try:
             with open(self.path) as handle:
                 handle.seek(self.offset)
@@ -127,8 +130,10 @@ class EventTail:
                     if record["kind"] == "progress":
                         self.last_step = record["step"]
                     replay(record, callbacks)
+                    count += 1
         except FileNotFoundError:
             pass
+        return count
 
 
 def die_with_parent() -> None:
@@ -193,9 +198,9 @@ def train_on_ranks(job: TrainJob, callbacks: Callbacks, run_dir: Path, settings:
     next_ask = 0.0
     try:
         while proc.poll() is None:
-            tail.forward(callbacks)
+            news = tail.forward(callbacks)
             now = time.monotonic()
-            if now >= next_ask:
+            if news or now >= next_ask:  # an event may be what a cancel waits for (a checkpoint)
                 next_ask = now + CALLBACK_POLL_S
                 reason = abort() if abort else None
                 if reason:
@@ -271,7 +276,8 @@ def rank_failure(run_dir: Path, local_ranks: int) -> RankFailure | None:
             if end["kind"] == kind:
                 return RankFailure(kind, end["message"], end["rank"], end["device"], end.get("error_type"))
     started = {int(p.stem) for p in (run_dir / "ranks").glob("*.pid")}
-    silent = sorted(started - {e["rank"] for e in ends})
+    stopped = {int(p.stem) for p in (run_dir / "ranks").glob("*.stopped") if p.stat().st_size}
+    silent = sorted(started - stopped - {e["rank"] for e in ends})
     if silent or failed or len(ends) < local_ranks:
         who = f"rank {silent[0]}" if silent else "a rank on another machine" if failed else "a rank"
         return RankFailure("died", f"{who} died (killed, or its machine was lost); the job resumes from its last "

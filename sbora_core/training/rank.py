@@ -8,8 +8,10 @@ to tear down would hold its device.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import sys
 import traceback
 from dataclasses import asdict
@@ -56,6 +58,9 @@ def main(run_dir: Path) -> None:
     torch.set_num_threads(spec["threads"])
     ranks = distributed.join_ranks(job.resources.sharding, spec["step_timeout_s"], spec["setup_timeout_s"])
     (run_dir / "ranks" / f"{ranks.rank}.pid").write_text(str(os.getpid()))
+    # Stopped by torchrun (a peer failed): say so, at the C level (this thread may be blocked in a
+    # collective), then die as SIGTERM does. A rank that leaves no word at all was killed.
+    faulthandler.register(signal.SIGTERM, open(run_dir / "ranks" / f"{ranks.rank}.stopped", "w"), chain=True)
     device = str(ranks.device) if ranks.device.type == "cpu" else f"{ranks.device}, {device_name(ranks.device)}"
     callbacks = FileCallbacks(run_dir) if ranks.is_writer else Callbacks()
     try:
