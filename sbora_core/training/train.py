@@ -340,7 +340,7 @@ class Run:
         val_loss = None
         if self.val_examples:
             val_loss = self.history.val_loss[-1][1] if self.history.evaluated_at(self.pos.step) else self.evaluate()
-        metrics = {
+        metrics: dict[str, Any] = {
             "train_loss": self.history.recent_train_loss(),
             "val_loss": val_loss,
             "steps": self.pos.step,
