@@ -38,8 +38,9 @@ from sbora_core.method.config import SBoRAConfig
 from sbora_core.method.models import UnknownModelError
 from sbora_core.training.data import DatasetError
 from sbora_core.training.job import Hyperparameters, TrainJob
-from sbora_core.training.train import Callbacks, Progress, train
-from worker import job_files
+from sbora_core.training.launch import RankFailure
+from sbora_core.training.train import Callbacks, Progress
+from worker import job_files, queueing, ranks
 
 log = logging.getLogger(__name__)
 PROGRESS_WRITE_INTERVAL_S = 1.0
@@ -71,7 +72,8 @@ def claim(job_id: str, owner: str, node: str, lease_s: int) -> bool:
     if node:
         try:
             with session_scope() as session:
-                workers.vouch(session, node, get_settings().train_queue, worker_kind())
+                workers.vouch(session, node, get_settings().train_queue, worker_kind(),
+                              ranks.offered_devices(get_settings()), ranks.worker_address(get_settings()))
         except IntegrityError:  # its first heartbeat landed meanwhile
             pass
     with session_scope() as session:
@@ -201,6 +203,8 @@ class DatabaseCallbacks(Callbacks):
 
 def classify_error(exc: BaseException) -> tuple[str, str]:
     """A stable error code and a message a user can act on (no traceback)."""
+    if isinstance(exc, RankFailure):
+        return ranks.failure_outcome(exc)
     if isinstance(exc, DatasetError):
         return "invalid_dataset", str(exc)
     if isinstance(exc, StorageUnavailable):
@@ -242,7 +246,8 @@ def _finish(job_id: str, owner: str, status: str, message: str, **values: Any) -
 def build_train_job(job: Job, train_path: str, val_path: str | None, output_dir: str) -> TrainJob:
     return TrainJob(base_model=catalog.source_of(job.base_model), train_file=train_path, val_file=val_path,
                     output_dir=output_dir, sbora=SBoRAConfig(**job.method),
-                    hyperparameters=Hyperparameters(**job.hyperparameters), quantization=job.quantization)
+                    hyperparameters=Hyperparameters(**job.hyperparameters),
+                    resources=ranks.job_resources(job.resources), quantization=job.quantization)
 
 
 def orphaned_job(exclude: str) -> str | None:
@@ -267,6 +272,8 @@ def run_job(job_id: str, node: str = "") -> str | None:
     if os.getpriority(os.PRIO_PROCESS, 0) < settings.worker_nice:  # only ever lower our priority
         os.setpriority(os.PRIO_PROCESS, 0, settings.worker_nice)
     owner = worker_name()
+    if not queueing.fits_here(job_id, worker_name(), ranks.offered_devices(settings)):
+        return None
     orphan = orphaned_job(exclude=job_id)
     if orphan is not None and claim(orphan, owner, node, settings.job_lease_s):
         _send_back(job_id, orphan)
@@ -293,7 +300,8 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactSto
         if restored := job_files.restore_checkpoint(store, job_id, output_dir):
             callbacks.on_log(f"fetched {restored} from the artifact store")
         spec = _train_job_of(job_id, store, output_dir)
-        result = train(spec, callbacks, resume=True)
+        result = ranks.run_training(spec, callbacks, settings, job_id)
+        assert result is not None, "a job on one machine has rank 0 here"
         callbacks.close()
         if heartbeat.lost:
             log.warning("lease on %s lost; leaving the job to its new owner", job_id)
@@ -311,6 +319,16 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactSto
         log.info("succeeded", extra={"adapter_id": adapter_id, "steps": result.metrics.get("steps")})
         succeeded = True  # its checkpoints are no longer needed
         return "succeeded"
+    except RankFailure as exc:
+        log.warning("job %s: %s", job_id, exc)
+        callbacks.close()
+        if exc.kind in ("died", "aborted"):
+            keep_scratch = True  # its checkpoints are here, for whichever worker resumes it
+            queueing.requeue(job_id, owner, f"queued: {exc}", {"status": "queued", "rank": exc.rank})
+            return "queued"
+        code, message = classify_error(exc)
+        _finish(job_id, owner, "failed", f"failed: {code}", error_code=code, error_message=message)
+        return "failed"
     except DatasetMissing as exc:
         callbacks.close()
         _finish(job_id, owner, "failed", str(exc), error_code="dataset_missing",

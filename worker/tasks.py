@@ -27,6 +27,7 @@ from app.core.db import get_engine
 from app.queue import TRAIN_TASK, get_celery
 from app.services.workers import incarnation
 from worker.heartbeat import WorkerHeartbeat
+from worker.ranks import offered_devices, worker_address
 from worker.runner import run_job, worker_kind
 
 # `celery -A worker.tasks` looks for this name.
@@ -46,7 +47,8 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     queues = [q.name for q in sender.task_consumer.queues] if sender is not None else []
     _heartbeat = WorkerHeartbeat(incarnation(sender.hostname, os.getpid()),
                                  queues[0] if queues else get_settings().train_queue, worker_kind(),
-                                 holds_messages=lambda: len(worker_state.reserved_requests) > 0)
+                                 holds_messages=lambda: len(worker_state.reserved_requests) > 0,
+                                 devices=offered_devices(get_settings()), address=worker_address(get_settings()))
     _heartbeat.start()
 
 

@@ -88,6 +88,9 @@ class Resources:
             _positive_int(name, getattr(self, name))
         if self.sharding not in SHARDINGS:
             raise ConfigError("sharding", f"must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}")
+        if self.sharding == "full" and self.world_size == 1:
+            raise ConfigError("sharding", "full shards the base over the job's ranks; with one device and one "
+                                          "node there is nothing to shard over (use none, or more devices)")
 
     @property
     def world_size(self) -> int:

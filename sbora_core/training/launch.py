@@ -5,6 +5,7 @@
 of the run directory, so the caller's `Callbacks` (a database, a console) work as for one process:
 - `job.json`: the TrainJob and the launch settings, read by every rank;
 - `events.jsonl`: rank 0's callbacks, one JSON object a line, replayed on the caller's callbacks;
+- `acks/checkpoint-N`: the caller took checkpoint N (rank 0 waits for it, as one process would);
 - `cancel`: made when the caller's `should_cancel` says so; rank 0 reads it at its next step
   and every rank stops there (rank 0 checkpoints first);
 - `result.json`: rank 0's result; `ranks/R.json`: how rank R ended, `ranks/R.stopped`: torchrun
@@ -77,10 +78,18 @@ def _append_line(path: Path, record: dict[str, Any]) -> None:
         handle.write(json.dumps(record, default=str) + "\n")
 
 
+def ack_file(run_dir: Path, step: int) -> Path:
+    return run_dir / "acks" / f"checkpoint-{step}"
+
+
 class FileCallbacks(Callbacks):
-    """Rank 0's callbacks: every event a line of `events.jsonl`; a cancel is the `cancel` file."""
+    """Rank 0's callbacks: every event a line of `events.jsonl`; a cancel is the `cancel` file.
+
+    A checkpoint waits until the caller has taken it (`acks/checkpoint-N`), as it would in one
+    process: the caller may copy or register it, and the next checkpoints must not delete it first."""
 
     def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
         self.events = run_dir / "events.jsonl"
         self.cancel_file = run_dir / "cancel"
 
@@ -92,6 +101,8 @@ class FileCallbacks(Callbacks):
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         _append_line(self.events, {"kind": "checkpoint", "step": step, "path": str(path)})
+        while not ack_file(self.run_dir, step).exists():  # the caller died? Then so does this rank
+            time.sleep(0.05)
 
     def on_log(self, message: str) -> None:
         _append_line(self.events, {"kind": "log", "message": message})
@@ -113,10 +124,11 @@ def replay(record: dict[str, Any], callbacks: Callbacks) -> None:
 
 
 class EventTail:
-    """Reads the complete lines rank 0 appended since the last read."""
+    """Reads the complete lines rank 0 appended since the last read; acknowledges checkpoints once
+    their callback returned."""
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.offset, self.last_step = path, 0, 0
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir, self.path, self.offset, self.last_step = run_dir, run_dir / "events.jsonl", 0, 0
 
     def forward(self, callbacks: Callbacks) -> int:
         """Replay the new events on `callbacks`; how many there were."""
@@ -129,7 +141,10 @@ class EventTail:
                     record = json.loads(line)
                     if record["kind"] == "progress":
                         self.last_step = record["step"]
+                    checkpoint = record["step"] if record["kind"] == "checkpoint" else None
                     replay(record, callbacks)
+                    if checkpoint is not None:
+                        ack_file(self.run_dir, checkpoint).touch()
                     count += 1
         except FileNotFoundError:
             pass
@@ -167,10 +182,10 @@ def prepare_run_dir(run_dir: Path, job: TrainJob, settings: LaunchSettings, resu
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in ("events.jsonl", "cancel", "result.json", "torchrun.log"):
         (run_dir / name).unlink(missing_ok=True)
-    ranks = run_dir / "ranks"
-    ranks.mkdir(exist_ok=True)
-    for path in ranks.iterdir():
-        path.unlink()
+    for folder in (run_dir / "ranks", run_dir / "acks"):
+        folder.mkdir(exist_ok=True)
+        for path in folder.iterdir():
+            path.unlink()
     spec = {"job": job.to_dict(), "resume": resume, "threads": settings.threads_per_rank,
             "step_timeout_s": settings.step_timeout_s, "setup_timeout_s": settings.setup_timeout_s}
     (run_dir / "job.json").write_text(json.dumps(spec, default=str))
@@ -193,7 +208,7 @@ def train_on_ranks(job: TrainJob, callbacks: Callbacks, run_dir: Path, settings:
     with open(run_dir / "torchrun.log", "ab") as log:
         proc = subprocess.Popen(torchrun_command(settings, run_dir), env=env, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True, preexec_fn=_child_setup)
-    tail = EventTail(run_dir / "events.jsonl")
+    tail = EventTail(run_dir)
     cancel_at: float | None = None
     next_ask = 0.0
     try:

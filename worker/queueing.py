@@ -1,0 +1,54 @@
+"""A job's message back on the queue: for a worker that offers its devices, or for the next attempt
+after one of its ranks died."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, cast
+
+from sqlalchemy import CursorResult, select, update
+
+from app.core.db import session_scope
+from app.models import Job, JobEvent, utcnow
+from app.queue import enqueue_job
+from app.services.jobs import add_event
+from worker import ranks
+
+BOUNCE_DELAY_S = 2.0  # a message no worker here can take is sent on after this, not at once
+
+
+def requeue(job_id: str, owner: str, message: str, data: dict[str, Any]) -> bool:
+    """Back to queued with a message for its next attempt: a free worker (set) resumes it from its
+    last checkpoint, on any number of ranks. False if `owner` no longer holds it."""
+    now = utcnow()
+    with session_scope() as session:
+        done = cast(CursorResult[Any], session.execute(
+            update(Job).where(Job.id == job_id, Job.lease_owner == owner, Job.status == "running")
+            .values(status="queued", lease_owner=None, lease_expires_at=None, worker_node=None, enqueued_at=now,
+                    enqueued_attempt=Job.attempts + 1, updated_at=now)
+            .execution_options(synchronize_session=False))).rowcount == 1
+        if done:
+            add_event(session, job_id, "status", message, data)
+    if done:
+        enqueue_job(job_id)
+    return done
+
+
+def fits_here(job_id: str, worker: str, offered: int) -> bool:
+    """Whether this worker offers the devices the job asks for on one machine. If not, the message
+    goes back on the queue for a worker that does, and the job says once what it waits for."""
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        if job is None or job.status != "queued":
+            return True  # nothing to place: the claim decides
+        wanted = ranks.job_resources(job.resources).devices
+        if wanted <= offered:
+            return True
+        message = f"queued: waiting for a worker with {wanted} devices ({worker} offers {offered})"
+        last = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
+                               .order_by(JobEvent.id.desc()).limit(1)).first()
+        if last is None or last.message != message:
+            add_event(session, job_id, "log", message, {"waiting_for": "workers"})
+    time.sleep(BOUNCE_DELAY_S)
+    enqueue_job(job_id)
+    return False
