@@ -117,6 +117,10 @@ def test_a_request_no_worker_could_run_is_refused_naming_the_field(stack, client
         response = client.post("/jobs", headers=headers, json={**job_body(dataset_id), "resources": resources})
         assert response.status_code == 422, response.text
         assert response.json()["detail"][0]["loc"] == ["body", "resources", field], response.text
+    openai_body = {"model": TINY, "training_file": dataset_id,
+                   "method": {"type": "sbora", "sbora": {"resources": {"devices": 4}}}}
+    response = client.post("/v1/fine_tuning/jobs", headers=headers, json=openai_body)
+    assert response.status_code == 422 and response.json()["error"]["param"] == "method.sbora.resources.devices"
     assert get(client, headers, "/jobs")["total"] == 0, "a refused request stores nothing"
     stack.stop_workers()
 
@@ -139,6 +143,8 @@ def test_a_job_on_two_devices_gives_the_one_device_adapter(stack, client, header
     assert done["progress"]["step"] == 8 and done["progress"]["tokens"] == one_device_job["progress"]["tokens"]
     logs = [e["message"] for e in get(client, headers, f"/jobs/{done['id']}/events", limit=1000)["data"]]
     assert any("2 ranks, sharding none" in m for m in logs), logs
+    openai_job = get(client, headers, f"/v1/fine_tuning/jobs/{done['id']}")
+    assert openai_job["method"]["sbora"]["resources"] == {"devices": 2, "nodes": 1, "sharding": "none"}
     config, factors = adapter_files(client, headers, done["adapter_id"])
     want_config, want = adapter_files(client, headers, one_device_job["adapter_id"])
     assert_same_factors(factors, want)
