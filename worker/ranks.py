@@ -26,6 +26,10 @@ _ERROR_CODES = {"FloatingPointError": "training_diverged", "DatasetError": "inva
                 "AdapterFormatError": "invalid_configuration", "ValueError": "invalid_configuration"}
 
 
+def worker_kind() -> str:
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
 def offered_devices(settings: Settings) -> int:
     """Devices this worker offers one job: the setting, else every GPU it sees, else 1 (CPU)."""
     if settings.worker_devices:

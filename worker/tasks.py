@@ -24,10 +24,11 @@ from celery.worker import state as worker_state
 from app import logs
 from app.core.config import get_settings
 from app.core.db import get_engine
-from app.queue import TRAIN_TASK, get_celery
+from app.queue import JOIN_TASK, TRAIN_TASK, get_celery
 from app.services.workers import incarnation
 from worker.heartbeat import WorkerHeartbeat
 from worker.ranks import offered_devices, worker_address
+from worker.runner import join_gang as join_gang_of
 from worker.runner import run_job, worker_kind
 
 # `celery -A worker.tasks` looks for this name.
@@ -74,6 +75,15 @@ def _new_pool_process(**_: Any) -> None:
     # A pool process whose worker was killed must not train on as an orphan (Linux: PR_SET_PDEATHSIG).
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+
+
+@celery.task(name=JOIN_TASK, acks_late=True, ignore_result=True, bind=True)
+def join_gang(self: Any, job_id: str, formation: int) -> None:
+    token = logs.job_id.set(job_id)
+    try:
+        join_gang_of(job_id, formation, node=incarnation(self.request.hostname or "", os.getppid()))
+    finally:
+        logs.job_id.reset(token)
 
 
 @celery.task(name=TRAIN_TASK, acks_late=True, ignore_result=True, bind=True)

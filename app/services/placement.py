@@ -22,8 +22,8 @@ def _queue_workers(session: Session, queue: str) -> list[Worker]:
 
 
 def _hosts(candidates: list[Worker], devices: int) -> set[str]:
-    """The machines with a worker offering at least `devices`."""
-    return {w.hostname for w in candidates if w.devices >= devices}
+    """The machines (by the address other machines reach them at) with a worker offering at least `devices`."""
+    return {w.address or w.hostname for w in candidates if w.devices >= devices}
 
 
 def check_resources(session: Session, resources: Resources, queue: str) -> str | None:

@@ -81,16 +81,14 @@ class Resources:
     nodes: int = field(default=1, metadata={"help": "machines the job spans, each with `devices` devices"})
     sharding: str = field(default="none", metadata={
         "help": "none: every rank holds the whole base (DDP); full: the frozen base is sharded over the "
-                "ranks, one FSDP2 unit per decoder layer (for bases too large for one device)"})
+                "ranks, one FSDP2 unit per decoder layer (for bases too large for one device); a 4-bit base "
+                "loads shardable either way, so the job resumes on any number of ranks"})
 
     def __post_init__(self) -> None:
         for name in ("devices", "nodes"):
             _positive_int(name, getattr(self, name))
         if self.sharding not in SHARDINGS:
             raise ConfigError("sharding", f"must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}")
-        if self.sharding == "full" and self.world_size == 1:
-            raise ConfigError("sharding", "full shards the base over the job's ranks; with one device and one "
-                                          "node there is nothing to shard over (use none, or more devices)")
 
     @property
     def world_size(self) -> int:

@@ -394,7 +394,7 @@ def prepare(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool =
 
     base = load_base_model(job.base_model, quantization=job.quantization,
                            device=ranks.device if ranks else job.device,
-                           shardable=bool(ranks) and job.resources.sharding == "full")
+                           shardable=job.resources.sharding == "full")
     train_examples = tokenize_examples(base.tokenizer, train_records, hp.max_seq_len)
     val_examples = tokenize_examples(base.tokenizer, val_records, hp.max_seq_len)
     if not train_examples:

@@ -124,8 +124,9 @@ def test_full_sharding_gives_the_same_adapter_and_halves_the_base_per_rank(tiny_
     if quantization == "none":
         want = reference
     else:  # NF4: bitsandbytes' eval mode repacks CPU weights, so compare runs without validation
-        want = train(make_job(tiny_model_dir, data, tmp_path / "one", quantization="nf4", **no_validation),
-                     Recorder()).adapter_dir
+        # One process loads the base as the sharded ranks do (bf16-stored, double-quantised NF4).
+        want = train(make_job(tiny_model_dir, data, tmp_path / "one", sharding="full", quantization="nf4",
+                              **no_validation), Recorder()).adapter_dir
     job = make_job(tiny_model_dir, data, tmp_path / "out", devices=2, sharding="full", quantization=quantization,
                    **({} if quantization == "none" else no_validation))
     result = on_ranks(job, tmp_path / "run")
