@@ -329,7 +329,7 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactSto
     output_dir = job_files.job_dir(store, job_id, settings)
     keep_scratch = succeeded = False
     try:
-        if restored := job_files.restore_checkpoint(store, job_id, output_dir):
+        if restored := job_files.restore_checkpoint(store, job_id, output_dir, only=role is not None):
             callbacks.on_log(f"fetched {restored} from the artifact store")
         spec = _train_job_of(job_id, store, output_dir)
         result = ranks.run_training(spec, callbacks, settings, job_id, rendezvous=role.rendezvous() if role else None,

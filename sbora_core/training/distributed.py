@@ -86,6 +86,14 @@ class Ranks:
         dist.all_reduce(summed, group=self.group)
         return summed
 
+    def check_same_step(self, step: int) -> None:
+        """Every rank resumed from the same checkpoint (ranks on several machines read their own copies)."""
+        steps = torch.tensor([step, -step], device=self.device)
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=self.group)
+        if int(steps[0]) != -int(steps[1]):
+            raise ValueError(f"the ranks resumed from different checkpoints (steps {-int(steps[1])} to "
+                             f"{int(steps[0])}); every machine must hold the same newest checkpoint")
+
     def decided_by_writer(self, flag: bool) -> bool:
         """Rank 0's `flag` on every rank: all ranks stop at the same step or none does."""
         value = torch.tensor([1 if flag else 0], device=self.device)

@@ -434,6 +434,7 @@ def prepare(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool =
     loss_module = None
     if ranks:
         distributed.open_training_group(ranks, step_timeout_s)
+        ranks.check_same_step(pos.step)
         loss_module = distributed.data_parallel(base.model, _token_loss_sum, ranks, params)
         cb.on_log(f"{ranks.world_size} ranks, sharding {ranks.sharding}; rank 0 holds "
                   + ", ".join(f"{v / 2**20:.1f} MiB {k}" for k, v in distributed.parameter_bytes(base.model).items()))
