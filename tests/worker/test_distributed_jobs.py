@@ -109,21 +109,6 @@ def one_device_job(stack, client, headers, dataset_id):
     return done
 
 
-def test_a_request_no_worker_could_run_is_refused_naming_the_field(stack, client, headers, dataset_id):
-    stack.start_worker()
-    wait_for(_two_device_worker_alive, 30, 0.2, "the worker's heartbeat")
-    for resources, field in (({"devices": 4}, "devices"), ({"nodes": 2}, "nodes"), ({"sharding": "half"}, "sharding")):
-        response = client.post("/jobs", headers=headers, json={**job_body(dataset_id), "resources": resources})
-        assert response.status_code == 422, response.text
-        assert response.json()["detail"][0]["loc"] == ["body", "resources", field], response.text
-    openai_body = {"model": TINY, "training_file": dataset_id,
-                   "method": {"type": "sbora", "sbora": {"resources": {"devices": 4}}}}
-    response = client.post("/v1/fine_tuning/jobs", headers=headers, json=openai_body)
-    assert response.status_code == 422 and response.json()["error"]["param"] == "method.sbora.resources.devices"
-    assert get(client, headers, "/jobs")["total"] == 0, "a refused request stores nothing"
-    stack.stop_workers()
-
-
 def _two_device_worker_alive() -> bool:
     from app.core.db import session_scope
     from app.services import workers
@@ -132,29 +117,13 @@ def _two_device_worker_alive() -> bool:
         return any(w.devices == 2 for w in workers.live_workers(session))
 
 
-def test_a_job_on_two_devices_gives_the_one_device_adapter(stack, client, headers, dataset_id, one_device_job):
+def test_a_job_on_two_devices_survives_a_killed_rank_and_ends_with_the_one_device_adapter(stack, client, headers,
+                                                                                         dataset_id, one_device_job):
     stack.start_worker()
     created = client.post("/jobs", headers=headers, json=job_body(dataset_id))
     assert created.status_code == 201, created.text
-    assert created.json()["resources"] == {"devices": 2, "nodes": 1, "sharding": "none"}
-    done = wait_terminal(client, headers, created.json()["id"])
-    assert done["status"] == "succeeded", done["error"]
-    assert done["progress"]["step"] == 8 and done["progress"]["tokens"] == one_device_job["progress"]["tokens"]
-    logs = [e["message"] for e in get(client, headers, f"/jobs/{done['id']}/events", limit=1000)["data"]]
-    assert any("2 ranks, sharding none" in m for m in logs), logs
-    openai_job = get(client, headers, f"/v1/fine_tuning/jobs/{done['id']}")
-    assert openai_job["method"]["sbora"]["resources"] == {"devices": 2, "nodes": 1, "sharding": "none"}
-    config, factors = adapter_files(client, headers, done["adapter_id"])
-    want_config, want = adapter_files(client, headers, one_device_job["adapter_id"])
-    assert_same_factors(factors, want)
-    assert config["variant"] == want_config["variant"] and config["r"] == want_config["r"]
-    stack.stop_workers()
-
-
-def test_a_killed_rank_sends_the_job_back_and_it_resumes_to_the_same_adapter(stack, client, headers, dataset_id,
-                                                                            one_device_job):
-    stack.start_worker()
-    job = client.post("/jobs", headers=headers, json=job_body(dataset_id)).json()
+    job = created.json()
+    assert job["resources"] == {"devices": 2, "nodes": 1, "sharding": "none"}
     wait_for(lambda: get(client, headers, f"/jobs/{job['id']}/events", kind="checkpoint")["data"], 120, 0.05,
              "the first checkpoint")
     pid_file = stack.data_dir / "scratch" / "ranks" / job["id"] / "ranks" / "1.pid"
@@ -166,14 +135,33 @@ def test_a_killed_rank_sends_the_job_back_and_it_resumes_to_the_same_adapter(sta
     assert any(m.startswith("queued: rank 1 died") for m in statuses), statuses
     logs = [e["message"] for e in get(client, headers, f"/jobs/{job['id']}/events", kind="log", limit=1000)["data"]]
     assert any(m.startswith("resumed from step-") for m in logs), logs
-    assert_same_factors(adapter_files(client, headers, done["adapter_id"])[1],
-                        adapter_files(client, headers, one_device_job["adapter_id"])[1])
+    assert any("2 ranks, sharding none" in m for m in logs), logs
+    assert done["progress"]["step"] == 8 and done["progress"]["tokens"] == one_device_job["progress"]["tokens"]
+    # The same adapter, in the same kind of file, as the job on one device.
+    config, factors = adapter_files(client, headers, done["adapter_id"])
+    want_config, want = adapter_files(client, headers, one_device_job["adapter_id"])
+    assert_same_factors(factors, want)
+    assert config["variant"] == want_config["variant"] and config["r"] == want_config["r"]
+    openai_job = get(client, headers, f"/v1/fine_tuning/jobs/{done['id']}")
+    assert openai_job["method"]["sbora"]["resources"] == {"devices": 2, "nodes": 1, "sharding": "none"}
     assert ranks_of(stack, job["id"]) == []
     stack.stop_workers()
 
 
-def test_cancel_stops_every_rank(stack, client, headers, dataset_id):
+def test_requests_no_worker_could_run_are_refused_and_cancel_stops_every_rank(stack, client, headers, dataset_id):
     stack.start_worker()
+    wait_for(_two_device_worker_alive, 30, 0.2, "the worker's heartbeat")
+    before = get(client, headers, "/jobs")["total"]
+    for resources, field in (({"devices": 4}, "devices"), ({"nodes": 2}, "nodes"), ({"sharding": "half"}, "sharding")):
+        response = client.post("/jobs", headers=headers, json={**job_body(dataset_id), "resources": resources})
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"][0]["loc"] == ["body", "resources", field], response.text
+    openai_body = {"model": TINY, "training_file": dataset_id,
+                   "method": {"type": "sbora", "sbora": {"resources": {"devices": 4}}}}
+    response = client.post("/v1/fine_tuning/jobs", headers=headers, json=openai_body)
+    assert response.status_code == 422 and response.json()["error"]["param"] == "method.sbora.resources.devices"
+    assert get(client, headers, "/jobs")["total"] == before, "a refused request stores nothing"
+
     job = client.post("/jobs", headers=headers, json=job_body(dataset_id, max_steps=500)).json()
     wait_for(lambda: get(client, headers, f"/jobs/{job['id']}")["progress"].get("step", 0) >= 1, 120, 0.1,
              "a first step")
