@@ -328,8 +328,7 @@ class Run:
     def cancel(self) -> TrainResult:
         """Keep the work done so far (a cancelled run can be resumed from here)."""
         if self.pos.step and (self.last_checkpoint is None
-                              or not self.last_checkpoint.name.endswith(f"{self.pos.step:07d}")) \
-                and not (self.ranks and not self.ranks.is_writer):
+                              or not self.last_checkpoint.name.endswith(f"{self.pos.step:07d}")):
             self.checkpoint()
         self.callbacks.on_log(f"cancelled after step {self.pos.step} of {self.total_steps}")
         return TrainResult("cancelled", None, {"steps": self.pos.step, "total_steps": self.total_steps},
