@@ -24,7 +24,7 @@ from app.core.db import session_scope
 from app.models import LEASED_STATUSES, TERMINAL_STATUSES, Job, utcnow
 from app.queue import enqueue_join
 from app.services import gangs, workers
-from app.services.jobs import add_event
+from app.services.jobs import add_event, add_event_once
 from sbora_core.training.launch import Rendezvous
 from worker import ranks
 
@@ -105,10 +105,10 @@ def lead(job_id: str, node: str, owner: str, settings: Settings) -> GangRole | N
                 return None  # the leader needs the devices too; the reconciler sends the job again
             workers.vouch(session, node, settings.train_queue, ranks.worker_kind(), offered, address)
             formation = gangs.lead(session, job, node, address, _endpoint(address))
-            add_event(session, job_id, "log", f"forming a gang of {resources.nodes} machines ({resources.devices} "
-                                              f"devices each); node 0 is {address}", {"formation": formation})
     except IntegrityError:  # another worker leads this formation
         return None
+    log.info("forming a gang of %d machines for %s (attempt %d); node 0 is %s", resources.nodes, job_id, formation,
+             address)
     for _ in range(resources.nodes - 1):
         enqueue_join(job_id, formation)
     return _wait_for_gang(job_id, formation, resources.nodes, resources.devices, node, owner, address, settings)
@@ -135,7 +135,7 @@ def _wait_for_gang(job_id: str, formation: int, nodes: int, devices: int, node: 
                 return GangRole(job_id, formation, 0, nodes, members[0].endpoint or "", address)
             if time.monotonic() > deadline:
                 gangs.dissolve(session, job_id, formation)
-                add_event(session, job_id, "log", f"queued: waiting for {nodes} machines with {devices} free devices "
+                add_event_once(session, job_id, "log", f"queued: waiting for {nodes} machines with {devices} free devices "
                                                   f"each; {len(members)} joined within {settings.gang_timeout_s:g} s",
                           {"waiting_for": "gang", "joined": len(members), "nodes": nodes})
                 return None

@@ -13,7 +13,7 @@ from app.core.db import session_scope
 from app.errors import without_paths
 from app.models import Job, JobEvent, utcnow
 from app.queue import enqueue_job
-from app.services.jobs import add_event
+from app.services.jobs import add_event, add_event_once
 from app.storage import StorageUnavailable
 from worker import ranks
 
@@ -82,11 +82,8 @@ def fits_here(job_id: str, worker: str, offered: int) -> bool:
         wanted = ranks.job_resources(job.resources).devices
         if wanted <= offered:
             return True
-        message = f"queued: waiting for a worker with {wanted} devices ({worker} offers {offered})"
-        last = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
-                               .order_by(JobEvent.id.desc()).limit(1)).first()
-        if last is None or last.message != message:
-            add_event(session, job_id, "log", message, {"waiting_for": "workers"})
+        add_event_once(session, job_id, "log", f"queued: waiting for a worker with {wanted} devices ({worker} "
+                                               f"offers {offered})", {"waiting_for": "workers"})
     time.sleep(BOUNCE_DELAY_S)
     enqueue_job(job_id)
     return False

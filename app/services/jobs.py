@@ -126,6 +126,14 @@ def add_event(session: Session, job_id: str, kind: str, message: str = "", data:
     session.add(JobEvent(job_id=job_id, kind=kind, message=message, data=data or {}))
 
 
+def add_event_once(session: Session, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+    """`add_event`, unless the job's last event says the same: a job that keeps waiting says so once."""
+    last = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
+                           .order_by(JobEvent.id.desc()).limit(1)).first()
+    if last is None or last.message != message:
+        add_event(session, job_id, kind, message, data)
+
+
 def list_events(session: Session, tenant: Tenant, job_id: str, after: int, limit: int,
                 kind: str | None = None) -> tuple[list[JobEvent], int]:
     get_job(session, tenant, job_id)
