@@ -26,7 +26,7 @@ run: venv
 	$(BIN)/sbora serve
 
 test: venv
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
 
 # Style and types over every package, and the import contracts (pyproject.toml): the layers
 # depend one way. .ci/run runs this before the tests; .pre-commit-config.yaml runs the same.

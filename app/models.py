@@ -16,6 +16,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -111,6 +112,8 @@ class Job(Timestamps, Base):
     quantization: Mapped[str] = mapped_column(String(8), default="none")
     method: Mapped[dict[str, Any]] = mapped_column(default=dict)
     hyperparameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # devices, nodes, sharding (sbora_core.training.job.Resources); {} in rows older than them: the defaults
+    resources: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=text("'{}'"))
     # Plain ids, not foreign keys: a dataset may be deleted once no unfinished job needs it.
     train_dataset_id: Mapped[str] = mapped_column(String(40))
     val_dataset_id: Mapped[str | None] = mapped_column(String(40), default=None)
@@ -145,6 +148,26 @@ class Worker(Base):
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     job_id: Mapped[str | None] = mapped_column(String(40), default=None)  # what it runs now
     idle_since: Mapped[datetime | None] = mapped_column(default=utcnow)  # None while it holds a message or runs a job
+    devices: Mapped[int] = mapped_column(Integer, default=1, server_default="1")  # GPUs (CPU ranks) it offers a job
+    address: Mapped[str | None] = mapped_column(String(200), default=None)  # where other machines reach it
+
+
+class GangSlot(Base):
+    """A machine's place in a job spanning several (`resources.nodes`), claimed by one worker for one
+    formation of the gang (the job's next attempt). Slot 0's worker hosts the rendezvous; the gang
+    starts when every slot is claimed, and a gang that does not fill in time deletes its slots."""
+
+    __tablename__ = "gang_slots"
+    __table_args__ = (UniqueConstraint("job_id", "formation", "slot"),
+                      UniqueConstraint("job_id", "formation", "hostname"))  # one slot per machine
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(40), index=True)
+    formation: Mapped[int] = mapped_column(Integer)
+    slot: Mapped[int] = mapped_column(Integer)
+    worker_node: Mapped[str] = mapped_column(String(200))
+    hostname: Mapped[str] = mapped_column(String(200))
+    endpoint: Mapped[str | None] = mapped_column(String(300), default=None)  # slot 0: the rendezvous host:port
+    claimed_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class AdapterGroup(Timestamps, Base):

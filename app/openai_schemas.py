@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas import MethodSpec
+from app.schemas import MethodSpec, ResourcesSpec
 
 
 # -- inference ---------------------------------------------------------------------------------
@@ -89,6 +89,7 @@ class SBoRAHyperparameters(OpenAIHyperparameters):
 
 class SBoRASettings(MethodSpec):
     quantization: Literal["none", "nf4", "int8"] = "none"
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="devices, nodes and sharding")
     group: str | None = Field(None, max_length=64, description="an adapter group id (see POST /groups)")
     hyperparameters: SBoRAHyperparameters = Field(default_factory=SBoRAHyperparameters)
 

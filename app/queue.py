@@ -20,6 +20,7 @@ from app.core.config import Settings, get_settings
 
 log = logging.getLogger(__name__)
 TRAIN_TASK = "sbora.train_job"
+JOIN_TASK = "sbora.join_gang"  # (job id, formation): take a slot of a job spanning several machines
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -60,6 +61,16 @@ def enqueue_job(job_id: str) -> bool:
         return True
     except Exception as exc:  # broker down: the job stays queued in the database
         log.warning("could not enqueue %s (%s); the reconciler will retry", job_id, exc)
+        return False
+
+
+def enqueue_join(job_id: str, formation: int) -> bool:
+    """Ask one more worker to join the gang forming for `job_id`'s attempt `formation`."""
+    try:
+        get_celery().send_task(JOIN_TASK, args=[job_id, formation], queue=get_settings().train_queue)
+        return True
+    except Exception as exc:  # the gang will not fill: it dissolves and the job waits queued
+        log.warning("could not ask a worker to join %s (%s)", job_id, exc)
         return False
 
 

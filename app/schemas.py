@@ -9,7 +9,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from sbora_core.method.config import SBoRAConfig, field_help
-from sbora_core.training.job import Hyperparameters
+from sbora_core.training.job import Hyperparameters, Resources
 
 T = TypeVar("T")
 
@@ -104,6 +104,15 @@ class HyperparametersSpec(BaseModel):
     packing: bool = spec_field(Hyperparameters, "packing")
 
 
+class ResourcesSpec(BaseModel):
+    """Where the job trains; fields and defaults are sbora_core.training.job.Resources'."""
+
+    model_config = ConfigDict(extra="forbid")
+    devices: int = spec_field(Resources, "devices", ge=1, le=64)
+    nodes: int = spec_field(Resources, "nodes", ge=1, le=64)
+    sharding: Literal["none", "full"] = spec_field(Resources, "sharding")
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base_model: str = Field("smollm2-135m-instruct", min_length=1, max_length=500)
@@ -112,6 +121,7 @@ class JobCreate(BaseModel):
     method: MethodSpec = Field(default_factory=MethodSpec)
     quantization: Literal["none", "nf4", "int8"] = "none"
     hyperparameters: HyperparametersSpec = Field(default_factory=HyperparametersSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     name: str | None = Field(None, max_length=200)
     group: str | None = Field(None, max_length=64, description="an adapter group id: the job takes a free slot "
                                                                 "of it and the group's variant, rank and targets")
@@ -142,6 +152,7 @@ class JobPublic(BaseModel):
     quantization: str
     method: dict[str, Any]
     hyperparameters: dict[str, Any]
+    resources: ResourcesSpec
     training_dataset_id: str
     validation_dataset_id: str | None
     status: str
@@ -159,6 +170,7 @@ class JobPublic(BaseModel):
         return cls(
             id=job.id, owner=job.tenant_id, name=job.name, base_model=job.base_model,
             quantization=job.quantization, method=job.method, hyperparameters=job.hyperparameters,
+            resources=ResourcesSpec(**(job.resources or {})),
             training_dataset_id=job.train_dataset_id, validation_dataset_id=job.val_dataset_id,
             status=job.status, progress=JobProgress(**(job.progress or {})),
             error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -44,6 +45,31 @@ def read_job_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def train_here(job: Any, callbacks: Any, resume: bool) -> Any:
+    """In this process, or on `resources.devices` ranks of this machine (torchrun)."""
+    import os
+
+    from sbora_core.training.launch import LaunchSettings, RankFailure, train_on_ranks
+    from sbora_core.training.train import train
+
+    resources = job.resources
+    if resources.world_size == 1:
+        return train(job, callbacks, resume=resume)
+    if resources.nodes > 1:
+        fail("resources.nodes: `sbora train` runs on this machine; a job across machines runs through the "
+             "service (`sbora jobs create --nodes N`)")
+    settings = LaunchSettings(devices=resources.devices,
+                              threads_per_rank=max(1, (os.cpu_count() or 1) // resources.devices))
+    run_dir = Path(job.output_dir) / ".ranks"  # kept after a failure: its torchrun.log says more
+    try:
+        result = train_on_ranks(job, callbacks, run_dir, settings, resume=resume)
+    except RankFailure as exc:
+        fail(f"{exc} (torchrun's log: {run_dir / 'torchrun.log'})")
+    assert result is not None  # one machine: rank 0 is here
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return result
+
+
 def train_command(
     config: Annotated[Path, typer.Option("--config", "-c", help="job file (YAML or JSON)")],
     no_resume: Annotated[bool, typer.Option("--no-resume", help="ignore existing checkpoints")] = False,
@@ -52,7 +78,6 @@ def train_command(
     from sbora_cli.training_progress import ConsoleCallbacks
     from sbora_core.training.data import DatasetError
     from sbora_core.training.job import TrainJob
-    from sbora_core.training.train import train
 
     try:
         job = TrainJob.from_dict(read_job_file(config))
@@ -64,7 +89,7 @@ def train_command(
         callbacks = ConsoleCallbacks(bar)
         previous = signal.signal(signal.SIGINT, callbacks.interrupt)
         try:
-            result = train(job, callbacks, resume=not no_resume)
+            result = train_here(job, callbacks, resume=not no_resume)
         except DatasetError as exc:
             for problem in exc.report.errors:
                 console.print(f"  {problem}")

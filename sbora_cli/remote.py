@@ -135,16 +135,26 @@ def datasets_list(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = Fal
 # -- jobs --------------------------------------------------------------------------------------
 def job_spec(dataset: str, model: str | None, variant: str | None, r: int | None, alpha: float | None,
              hyperparameters: dict[str, Any], validation_dataset: str | None, quantization: str | None,
-             name: str | None, group: str | None = None) -> dict[str, Any]:
+             name: str | None, group: str | None = None, resources: dict[str, Any] | None = None) -> dict[str, Any]:
     """A JobCreate body holding only what was given, so the server's defaults apply to the rest."""
     method = {k: v for k, v in (("variant", variant), ("r", r), ("alpha", alpha)) if v is not None}
     spec: dict[str, Any] = {"training_dataset_id": dataset, "method": method,
                             "hyperparameters": {k: v for k, v in hyperparameters.items() if v is not None}}
+    if given := {k: v for k, v in (resources or {}).items() if v is not None}:
+        spec["resources"] = given
     for field, value in (("base_model", model), ("validation_dataset_id", validation_dataset),
                          ("quantization", quantization), ("name", name), ("group", group)):
         if value is not None:
             spec[field] = value
     return spec
+
+
+def resources_text(resources: dict[str, Any]) -> str:
+    """`2 devices x 2 nodes, sharding full`; empty for one device on one node, unsharded."""
+    devices, nodes, sharding = resources.get("devices", 1), resources.get("nodes", 1), resources.get("sharding", "none")
+    if (devices, nodes, sharding) == (1, 1, "none"):
+        return ""
+    return f"{devices} devices x {nodes} node{'s' if nodes > 1 else ''}, sharding {sharding}"
 
 
 def loss_text(p: dict[str, Any]) -> str:
@@ -268,13 +278,18 @@ def jobs_create(
     quantization: Annotated[Literal["none", "nf4", "int8"] | None, typer.Option()] = None,
     name: Annotated[str | None, typer.Option(help="a label for the job")] = None,
     group: Annotated[str | None, typer.Option(help="an adapter group: the job takes a free slot of it")] = None,
+    devices: Annotated[int | None, typer.Option(help="devices (GPUs) on each node: one rank each")] = None,
+    nodes: Annotated[int | None, typer.Option(help="machines the job spans")] = None,
+    sharding: Annotated[Literal["none", "full"] | None,
+                        typer.Option(help="full: shard the frozen base over the ranks (FSDP2)")] = None,
     watch: Annotated[bool, typer.Option("--watch", help="follow it and print the adapter id at the end")] = False,
     url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False,
 ) -> None:
     """Queue a fine-tuning job (options left out take the server's defaults)."""
     hyperparameters = {"max_steps": max_steps, "epochs": epochs, "learning_rate": learning_rate,
                        "batch_size": batch_size, "max_seq_len": max_seq_len}
-    spec = job_spec(dataset, model, variant, r, alpha, hyperparameters, validation_dataset, quantization, name, group)
+    spec = job_spec(dataset, model, variant, r, alpha, hyperparameters, validation_dataset, quantization, name, group,
+                    {"devices": devices, "nodes": nodes, "sharding": sharding})
     with ApiClient(url, key) as api:
         job = api.create_job(spec)
         if not watch:
@@ -317,6 +332,7 @@ def jobs_show(job_id: str, url: Url = DEFAULT_URL, key: Key = None, as_json: AsJ
         ("id", job["id"]), ("name", job["name"] or ""), ("status", job["status"]),
         ("model", f"{job['base_model']} (quantization {job['quantization']})"), ("method", method_text(job)),
         ("hyperparameters", ", ".join(f"{k}={v}" for k, v in job["hyperparameters"].items())),
+        ("resources", resources_text(job.get("resources") or {})),
         ("datasets", job["training_dataset_id"] + (f" (validation {job['validation_dataset_id']})"
                                                     if job["validation_dataset_id"] else "")),
         ("progress", progress_text(p) + (f", {p['tokens_per_s']:,.0f} tok/s" if p.get("tokens_per_s") else "")),

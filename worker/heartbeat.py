@@ -24,9 +24,11 @@ class WorkerHeartbeat(threading.Thread):
     the row says the worker is busy before the reconciler's staleness window can run out.
     `holds_messages` tells whether the worker holds any message (received, running, not yet done)."""
 
-    def __init__(self, node: str, queue: str, kind: str, holds_messages: Callable[[], bool]) -> None:
+    def __init__(self, node: str, queue: str, kind: str, holds_messages: Callable[[], bool], devices: int = 1,
+                 address: str | None = None) -> None:
         super().__init__(daemon=True, name="worker-heartbeat")
         self.node, self.queue, self.kind = node, queue, kind
+        self.devices, self.address = devices, address  # what it offers a job, and where other machines reach it
         self.holds_messages = holds_messages
         self.stop_event = threading.Event()
         self.wake = threading.Event()  # set by a message's arrival, and by stop
@@ -43,7 +45,8 @@ class WorkerHeartbeat(threading.Thread):
             try:
                 with session_scope() as session:
                     workers.beat(session, self.node, self.queue, self.kind,
-                                 holds_message=holds_message or self.holds_messages())
+                                 holds_message=holds_message or self.holds_messages(),
+                                 devices=self.devices, address=self.address)
             except Exception:  # a database blip: the next beat tries again
                 log.exception("heartbeat of %s failed", self.node)
             self.wake.wait(interval)

@@ -43,11 +43,19 @@ def _stored_checkpoints(store: ArtifactStore, job_id: str) -> dict[str, list[str
     return dict(sorted(complete.items(), key=lambda item: int(item[0].split("-")[1])))
 
 
-def restore_checkpoint(store: ArtifactStore, job_id: str, workdir: Path) -> str | None:
-    """Fetch the job's newest complete checkpoint from a remote store into `workdir`; its name, if any."""
+def restore_checkpoint(store: ArtifactStore, job_id: str, workdir: Path, *, only: bool = False) -> str | None:
+    """Fetch the job's newest complete checkpoint from a remote store into `workdir`; its name, if any.
+
+    `only` drops every other checkpoint of `workdir`: the machines of a gang must all resume from
+    the same one, and this machine may hold one the store never got (written, not yet copied)."""
     if store.local_root is not None:
         return None
     stored = _stored_checkpoints(store, job_id)
+    if only:
+        newest = list(stored)[-1] if stored else None
+        for local in (workdir / "checkpoints").glob("step-*"):
+            if local.name != newest:
+                shutil.rmtree(local, ignore_errors=True)
     if not stored:
         return None
     step, keys = list(stored.items())[-1]

@@ -27,7 +27,7 @@ from app import catalog
 from app.core.config import Settings, get_settings
 from app.core.db import session_scope
 from app.errors import without_paths
-from app.models import LEASED_STATUSES, Dataset, Job, JobEvent, utcnow
+from app.models import LEASED_STATUSES, Dataset, Job, utcnow
 from app.queue import enqueue_job
 from app.services import groups, workers
 from app.services.adapters import register_adapter, register_checkpoint
@@ -38,8 +38,11 @@ from sbora_core.method.config import SBoRAConfig
 from sbora_core.method.models import UnknownModelError
 from sbora_core.training.data import DatasetError
 from sbora_core.training.job import Hyperparameters, TrainJob
-from sbora_core.training.train import Callbacks, Progress, train
-from worker import job_files
+from sbora_core.training.launch import RankFailure
+from sbora_core.training.train import Callbacks, Progress
+from worker import gang, job_files, queueing, ranks
+from worker.gang import GangRole
+from worker.ranks import worker_kind
 
 log = logging.getLogger(__name__)
 PROGRESS_WRITE_INTERVAL_S = 1.0
@@ -52,10 +55,6 @@ class DatasetMissing(LookupError):
 def worker_name() -> str:
     """The lease owner: this machine, process and thread."""
     return f"{socket.gethostname()}:{os.getpid()}:{threading.get_ident()}"
-
-
-def worker_kind() -> str:
-    return "gpu" if torch.cuda.is_available() else "cpu"
 
 
 def rows_updated(session: Session, statement: Update) -> int:
@@ -71,7 +70,8 @@ def claim(job_id: str, owner: str, node: str, lease_s: int) -> bool:
     if node:
         try:
             with session_scope() as session:
-                workers.vouch(session, node, get_settings().train_queue, worker_kind())
+                workers.vouch(session, node, get_settings().train_queue, worker_kind(),
+                              ranks.offered_devices(get_settings()), ranks.worker_address(get_settings()))
         except IntegrityError:  # its first heartbeat landed meanwhile
             pass
     with session_scope() as session:
@@ -201,6 +201,8 @@ class DatabaseCallbacks(Callbacks):
 
 def classify_error(exc: BaseException) -> tuple[str, str]:
     """A stable error code and a message a user can act on (no traceback)."""
+    if isinstance(exc, RankFailure):
+        return ranks.failure_outcome(exc)
     if isinstance(exc, DatasetError):
         return "invalid_dataset", str(exc)
     if isinstance(exc, StorageUnavailable):
@@ -242,7 +244,8 @@ def _finish(job_id: str, owner: str, status: str, message: str, **values: Any) -
 def build_train_job(job: Job, train_path: str, val_path: str | None, output_dir: str) -> TrainJob:
     return TrainJob(base_model=catalog.source_of(job.base_model), train_file=train_path, val_file=val_path,
                     output_dir=output_dir, sbora=SBoRAConfig(**job.method),
-                    hyperparameters=Hyperparameters(**job.hyperparameters), quantization=job.quantization)
+                    hyperparameters=Hyperparameters(**job.hyperparameters),
+                    resources=ranks.job_resources(job.resources), quantization=job.quantization)
 
 
 def orphaned_job(exclude: str) -> str | None:
@@ -251,7 +254,8 @@ def orphaned_job(exclude: str) -> str | None:
     with session_scope() as session:
         running = session.scalars(select(Job).where(Job.status == "running", Job.id != exclude,
                                                     Job.cancel_requested.is_(False)).order_by(Job.updated_at))
-        return next((job.id for job in running if workers.holder_dead(session, job, now)), None)
+        return next((job.id for job in running if ranks.job_resources(job.resources).nodes == 1
+                     and workers.holder_dead(session, job, now)), None)
 
 
 def run_job(job_id: str, node: str = "") -> str | None:
@@ -261,12 +265,13 @@ def run_job(job_id: str, node: str = "") -> str | None:
     A dead worker's job goes first: its message sits behind every queued job, but it was admitted
     long ago and has work to lose. So before taking `job_id`, a worker takes over any orphaned
     job, and sends `job_id`'s message back for another worker."""
-    settings, store = get_settings(), get_store()
-    catalog.use_model_cache()
-    torch.set_num_threads(settings.resolved_torch_threads)
-    if os.getpriority(os.PRIO_PROCESS, 0) < settings.worker_nice:  # only ever lower our priority
-        os.setpriority(os.PRIO_PROCESS, 0, settings.worker_nice)
+    settings, store = _prepare_process()
     owner = worker_name()
+    if gang.spans_machines(job_id):  # this worker leads the job's gang (it forms a new one if it lost one)
+        role = gang.lead(job_id, node, owner, settings)
+        return _run_part(job_id, owner, settings, store, role, node) if role else None
+    if not queueing.fits_here(job_id, worker_name(), ranks.offered_devices(settings)):
+        return None
     orphan = orphaned_job(exclude=job_id)
     if orphan is not None and claim(orphan, owner, node, settings.job_lease_s):
         _send_back(job_id, orphan)
@@ -282,19 +287,56 @@ def run_job(job_id: str, node: str = "") -> str | None:
                 workers.set_job(session, node, None)
 
 
-def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactStore) -> str | None:
+def _prepare_process() -> tuple[Settings, ArtifactStore]:
+    settings = get_settings()
+    catalog.use_model_cache()
+    torch.set_num_threads(settings.resolved_torch_threads)
+    if os.getpriority(os.PRIO_PROCESS, 0) < settings.worker_nice:  # only ever lower our priority
+        os.setpriority(os.PRIO_PROCESS, 0, settings.worker_nice)
+    return settings, get_store()
+
+
+def join_gang(job_id: str, formation: int, node: str) -> str | None:
+    """Take a slot of the gang forming for `job_id` and run this machine's part once it starts."""
+    settings, store = _prepare_process()
+    role = gang.join(job_id, formation, node, settings)
+    if role is None:
+        return None
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        leader = job.lease_owner if job is not None else None
+    # The job's lease is the leader's: this member ends the job under it when its machine holds rank 0.
+    return _run_part(job_id, leader or "", settings, store, role, node)
+
+
+def _run_part(job_id: str, owner: str, settings: Settings, store: ArtifactStore, role: GangRole,
+              node: str) -> str | None:
+    try:
+        return _run_claimed(job_id, owner, settings, store, role, node)
+    finally:
+        if node:
+            with session_scope() as session:
+                workers.set_job(session, node, None)
+
+
+def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactStore, role: GangRole | None = None,
+                 node: str = "") -> str | None:
     heartbeat = Heartbeat(job_id, owner, settings.job_lease_s)
-    heartbeat.start()
+    if role is None or role.leads:  # a gang's lease is its leader's
+        heartbeat.start()
     callbacks = DatabaseCallbacks(job_id, heartbeat, store)
     callbacks.on_log(f"{torch.get_num_threads()} torch threads at nice {os.getpriority(os.PRIO_PROCESS, 0)}")
     output_dir = job_files.job_dir(store, job_id, settings)
     keep_scratch = succeeded = False
     try:
-        if restored := job_files.restore_checkpoint(store, job_id, output_dir):
+        if restored := job_files.restore_checkpoint(store, job_id, output_dir, only=role is not None):
             callbacks.on_log(f"fetched {restored} from the artifact store")
         spec = _train_job_of(job_id, store, output_dir)
-        result = train(spec, callbacks, resume=True)
+        result = ranks.run_training(spec, callbacks, settings, job_id, rendezvous=role.rendezvous() if role else None,
+                                    abort=role.broken if role else None)
         callbacks.close()
+        if result is None:  # rank 0 ran on another machine of the gang, whose worker ends the job
+            return None
         if heartbeat.lost:
             log.warning("lease on %s lost; leaving the job to its new owner", job_id)
             return None
@@ -311,6 +353,18 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactSto
         log.info("succeeded", extra={"adapter_id": adapter_id, "steps": result.metrics.get("steps")})
         succeeded = True  # its checkpoints are no longer needed
         return "succeeded"
+    except RankFailure as exc:
+        log.warning("job %s: %s", job_id, exc)
+        callbacks.close()
+        if exc.kind in ("died", "aborted"):
+            keep_scratch = True  # its checkpoints are here, for whichever worker resumes it
+            # A gang's leader sends the job back, unless a member ends it with its ranks' own error first.
+            if role is None or (role.leads and not role.await_cause()):
+                queueing.requeue(job_id, owner, f"queued: {exc}", {"status": "queued", "rank": exc.rank})
+            return "queued"
+        code, message = classify_error(exc)
+        _finish(job_id, owner, "failed", f"failed: {code}", error_code=code, error_message=message)
+        return "failed"
     except DatasetMissing as exc:
         callbacks.close()
         _finish(job_id, owner, "failed", str(exc), error_code="dataset_missing",
@@ -319,7 +373,7 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactSto
     except StorageUnavailable as exc:
         log.warning("job %s: the artifact store is unavailable: %s", job_id, exc)
         callbacks.close()
-        if _wait_for_store(job_id, owner, settings, exc):
+        if queueing.wait_for_store(job_id, owner, settings, exc):
             keep_scratch = True  # this worker may well take it again: its checkpoints are here
             return "queued"
         code, message = classify_error(exc)
@@ -336,43 +390,14 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactSto
         return "failed"
     finally:
         heartbeat.stop_event.set()
+        if role is not None:
+            role.leave(node)
         # With a remote store, what a failed job leaves is in the store (a local one is the store).
         if not keep_scratch:
             try:
                 job_files.discard(store, job_id, output_dir, stored_too=succeeded)
             except Exception:  # leftovers cost space, never the job's outcome
                 log.exception("could not remove the files of %s", job_id)
-
-
-WAITING_FOR_STORE = "artifact_store"
-
-
-def _wait_for_store(job_id: str, owner: str, settings: Settings, exc: StorageUnavailable) -> bool:
-    """Queue the job again to wait out an artifact store outage (the reconciler sends it after
-    `queued_stale_s`, and its next attempt resumes from the last checkpoint); False once it has
-    waited `storage_retry_s` since the outage first stopped it (a checkpoint in between starts the
-    clock again: that was an earlier outage)."""
-    now = utcnow()
-    with session_scope() as session:
-        first = None
-        for event in session.scalars(select(JobEvent).where(JobEvent.job_id == job_id,
-                                                            JobEvent.kind.in_(("status", "checkpoint")))
-                                     .order_by(JobEvent.id)):
-            if event.kind == "checkpoint":
-                first = None
-            elif event.data.get("waiting_for") == WAITING_FOR_STORE and first is None:
-                first = event.created_at
-        if (now - (first or now)).total_seconds() >= settings.storage_retry_s:
-            return False
-        requeued = rows_updated(session, update(Job).where(Job.id == job_id, Job.lease_owner == owner,
-                                                           Job.status == "running")
-                                .values(status="queued", lease_owner=None, lease_expires_at=None, worker_node=None,
-                                        enqueued_at=now, updated_at=now)
-                                .execution_options(synchronize_session=False))
-        if requeued == 1:
-            add_event(session, job_id, "status", f"queued: waiting for the artifact store ({without_paths(str(exc))})",
-                      {"status": "queued", "waiting_for": WAITING_FOR_STORE})
-    return True
 
 
 def _train_job_of(job_id: str, store: ArtifactStore, output_dir: Path) -> TrainJob:

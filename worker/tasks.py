@@ -24,9 +24,11 @@ from celery.worker import state as worker_state
 from app import logs
 from app.core.config import get_settings
 from app.core.db import get_engine
-from app.queue import TRAIN_TASK, get_celery
+from app.queue import JOIN_TASK, TRAIN_TASK, get_celery
 from app.services.workers import incarnation
 from worker.heartbeat import WorkerHeartbeat
+from worker.ranks import offered_devices, worker_address
+from worker.runner import join_gang as join_gang_of
 from worker.runner import run_job, worker_kind
 
 # `celery -A worker.tasks` looks for this name.
@@ -46,7 +48,8 @@ def _start_heartbeat(sender: Any = None, **_: Any) -> None:
     queues = [q.name for q in sender.task_consumer.queues] if sender is not None else []
     _heartbeat = WorkerHeartbeat(incarnation(sender.hostname, os.getpid()),
                                  queues[0] if queues else get_settings().train_queue, worker_kind(),
-                                 holds_messages=lambda: len(worker_state.reserved_requests) > 0)
+                                 holds_messages=lambda: len(worker_state.reserved_requests) > 0,
+                                 devices=offered_devices(get_settings()), address=worker_address(get_settings()))
     _heartbeat.start()
 
 
@@ -72,6 +75,15 @@ def _new_pool_process(**_: Any) -> None:
     # A pool process whose worker was killed must not train on as an orphan (Linux: PR_SET_PDEATHSIG).
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+
+
+@celery.task(name=JOIN_TASK, acks_late=True, ignore_result=True, bind=True)
+def join_gang(self: Any, job_id: str, formation: int) -> None:
+    token = logs.job_id.set(job_id)
+    try:
+        join_gang_of(job_id, formation, node=incarnation(self.request.hostname or "", os.getppid()))
+    finally:
+        logs.job_id.reset(token)
 
 
 @celery.task(name=TRAIN_TASK, acks_late=True, ignore_result=True, bind=True)

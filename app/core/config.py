@@ -68,6 +68,16 @@ class Settings(BaseSettings):
                                                     "for this long lost its message and is sent again")
     worker_heartbeat_s: float = Field(2.0, description="how often a worker says it is alive; three missed "
                                                        "beats and its jobs are taken over")
+    worker_devices: int = Field(0, ge=0, description="devices a worker offers one job (its ranks): 0 = every GPU "
+                                                    "it sees, or 1 on a CPU-only machine")
+    worker_address: str | None = Field(None, description="the address workers on other machines reach this one at, "
+                                                         "for jobs spanning machines; default: its host name")
+    distributed_step_timeout_s: float = Field(60.0, gt=0, description="a training collective of a job on several "
+                                              "ranks waits this long for a silent peer before the job stops")
+    distributed_setup_timeout_s: float = Field(900.0, gt=0, description="how long the ranks of a job wait for "
+                                               "each other while they load the base model")
+    gang_timeout_s: float = Field(60.0, gt=0, description="a job spanning several machines waits this long for "
+                                                          "workers to fill its gang, then goes back to queued")
     storage_retry_s: float = Field(1800.0, description="a job stopped by an unreachable artifact store is queued "
                                                        "again and retried this long before it fails with "
                                                        "storage_unavailable")

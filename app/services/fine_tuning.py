@@ -18,7 +18,7 @@ from app.core.config import Settings
 from app.errors import Invalid, NotFound
 from app.models import Adapter, Job, Tenant
 from app.openai_schemas import FineTuningJobCreate, OpenAIHyperparameters
-from app.schemas import HyperparametersSpec, JobCreate, MethodSpec
+from app.schemas import HyperparametersSpec, JobCreate, MethodSpec, ResourcesSpec
 from app.services import jobs
 from sbora_core.training.job import Hyperparameters
 
@@ -26,7 +26,8 @@ DEFAULT_LEARNING_RATE = Hyperparameters().learning_rate
 # Our field names, as the OpenAI request spells them (for errors' `param`).
 _OPENAI_FIELD = {"base_model": "model", "training_dataset_id": "training_file",
                  "validation_dataset_id": "validation_file", "method": "method.sbora",
-                 "hyperparameters": "method.sbora.hyperparameters", "group": "method.sbora.group"}
+                 "hyperparameters": "method.sbora.hyperparameters", "group": "method.sbora.group",
+                 "resources": "method.sbora.resources"}
 
 
 def to_job_create(req: FineTuningJobCreate) -> JobCreate:
@@ -49,7 +50,7 @@ def to_job_create(req: FineTuningJobCreate) -> JobCreate:
     # sbora's adapter fields were validated with the request (SBoRASettings is a MethodSpec); only the
     # native hyperparameters passed through as extras are checked here.
     # Only the fields the request set: a group fills in the rest (and must agree with these).
-    method = MethodSpec(**sbora.model_dump(exclude={"quantization", "hyperparameters", "group"}, exclude_unset=True)
+    method = MethodSpec(**sbora.model_dump(exclude={"quantization", "hyperparameters", "group", "resources"}, exclude_unset=True)
                         ) if sbora else MethodSpec()
     where = "method.sbora.hyperparameters"
     try:
@@ -61,7 +62,8 @@ def to_job_create(req: FineTuningJobCreate) -> JobCreate:
     return JobCreate(base_model=req.model, training_dataset_id=req.training_file,
                      validation_dataset_id=req.validation_file, method=method, hyperparameters=hyperparameters,
                      quantization=sbora.quantization if sbora else "none", name=req.suffix,
-                     group=sbora.group if sbora else None)
+                     group=sbora.group if sbora else None,
+                     resources=sbora.resources if sbora else ResourcesSpec())
 
 
 def create_job(session: Session, tenant: Tenant, req: FineTuningJobCreate, settings: Settings) -> Job:

@@ -14,12 +14,12 @@ from app.errors import Conflict, Invalid
 from app.ids import new_id
 from app.models import TERMINAL_STATUSES, Job, JobEvent, Tenant, utcnow
 from app.schemas import JobCreate
-from app.services import groups
+from app.services import groups, placement
 from app.services.datasets import check_dataset_ref, get_dataset
 from app.services.queries import owned, page
 from app.services.quotas import check_unfinished_jobs
 from sbora_core.method.config import ConfigError
-from sbora_core.training.job import Hyperparameters
+from sbora_core.training.job import Hyperparameters, Resources
 
 ALLOCATION_TRIES = 20
 
@@ -61,9 +61,15 @@ def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Sett
         Hyperparameters(**hyperparameters)
     except ConfigError as exc:
         raise Invalid(f"hyperparameters.{exc.field}", f"hyperparameters.{exc}") from exc
+    resources = spec.resources.model_dump()
+    try:
+        waits_for = placement.check_resources(session, Resources(**resources), settings.train_queue)
+    except ConfigError as exc:
+        raise Invalid(f"resources.{exc.field}", f"resources.{exc}") from exc
     for attempt in range(ALLOCATION_TRIES):
         job = Job(id=new_id("job"), tenant_id=tenant.id, name=spec.name, base_model=spec.base_model,
                   quantization=spec.quantization, method=dict(method), hyperparameters=hyperparameters,
+                  resources=dict(resources),
                   train_dataset_id=spec.training_dataset_id, val_dataset_id=spec.validation_dataset_id,
                   status="queued", enqueued_attempt=1, enqueued_at=utcnow())  # the route sends attempt 1's message
         try:
@@ -72,7 +78,9 @@ def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Sett
                 job.method["index_slot"] = groups.allocate(session, group, job.id)
             session.add(job)
             session.flush()
-            add_event(session, job.id, "status", "queued", {"status": "queued"})
+            add_event(session, job.id, "status", "queued", {"status": "queued", "resources": resources})
+            if waits_for:
+                add_event(session, job.id, "log", f"queued: {waits_for}", {"waiting_for": "workers"})
             session.commit()
             return job
         except IntegrityError:  # another creation took the same slot at the same moment: look again
@@ -116,6 +124,14 @@ def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
 
 def add_event(session: Session, job_id: str, kind: str, message: str = "", data: dict[str, Any] | None = None) -> None:
     session.add(JobEvent(job_id=job_id, kind=kind, message=message, data=data or {}))
+
+
+def add_event_once(session: Session, job_id: str, kind: str, message: str, data: dict[str, Any] | None = None) -> None:
+    """`add_event`, unless the job's last event says the same: a job that keeps waiting says so once."""
+    last = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id)
+                           .order_by(JobEvent.id.desc()).limit(1)).first()
+    if last is None or last.message != message:
+        add_event(session, job_id, kind, message, data)
 
 
 def list_events(session: Session, tenant: Tenant, job_id: str, after: int, limit: int,

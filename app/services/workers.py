@@ -32,7 +32,8 @@ def dead_after() -> timedelta:
     return timedelta(seconds=DEAD_AFTER_BEATS * get_settings().worker_heartbeat_s)
 
 
-def beat(session: Session, node: str, queue: str, kind: str, *, holds_message: bool = False) -> None:
+def beat(session: Session, node: str, queue: str, kind: str, *, holds_message: bool = False, devices: int = 1,
+         address: str | None = None) -> None:
     """Record that `node` is alive (creating its row on the first beat), and whether it holds a message.
 
     A worker holding a message is not idle even before its pool process has claimed the job (which
@@ -42,20 +43,22 @@ def beat(session: Session, node: str, queue: str, kind: str, *, holds_message: b
     worker = session.get(Worker, node)
     if worker is None:
         session.add(Worker(node=node, hostname=socket.gethostname(), pid=os.getpid(), queue=queue, kind=kind,
-                           started_at=now, last_seen_at=now, idle_since=None if holds_message else now))
+                           started_at=now, last_seen_at=now, idle_since=None if holds_message else now,
+                           devices=devices, address=address))
         return
     worker.last_seen_at, worker.pid, worker.queue = now, os.getpid(), queue
+    worker.devices, worker.address = devices, address
     if holds_message:
         worker.idle_since = None
     elif worker.idle_since is None:
         worker.idle_since = now
 
 
-def vouch(session: Session, node: str, queue: str, kind: str) -> None:
+def vouch(session: Session, node: str, queue: str, kind: str, devices: int = 1, address: str | None = None) -> None:
     """A worker claiming a job is alive, even when its first heartbeat has not landed yet: without
     its row the reconciler would take the job's holder for dead and send the job again."""
     if session.get(Worker, node) is None:
-        beat(session, node, queue, kind, holds_message=True)
+        beat(session, node, queue, kind, holds_message=True, devices=devices, address=address)
 
 
 def set_job(session: Session, node: str, job_id: str | None) -> None:

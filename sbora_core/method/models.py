@@ -287,9 +287,13 @@ def load_base_model(
     quantization: str = "none",
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
+    *,
+    shardable: bool = False,
 ) -> BaseModel:
     """Load a causal LM and its tokenizer; NF4/int8 through bitsandbytes. `dtype` defaults to
-    `default_dtype(device)`."""
+    `default_dtype(device)`. `shardable` stores 4-bit weights in `dtype` (bitsandbytes'
+    `quant_storage`), so FSDP shards them like every other weight of the model, and quantises
+    their statistics too (QLoRA's double quantisation: they stay whole on every rank)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
     if quantization not in QUANTIZATIONS:
@@ -300,7 +304,10 @@ def load_base_model(
     kwargs: dict[str, Any] = {"dtype": dtype}
     if quantization == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_quant_storage=dtype if shardable else torch.uint8,
+            # The quantisation statistics are no parameter FSDP shards: quantised too, they stay small.
+            bnb_4bit_use_double_quant=shardable,
         )
         kwargs["device_map"] = {"": str(device)}
     elif quantization == "int8":

@@ -14,6 +14,7 @@ from sbora_core.method.config import ConfigError, SBoRAConfig, is_int, is_number
 from sbora_core.method.models import QUANTIZATIONS
 
 SCHEDULES = ("cosine", "linear", "constant")
+SHARDINGS = ("none", "full")
 
 
 @dataclass
@@ -73,12 +74,35 @@ def _positive_int(name: str, value: Any) -> None:
 
 
 @dataclass
+class Resources:
+    """Where a job trains: `devices` ranks on each of `nodes` machines (torch.distributed)."""
+
+    devices: int = field(default=1, metadata={"help": "devices (GPUs; ranks on a CPU) on each node"})
+    nodes: int = field(default=1, metadata={"help": "machines the job spans, each with `devices` devices"})
+    sharding: str = field(default="none", metadata={
+        "help": "none: every rank holds the whole base (DDP); full: the frozen base is sharded over the "
+                "ranks, one FSDP2 unit per decoder layer (for bases too large for one device); a 4-bit base "
+                "loads shardable either way, so the job resumes on any number of ranks"})
+
+    def __post_init__(self) -> None:
+        for name in ("devices", "nodes"):
+            _positive_int(name, getattr(self, name))
+        if self.sharding not in SHARDINGS:
+            raise ConfigError("sharding", f"must be one of {', '.join(SHARDINGS)}, got {self.sharding!r}")
+
+    @property
+    def world_size(self) -> int:
+        return self.devices * self.nodes
+
+
+@dataclass
 class TrainJob:
     base_model: str
     train_file: str
     output_dir: str
     sbora: SBoRAConfig = field(default_factory=SBoRAConfig)
     hyperparameters: Hyperparameters = field(default_factory=Hyperparameters)
+    resources: Resources = field(default_factory=Resources)
     quantization: str = "none"
     val_file: str | None = None
     device: str | None = None  # default: cuda when present, else cpu
@@ -97,22 +121,22 @@ class TrainJob:
         if unknown:
             raise ConfigError(sorted(unknown)[0], f"unknown job field; known: {', '.join(sorted(known))}")
         method = data.pop("method", None) or data.pop("sbora", None) or {}
-        hp = data.pop("hyperparameters", None) or {}
-        sections: tuple[tuple[str, dict, type], ...] = (
-            ("method", method, SBoRAConfig), ("hyperparameters", hp, Hyperparameters))
-        for name, section, spec in sections:
-            extra = set(section) - {f.name for f in fields(spec)}
+        sections = {"method": method, "hyperparameters": data.pop("hyperparameters", None) or {},
+                    "resources": data.pop("resources", None) or {}}
+        specs: dict[str, type] = {"method": SBoRAConfig, "hyperparameters": Hyperparameters, "resources": Resources}
+        built: dict[str, Any] = {}
+        for name, section in sections.items():
+            if not isinstance(section, dict):
+                raise ConfigError(name, "must be a mapping")
+            extra = set(section) - {f.name for f in fields(specs[name])}
             if extra:
                 raise ConfigError(f"{name}.{sorted(extra)[0]}", "unknown field")
-        try:
-            sbora = SBoRAConfig(**method)
-        except ConfigError as exc:
-            raise ConfigError(f"method.{exc.field}", exc.message) from exc
-        try:
-            hyperparameters = Hyperparameters(**hp)
-        except ConfigError as exc:
-            raise ConfigError(f"hyperparameters.{exc.field}", exc.message) from exc
-        return cls(sbora=sbora, hyperparameters=hyperparameters, **data)
+            try:
+                built[name] = specs[name](**section)
+            except ConfigError as exc:
+                raise ConfigError(f"{name}.{exc.field}", exc.message) from exc
+        return cls(sbora=built["method"], hyperparameters=built["hyperparameters"], resources=built["resources"],
+                   **data)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)

@@ -23,6 +23,7 @@ import platform
 import random
 import time
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from sbora_core.method.config import ConfigError, SBoRAConfig
 from sbora_core.method.inject import adapter_from_model, inject_adapter, trainable_parameters
 from sbora_core.method.layers import follow_optimizer
 from sbora_core.method.models import BaseModel, load_base_model
+from sbora_core.training import distributed
 from sbora_core.training.checkpoint import (
     History,
     Position,
@@ -42,6 +44,7 @@ from sbora_core.training.checkpoint import (
     save_checkpoint,
 )
 from sbora_core.training.data import load_examples
+from sbora_core.training.distributed import Ranks, RankStep
 from sbora_core.training.evaluate import validation_loss
 from sbora_core.training.job import Hyperparameters, TrainJob
 from sbora_core.training.loss import token_loss_sum
@@ -138,20 +141,26 @@ def _make_optimizer(params: list[torch.nn.Parameter], hp: Hyperparameters, devic
 
 
 def backward_pass(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], autocast: Any,
-                  device: torch.device) -> tuple[torch.Tensor, int]:
+                  device: torch.device, ranks: RankStep | None = None) -> tuple[torch.Tensor, int]:
     """Forward and backward over one step's micro-batches (CPU tensors from `collate`).
 
     Returns the step's mean loss per target token, still on the device (read it once, not per
     micro-batch), and the tokens processed (padding excluded, counted before the copy to the device).
+    On several ranks `micro` holds this rank's part of each micro-batch and `ranks` the rest: the
+    loss is normalised by the target tokens of every rank's parts, not this rank's (so the ranks'
+    losses add up to the one-process loss), and runs through the data-parallel module.
     """
-    step_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
+    step_targets = ranks.step_targets if ranks else sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
+                                                        for b in micro)
     tokens = sum(int(b["attention_mask"].sum()) for b in micro)
     total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in micro:
+    for i, batch in enumerate(micro):
         on_device = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with autocast:
-            loss = token_loss_sum(model, on_device) / max(1, step_targets)
-        loss.backward()
+        with ranks.syncing(i) if ranks else nullcontext():
+            with autocast:
+                loss_sum = ranks.loss_sum(on_device, i) if ranks else token_loss_sum(model, on_device)
+                loss = loss_sum / max(1, step_targets)
+            (ranks.for_backward(loss) if ranks else loss).backward()
         total += loss.detach()
     return total, tokens
 
@@ -193,6 +202,8 @@ class Run:
     run_start: float = 0.0  # when this process began stepping
     run_start_step: int = 0
     elapsed_before: float = 0.0  # training time of earlier processes (from the checkpoint)
+    ranks: Ranks | None = None  # this process's rank when the job runs on several
+    loss_module: Any = None  # with ranks: the data-parallel module the loss runs through
 
     def __post_init__(self) -> None:
         self.hp = self.job.hyperparameters
@@ -215,13 +226,15 @@ class Run:
     def step(self) -> float:
         """One optimiser step; the step's mean loss per target token."""
         hp = self.hp
-        micro = [collate(next(self.batches), self.pad_id) for _ in range(hp.grad_accum)]
+        batches = [next(self.batches) for _ in range(hp.grad_accum)]  # on several ranks: every rank's
+        share = self.ranks.step(batches, self.loss_module, hp.seed, self.pos.step) if self.ranks else None
+        micro = [collate(b, self.pad_id) for b in (share.parts if share else batches)]
         self.optimizer.zero_grad(set_to_none=True)
-        loss, tokens = backward_pass(self.model, micro, self.autocast, self.base.device)
-        self.pos.tokens += tokens
+        loss, tokens = backward_pass(self.model, micro, self.autocast, self.base.device, share)
+        self.pos.tokens += share.step_tokens if share else tokens
         if hp.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, hp.max_grad_norm)
-        loss_sum = float(loss)  # the step's one read back from the device
+        loss_sum = float(self.ranks.total(loss) if self.ranks else loss)  # the step's one read back
         if not math.isfinite(loss_sum):
             raise FloatingPointError(
                 f"training diverged at step {self.pos.step + 1} (loss {loss_sum}); lower learning_rate")
@@ -244,13 +257,20 @@ class Run:
         ))
 
     def evaluate(self) -> float:
-        loss = validation_loss(self.model, self.val_examples, self.hp.eval_batch_size, self.pad_id)
+        if self.ranks:
+            loss = distributed.validation_loss(self.loss_module.module, self.model, self.val_examples,
+                                               self.hp.eval_batch_size, self.pad_id, self.ranks)
+        else:
+            loss = validation_loss(self.model, self.val_examples, self.hp.eval_batch_size, self.pad_id)
         self.model.train()
         self.history.val_loss.append([self.pos.step, loss])
         self.callbacks.on_eval(self.pos.step, {"val_loss": loss})
         return loss
 
-    def checkpoint(self) -> Path:
+    def checkpoint(self) -> Path | None:
+        """Rank 0 writes (factors and optimiser state are whole on every rank); the others go on."""
+        if self.ranks and not self.ranks.is_writer:
+            return None
         self.history.elapsed_s = self.elapsed_s
         path = save_checkpoint(self.output_dir, self.model, self.config, self.optimizer, self.scheduler,
                                self.pos, self.history, self.hp.keep_checkpoints)
@@ -280,7 +300,7 @@ class Run:
         val_loss = None
         if self.val_examples:
             val_loss = self.history.val_loss[-1][1] if self.history.evaluated_at(self.pos.step) else self.evaluate()
-        metrics = {
+        metrics: dict[str, Any] = {
             "train_loss": self.history.recent_train_loss(),
             "val_loss": val_loss,
             "steps": self.pos.step,
@@ -293,6 +313,8 @@ class Run:
             "loss_curve": self.history.train_loss,
             "val_curve": self.history.val_loss,
         }
+        if self.ranks:  # what one rank holds: 1/N of the frozen base when it is sharded
+            metrics["rank_parameter_bytes"] = distributed.parameter_bytes(self.model)
         metadata = {
             "base_model_name": self.base.name,
             "quantization": self.job.quantization,
@@ -302,14 +324,20 @@ class Run:
             "device_name": device_name(self.base.device),
             "total_time_s": time.perf_counter() - self.started,
         }
+        if self.ranks:
+            metadata["resources"] = asdict(self.job.resources)
+            if not self.ranks.is_writer:
+                return TrainResult("succeeded", None, metrics, self.last_checkpoint)
         adapter_dir = save_adapter(adapter_from_model(self.model, self.config, metadata),
                                    self.output_dir / "adapter")
         self.callbacks.on_log(f"finished {self.pos.step} steps; adapter written")
         return TrainResult("succeeded", adapter_dir, metrics, self.last_checkpoint)
 
 
-def prepare(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool = True) -> Run:
-    """Load data and model, inject the adapter, build the optimiser; resume from the latest checkpoint."""
+def prepare(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool = True,
+            ranks: Ranks | None = None, step_timeout_s: float = 60.0) -> Run:
+    """Load data and model, inject the adapter, build the optimiser; resume from the latest checkpoint.
+    With `ranks` (joined, `distributed.join_ranks`) the model is wrapped for data-parallel training."""
     cb = callbacks or Callbacks()
     hp = job.hyperparameters
     started = time.perf_counter()
@@ -324,7 +352,9 @@ def prepare(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool =
     if not val_records and hp.val_fraction > 0:
         train_records, val_records = split_validation(train_records, hp.val_fraction, hp.seed)
 
-    base = load_base_model(job.base_model, quantization=job.quantization, device=job.device)
+    base = load_base_model(job.base_model, quantization=job.quantization,
+                           device=ranks.device if ranks else job.device,
+                           shardable=job.resources.sharding == "full")
     train_examples = tokenize_examples(base.tokenizer, train_records, hp.max_seq_len)
     val_examples = tokenize_examples(base.tokenizer, val_records, hp.max_seq_len)
     if not train_examples:
@@ -361,18 +391,28 @@ def prepare(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool =
         last_checkpoint = checkpoints[-1]
         pos, history = load_checkpoint(last_checkpoint, base.model, optimizer, scheduler)
         cb.on_log(f"resumed from {last_checkpoint.name} (step {pos.step} of {total_steps})")
+    loss_module = None
+    if ranks:
+        distributed.open_training_group(ranks, step_timeout_s)
+        ranks.check_same_step(pos.step)
+        loss_module = distributed.data_parallel(base.model, token_loss_sum, ranks, params)
+        cb.on_log(f"{ranks.world_size} ranks, sharding {ranks.sharding}; rank 0 holds "
+                  + ", ".join(f"{v / 2**20:.1f} MiB {k}" for k, v in distributed.parameter_bytes(base.model).items()))
     return Run(job=job, callbacks=cb, base=base, config=config, train_examples=train_examples,
                val_examples=val_examples, optimizer=optimizer, scheduler=scheduler, params=params,
                total_steps=total_steps, steps_per_epoch=steps_per_epoch, pos=pos, history=history,
-               last_checkpoint=last_checkpoint, started=started)
+               last_checkpoint=last_checkpoint, started=started, ranks=ranks, loss_module=loss_module)
 
 
-def train(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool = True) -> TrainResult:
-    """Run `job` to completion or cancellation; resumes from its latest checkpoint if any."""
-    run = prepare(job, callbacks, resume=resume)
+def train(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool = True,
+          ranks: Ranks | None = None, step_timeout_s: float = 60.0) -> TrainResult:
+    """Run `job` to completion or cancellation; resumes from its latest checkpoint if any. On
+    several ranks every rank calls this; rank 0's callbacks decide a cancel for all."""
+    run = prepare(job, callbacks, resume=resume, ranks=ranks, step_timeout_s=step_timeout_s)
     run.start()
     while run.pos.step < run.total_steps:
-        if run.callbacks.should_cancel():
+        cancel = run.callbacks.should_cancel()
+        if ranks.decided_by_writer(cancel) if ranks else cancel:
             return run.cancel()
         run.step()
         run.after_step()

@@ -20,11 +20,11 @@ from fastapi.testclient import TestClient
 from stack import chat_lines, embedded_stack_with_worker, wait_for
 
 from app.openai_schemas import FineTuningJobCreate
-from app.schemas import HyperparametersSpec, MethodSpec
+from app.schemas import HyperparametersSpec, MethodSpec, ResourcesSpec
 from app.services.fine_tuning import to_job_create
 from sbora_core.method.adapter_io import load_adapter
 from sbora_core.method.config import USER_FIELDS, SBoRAConfig
-from sbora_core.training.job import Hyperparameters
+from sbora_core.training.job import Hyperparameters, Resources
 
 
 def test_request_models_take_fields_and_defaults_from_the_core():
@@ -33,6 +33,7 @@ def test_request_models_take_fields_and_defaults_from_the_core():
     assert MethodSpec().model_dump() == {name: getattr(core_method, name) for name in USER_FIELDS}
     assert set(HyperparametersSpec.model_fields) == {f.name for f in fields(Hyperparameters)}
     assert HyperparametersSpec().model_dump() == asdict(Hyperparameters())
+    assert ResourcesSpec().model_dump() == asdict(Resources())
     # The help text travels too (it documents /docs).
     assert MethodSpec.model_fields["r"].description == SBoRAConfig.__dataclass_fields__["r"].metadata["help"]
 

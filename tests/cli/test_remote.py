@@ -173,3 +173,10 @@ def test_groups_create_list_show_and_jobs_take_slots(live, dataset_id):
                   "--variant", "sbora_fb")
     assert wrong.returncode == 1 and "variant" in wrong.stderr
     no_traceback(wrong)
+
+
+def test_resources_flags_reach_the_server(live, dataset_id, trained):
+    # The module's worker offers one device (a CPU): eight on one machine is refused, naming the field.
+    many = sbora(live, "jobs", "create", "--dataset", dataset_id, *TRAIN_ARGS, "--devices", "8", "--sharding", "full")
+    assert many.returncode == 1 and "resources.devices" in many.stderr, many.stderr
+    no_traceback(many)

@@ -207,6 +207,11 @@ def test_dashboard_end_to_end(browser, live, alice, tmp_path):
     wait(lambda d: "larger than" in css(".field-error[data-for='method.r']").text)
     form.find_element(By.NAME, "r").clear()
     form.find_element(By.NAME, "r").send_keys("4")
+    # More devices than the live worker offers: named next to the devices field.
+    form.find_element(By.NAME, "devices").send_keys("8")
+    css("#launch").click()
+    wait(lambda d: "offer at most 1" in css(".field-error[data-for='resources.devices']").text)
+    form.find_element(By.NAME, "devices").clear()
     css("#launch").click()
     wait(lambda d: d.current_url.split("#")[-1].startswith("/jobs/job"))
     job_id = driver.current_url.rsplit("/", 1)[-1]
@@ -225,7 +230,7 @@ def test_dashboard_end_to_end(browser, live, alice, tmp_path):
     assert all_css("#events-body tr[data-kind='status']") and all_css("#events-body tr[data-kind='eval']")
     wait(lambda d: "dashboard-e2e" in css("h1").text and css("#cancel-job").get_attribute("disabled") is not None)
     wait(lambda d: "6 / 6" in css("#job-summary").text and "null" not in css("#job-summary").text)
-    assert "0.01" in css("#hyperparameters").text
+    assert "0.01" in css("#hyperparameters").text and "resources.devices" in css("#hyperparameters").text
     shot("job", readme="dashboard-job.png")
 
     # The adapter: one strip per adapted layer, r coloured bars each, and both downloads.

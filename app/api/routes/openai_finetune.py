@@ -24,6 +24,7 @@ from app.errors import Invalid
 from app.models import Dataset, Job
 from app.openai_schemas import FineTuningJobCreate
 from app.queue import enqueue_job
+from app.schemas import ResourcesSpec
 from app.services import adapters, datasets, fine_tuning, jobs
 from app.services.fine_tuning import DEFAULT_LEARNING_RATE, checkpoint_model, fine_tuned_model
 
@@ -86,7 +87,8 @@ def job_object(job: Job) -> dict[str, Any]:
         "training_file": job.train_dataset_id, "validation_file": job.val_dataset_id,
         "hyperparameters": {"n_epochs": hp.get("epochs"), "batch_size": hp.get("batch_size"),
                             "learning_rate_multiplier": hp.get("learning_rate", 0) / DEFAULT_LEARNING_RATE},
-        "method": {"type": "sbora", "sbora": {**job.method, "quantization": job.quantization, "hyperparameters": hp}},
+        "method": {"type": "sbora", "sbora": {**job.method, "quantization": job.quantization, "hyperparameters": hp,
+                                                "resources": ResourcesSpec(**(job.resources or {})).model_dump()}},
         "result_files": [], "trained_tokens": progress.get("tokens"), "error": error, "seed": hp.get("seed"),
         "estimated_finish": int(time.time() + progress["eta_s"]) if job.status == "running" and progress.get("eta_s")
         else None,

@@ -129,6 +129,7 @@ function renderSettings(box, job) {
     ["training dataset", job.training_dataset_id], ["validation dataset", job.validation_dataset_id ?? "–"],
     ...Object.entries(job.method).map(([k, v]) => [`method.${k}`, v]),
     ...Object.entries(job.hyperparameters).map(([k, v]) => [k, v]),
+    ...Object.entries(job.resources || {}).map(([k, v]) => [`resources.${k}`, v]),
   ];
   box.replaceChildren(h("h2", {}, "Settings"), h("table", { class: "table compact kv", id: "hyperparameters" },
     h("tbody", {}, rows.map(([k, v]) => h("tr", {}, h("th", {}, k),

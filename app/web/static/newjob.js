@@ -13,6 +13,8 @@ const FIELDS = [
   ["max_seq_len", "Max sequence length", "hyperparameters.max_seq_len", 512, { min: 8, step: 1 }],
   ["val_fraction", "Validation fraction", "hyperparameters.val_fraction", "", { min: 0, max: 0.99, step: "any", placeholder: "0" }],
   ["eval_every", "Evaluate every (steps)", "hyperparameters.eval_every", "", { min: 1, step: 1, placeholder: "never" }],
+  ["devices", "Devices per node", "resources.devices", "", { min: 1, step: 1, placeholder: "1" }],
+  ["nodes", "Nodes (machines)", "resources.nodes", "", { min: 1, step: 1, placeholder: "1" }],
 ];
 
 export async function newJobPage(view, page) {
@@ -94,6 +96,11 @@ function buildForm() {
           h("option", { value: "sbora_fb" }, "SBoRA-FB: trains A, changes r rows"),
           h("option", { value: "lora" }, "LoRA baseline: trains A and B")),
         fieldError("method.variant")),
+      h("label", {}, "Sharding",
+        h("select", { name: "sharding" },
+          h("option", { value: "none" }, "none: every rank holds the whole base"),
+          h("option", { value: "full" }, "full: the base is sharded over the ranks (FSDP2)")),
+        fieldError("resources.sharding")),
       FIELDS.map(([name, label, path, value, attrs]) =>
         h("label", {}, label, h("input", { name, type: "number", value: String(value), ...attrs }), fieldError(path))),
       h("label", { class: "wide" }, "Name (optional)", h("input", { name: "name", type: "text", maxlength: 200 }), fieldError("name"))),
@@ -105,7 +112,7 @@ function buildForm() {
 function jobBody(form, datasetId) {
   const field = (name) => form.elements.namedItem(name);
   const body = { base_model: field("base_model").value, training_dataset_id: datasetId,
-    method: { variant: field("variant").value }, hyperparameters: {} };
+    method: { variant: field("variant").value }, hyperparameters: {}, resources: { sharding: field("sharding").value } };
   for (const [name, , path] of FIELDS) {
     const raw = field(name).value.trim();
     if (raw === "") continue;
