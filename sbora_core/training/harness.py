@@ -36,15 +36,19 @@ from sbora_core.training.scoring import (
 class EvalSpec:
     """How an evaluation scores; every field is stored with a job, so a resumed run scores alike."""
 
-    grader: str = "multiple_choice"
-    protocol: str = "option_text"  # instruction records' options: their text, or the trained label
-    length_unit: str = "chars"  # multiple choice: accuracy_norm divides by characters (lm-eval) or tokens
-    max_new_tokens: int = 256  # exact match
-    max_seq_len: int = 1024  # loss
-    batch_size: int = 16  # rows per forward (multiple choice: items; exact match and loss: records)
-    chunk_size: int = 64  # items scored and stored together (the unit of resume)
-    limit: int | None = None  # a fixed random subset of this many items
-    seed: int = 0  # which subset
+    grader: str = field(default="multiple_choice", metadata={
+        "help": "multiple_choice (log-likelihood of each choice), exact_match (generated answer) or loss"})
+    protocol: str = field(default="option_text", metadata={
+        "help": "instruction records' options: option_text (each option's text) or label (the trained target)"})
+    length_unit: str = field(default="chars", metadata={
+        "help": "accuracy_norm divides each choice's log-likelihood by its length in chars (as lm-eval) or tokens"})
+    max_new_tokens: int = field(default=256, metadata={"help": "exact_match: tokens generated per answer at most"})
+    max_seq_len: int = field(default=1024, metadata={"help": "loss: tokens per record; longer ones are truncated"})
+    batch_size: int = field(default=16, metadata={"help": "rows per forward pass"})
+    chunk_size: int = field(default=64, metadata={
+        "help": "items scored and stored together: a resumed evaluation starts at its first unstored chunk"})
+    limit: int | None = field(default=None, metadata={"help": "score a fixed random subset of this many items"})
+    seed: int = field(default=0, metadata={"help": "which subset `limit` takes"})
 
     def __post_init__(self) -> None:
         if self.grader not in GRADERS:
