@@ -168,19 +168,19 @@ class DatabaseCallbacks(Callbacks):
                              {"step": step, **metrics}))
         self._flush(force=True)
 
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        """Record the checkpoint and register it as an adapter, servable as `ft:...:ckpt-step-N`."""
-        loss = self.progress.get("loss") if self.progress and self.progress.get("step") == step else None
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any] | None = None) -> None:
+        """Record the checkpoint with its metrics (train_*, valid_*, as OpenAI names them) and register
+        it as an adapter, servable as `ft:...:ckpt-step-N`."""
+        recorded = dict(metrics or {"step": step})
         with session_scope() as session:
             job = session.get(Job, self.job_id)
             assert job is not None
             keep = int(job.hyperparameters.get("keep_checkpoints", 2))
-            stale = register_checkpoint(session, job, step, path, self.store, keep,
-                                        {"step": step, "train_loss": loss})
+            stale = register_checkpoint(session, job, step, path, self.store, keep, recorded)
         job_files.publish_checkpoint(self.store, self.job_id, path, keep)
         for key in stale:
             self.store.delete(key)
-        self.pending.append(("checkpoint", f"checkpoint at step {step}", {"step": step, "train_loss": loss}))
+        self.pending.append(("checkpoint", f"checkpoint at step {step}", recorded))
         self._flush(force=True)
 
     def on_log(self, message: str) -> None:

@@ -44,7 +44,7 @@ from sbora_core.training.checkpoint import (
     save_checkpoint,
 )
 from sbora_core.training.data import load_examples
-from sbora_core.training.evaluate import validation_loss
+from sbora_core.training.evaluate import validation_metrics
 from sbora_core.training.job import Hyperparameters, TrainJob
 from sbora_core.training.tokenization import (
     IGNORE_INDEX,
@@ -75,7 +75,8 @@ class Callbacks:
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
 
-    def on_checkpoint(self, step: int, path: Path) -> None: ...
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any] | None = None) -> None:
+        """A checkpoint was written; `metrics` are checkpoint_metrics' (step, train_*, valid_*)."""
 
     def on_log(self, message: str) -> None: ...
 
@@ -144,12 +145,15 @@ PLAIN_HEAD_FAMILIES = {"llama", "mistral", "qwen2", "qwen3"}
 LOSS_CHUNK_ROWS = 2048  # target positions whose logits exist at once
 
 
-def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(head(hidden).float(), labels, reduction="sum")
+def _chunk_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = head(hidden).float()  # (M, V)
+    return F.cross_entropy(logits, labels, reduction="sum"), (logits.argmax(-1) == labels).sum()
 
 
-def _token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over target tokens (labels != -100).
+def _token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy over target tokens (labels != -100), and how many of those
+    tokens the model's argmax predicts (token accuracy, as OpenAI's fine-tuning reports it).
 
     On plain-head families the logits are made only at target positions, a chunk of rows at a time,
     and recomputed in the backward pass: full (B, T, vocab) fp32 logits and their gradient are the
@@ -164,35 +168,43 @@ def _token_loss_sum(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     if head is None or decoder is None:
         logits = model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits
         shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-        return F.cross_entropy(shift_logits, shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        flat = shift_labels.reshape(-1)
+        correct = ((shift_logits.detach().argmax(-1) == flat) & (flat != IGNORE_INDEX)).sum()
+        return F.cross_entropy(shift_logits, flat, ignore_index=IGNORE_INDEX, reduction="sum"), correct
     hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state  # (B, T, H)
     targets = shift_labels != IGNORE_INDEX
     rows, labels = hidden[:, :-1][targets], shift_labels[targets]  # (M, H), (M,)
     total = hidden.new_zeros((), dtype=torch.float32)
+    correct = torch.zeros((), dtype=torch.long, device=hidden.device)
     for start in range(0, labels.numel(), LOSS_CHUNK_ROWS):
         part = slice(start, start + LOSS_CHUNK_ROWS)
-        total = total + torch.utils.checkpoint.checkpoint(_chunk_loss_sum, head, rows[part], labels[part],
-                                                          use_reentrant=False)
-    return total
+        loss, hits = torch.utils.checkpoint.checkpoint(_chunk_loss_sum, head, rows[part], labels[part],
+                                                       use_reentrant=False)
+        total, correct = total + loss, correct + hits
+    return total, correct
 
 
 def backward_pass(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], autocast: Any,
-                  device: torch.device) -> tuple[torch.Tensor, int]:
+                  device: torch.device) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Forward and backward over one step's micro-batches (CPU tensors from `collate`).
 
-    Returns the step's mean loss per target token, still on the device (read it once, not per
-    micro-batch), and the tokens processed (padding excluded, counted before the copy to the device).
+    Returns the step's mean loss per target token and its token accuracy, still on the device (read
+    them once, not per micro-batch), and the tokens processed (padding excluded, counted before the
+    copy to the device).
     """
     step_targets = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in micro)
     tokens = sum(int(b["attention_mask"].sum()) for b in micro)
     total = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
     for batch in micro:
         on_device = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast:
-            loss = _token_loss_sum(model, on_device) / max(1, step_targets)
+            loss_sum, hits = _token_loss_sum(model, on_device)
+            loss = loss_sum / max(1, step_targets)
         loss.backward()
         total += loss.detach()
-    return total, tokens
+        correct += hits.detach()
+    return total, tokens, correct / max(1, step_targets)
 
 
 def autocast_for(device: torch.device) -> Any:
@@ -256,11 +268,11 @@ class Run:
         hp = self.hp
         micro = [collate(next(self.batches), self.pad_id) for _ in range(hp.grad_accum)]
         self.optimizer.zero_grad(set_to_none=True)
-        loss, tokens = backward_pass(self.model, micro, self.autocast, self.base.device)
+        loss, tokens, accuracy = backward_pass(self.model, micro, self.autocast, self.base.device)
         self.pos.tokens += tokens
         if hp.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, hp.max_grad_norm)
-        loss_sum = float(loss)  # the step's one read back from the device
+        loss_sum, token_accuracy = torch.stack([loss, accuracy]).tolist()  # the step's one read back from the device
         if not math.isfinite(loss_sum):
             raise FloatingPointError(
                 f"training diverged at step {self.pos.step + 1} (loss {loss_sum}); lower learning_rate")
@@ -269,6 +281,7 @@ class Run:
         self.scheduler.step()
         self.pos.step += 1
         self.history.train_loss.append([self.pos.step, loss_sum])
+        self.history.train_accuracy.append([self.pos.step, token_accuracy])
         self._report(loss_sum, lr)
         return loss_sum
 
@@ -283,18 +296,40 @@ class Run:
         ))
 
     def evaluate(self) -> float:
-        loss = validation_loss(self.model, self.val_examples, self.hp.eval_batch_size, self.pad_id)
+        """Validation on the whole validation set; the loss."""
+        metrics = validation_metrics(self.model, self.val_examples, self.hp.eval_batch_size, self.pad_id)
         self.model.train()
-        self.history.val_loss.append([self.pos.step, loss])
-        self.callbacks.on_eval(self.pos.step, {"val_loss": loss})
-        return loss
+        self.history.val_loss.append([self.pos.step, metrics["loss"]])
+        self.history.val_accuracy.append([self.pos.step, metrics["mean_token_accuracy"]])
+        self.callbacks.on_eval(self.pos.step, {"val_loss": metrics["loss"],
+                                               "val_mean_token_accuracy": metrics["mean_token_accuracy"]})
+        return metrics["loss"]
+
+    def checkpoint_metrics(self) -> dict[str, Any]:
+        """What a checkpoint records, as OpenAI's fine-tuning names it: the step's training loss and
+        token accuracy, and the loss and token accuracy on one validation batch (the batches taken
+        in turn, checkpoint after checkpoint)."""
+        step = self.pos.step
+        metrics: dict[str, Any] = {"step": step}
+        if self.history.train_loss and self.history.train_loss[-1][0] == step:
+            metrics["train_loss"] = self.history.train_loss[-1][1]
+        if self.history.train_accuracy and self.history.train_accuracy[-1][0] == step:
+            metrics["train_mean_token_accuracy"] = self.history.train_accuracy[-1][1]
+        if self.val_examples:
+            size = self.hp.eval_batch_size
+            batches = math.ceil(len(self.val_examples) / size)
+            turn = (step // (self.hp.checkpoint_every or step or 1)) % batches
+            valid = validation_metrics(self.model, self.val_examples[turn * size:(turn + 1) * size], size, self.pad_id)
+            self.model.train()
+            metrics["valid_loss"], metrics["valid_mean_token_accuracy"] = valid["loss"], valid["mean_token_accuracy"]
+        return metrics
 
     def checkpoint(self) -> Path:
         self.history.elapsed_s = self.elapsed_s
         path = save_checkpoint(self.output_dir, self.model, self.config, self.optimizer, self.scheduler,
                                self.pos, self.history, self.hp.keep_checkpoints)
         self.last_checkpoint = path
-        self.callbacks.on_checkpoint(self.pos.step, path)
+        self.callbacks.on_checkpoint(self.pos.step, path, self.checkpoint_metrics())
         return path
 
     def after_step(self) -> None:
@@ -316,12 +351,18 @@ class Run:
 
     def finish(self) -> TrainResult:
         """The final validation (unless the last step had one), the metrics and the adapter files."""
-        val_loss = None
+        val_loss = val_accuracy = None
         if self.val_examples:
-            val_loss = self.history.val_loss[-1][1] if self.history.evaluated_at(self.pos.step) else self.evaluate()
+            if not self.history.evaluated_at(self.pos.step):
+                self.evaluate()
+            val_loss, val_accuracy = self.history.val_loss[-1][1], self.history.val_accuracy[-1][1]
         metrics = {
             "train_loss": self.history.recent_train_loss(),
+            "train_mean_token_accuracy": self.history.recent(self.history.train_accuracy),
             "val_loss": val_loss,
+            # The whole validation set at the end, as OpenAI's final checkpoint names it.
+            "full_valid_loss": val_loss,
+            "full_valid_mean_token_accuracy": val_accuracy,
             "steps": self.pos.step,
             "epochs": self.pos.step / self.steps_per_epoch,
             "tokens": self.pos.tokens,

@@ -209,8 +209,9 @@ def sbora_method(**hyperparameters) -> dict:
 def test_fine_tuning_flow_ends_in_a_model_chat_can_use(oai, client, alice):
     upload = oai.files.create(file=("colours.jsonl", chat_lines(24)), purpose="fine-tune")
     assert upload.object == "file" and upload.purpose == "fine-tune" and upload.bytes == len(chat_lines(24))
-    job = oai.fine_tuning.jobs.create(model=TINY, training_file=upload.id, suffix="colours", seed=3,
-                                      method=sbora_method(max_steps=4, checkpoint_every=2))
+    validation = oai.files.create(file=("held-out.jsonl", chat_lines(6, offset=400)), purpose="fine-tune")
+    job = oai.fine_tuning.jobs.create(model=TINY, training_file=upload.id, validation_file=validation.id,
+                                      suffix="colours", seed=3, method=sbora_method(max_steps=4, checkpoint_every=2))
     assert job.status == "queued" and job.training_file == upload.id and job.seed == 3
     assert job.hyperparameters.batch_size == 4 and job.hyperparameters.learning_rate_multiplier == pytest.approx(50)
     done = wait_for(lambda: (j := oai.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
@@ -224,7 +225,7 @@ def test_fine_tuning_flow_ends_in_a_model_chat_can_use(oai, client, alice):
 
     events = oai.fine_tuning.jobs.list_events(job.id, limit=100).data
     assert [e.created_at for e in events] == sorted((e.created_at for e in events), reverse=True)
-    steps = sorted(e.data["step"] for e in events if e.type == "metrics")
+    steps = sorted(e.data["step"] for e in events if e.type == "metrics" and "loss" in e.data)
     assert steps == [1, 2, 3, 4]
     first_page = oai.fine_tuning.jobs.list_events(job.id, limit=2)
     assert first_page.has_more and len(first_page.data) == 2
@@ -233,6 +234,12 @@ def test_fine_tuning_flow_ends_in_a_model_chat_can_use(oai, client, alice):
     checkpoints = oai.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [4, 2]  # newest first
     assert all(c.fine_tuning_job_id == job.id and c.metrics.train_loss is not None for c in checkpoints)
+    # OpenAI's checkpoint metrics; the last step's checkpoint has the full validation set's too.
+    for c in checkpoints:
+        assert 0 <= c.metrics.train_mean_token_accuracy <= 1 and 0 <= c.metrics.valid_mean_token_accuracy <= 1
+        assert c.metrics.valid_loss > 0 and c.metrics.step == c.step_number
+    assert checkpoints[0].metrics.full_valid_loss > 0 and 0 <= checkpoints[0].metrics.full_valid_mean_token_accuracy <= 1
+    assert checkpoints[1].metrics.full_valid_loss is None
     # A checkpoint is a model: chat with it by its name, and it is not the final adapter.
     first = checkpoints[-1].fine_tuned_model_checkpoint
     assert first.startswith(f"ft:{TINY}:colours:") and first.endswith(":ckpt-step-2")
