@@ -170,6 +170,12 @@ def main() -> None:
             worker = subprocess.Popen(worker_command_line(name="bench-evals"), env=dict(os.environ),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             try:
+                # A running service has its workers up: time the evaluation, not the worker's start.
+                deadline = time.monotonic() + 300
+                while httpx.get(f"{url}/readyz").status_code != 200:
+                    if time.monotonic() > deadline or worker.poll() is not None:
+                        raise SystemExit("the worker did not come up")
+                    time.sleep(0.5)
                 service_s, evaluation = service_run(url, key, path)
                 print(f"service: {service_s:.1f} s", flush=True)
                 lm_eval_s, lm_eval = lm_eval_run(url, key, path, work)
