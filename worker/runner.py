@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -255,9 +256,13 @@ def orphaned_job(exclude: str) -> str | None:
         return next((job.id for job in running if workers.holder_dead(session, job, now)), None)
 
 
-def run_job(job_id: str, node: str = "") -> str | None:
+ClaimedRunner = Callable[[str, str, Settings, ArtifactStore], "str | None"]
+
+
+def run_job(job_id: str, node: str = "", runners: dict[str, ClaimedRunner] | None = None) -> str | None:
     """Run the job if this worker (Celery node `node`) can claim it; returns its final status, or
-    None if not claimed.
+    None if not claimed. Training jobs run here; `runners` runs other kinds once claimed (the
+    evaluation runner, `worker.evaluations`, stands on this module's lease and finish helpers).
 
     A dead worker's job goes first: its message sits behind every queued job, but it was admitted
     long ago and has work to lose. So before taking `job_id`, a worker takes over any orphaned
@@ -276,12 +281,11 @@ def run_job(job_id: str, node: str = "") -> str | None:
         _cancel_if_requested(job_id)
         return None
     try:
-        if _kind_of(job_id) == "evaluation":
-            # Imported here: the evaluation runner stands on this module's lease and finish helpers.
-            from worker.evaluations import run_claimed_evaluation
-
-            return run_claimed_evaluation(job_id, owner, settings, store)
-        return _run_claimed(job_id, owner, settings, store)
+        kind = _kind_of(job_id)
+        run = _run_claimed if kind == "train" else (runners or {}).get(kind)
+        if run is None:
+            raise RuntimeError(f"job {job_id} is of kind {kind!r}, which this worker cannot run")
+        return run(job_id, owner, settings, store)
     finally:
         if node:
             with session_scope() as session:
