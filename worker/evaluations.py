@@ -17,15 +17,15 @@ from sqlalchemy import select, update
 from app import catalog
 from app.core.config import Settings
 from app.core.db import session_scope
-from app.models import LEASED_STATUSES, Dataset, Evaluation, EvaluationItem, Job, utcnow
+from app.models import LEASED_STATUSES, Adapter, Dataset, Evaluation, EvaluationItem, Job, utcnow
 from app.services.adapters import adapter_files
 from app.services.evaluations import scored_counts
 from app.services.jobs import add_event
 from app.storage import ArtifactStore
-from sbora_core.method.adapter_io import load_adapter
+from sbora_core.method.adapter_io import WEIGHTS_FILE, load_adapter
 from sbora_core.method.files import sha256_file
 from sbora_core.method.models import load_base_model
-from sbora_core.training.eval_items import read_eval_items
+from sbora_core.training.eval_items import EvalItem, read_eval_items
 from sbora_core.training.harness import Candidate, EvalSpec, ResultSink, run_evaluation, summarise
 from sbora_core.training.scoring import ItemResult
 from worker.runner import DatasetMissing, Heartbeat, _finish, classify_error, rows_updated
@@ -37,19 +37,24 @@ class LeaseLost(RuntimeError):
     """Another worker holds the evaluation now: stop without writing."""
 
 
+class AdapterMissing(LookupError):
+    """A candidate's adapter was deleted after the evaluation was queued."""
+
+
 class DatabaseSink(ResultSink):
     """Chunks into `evaluation_items` (with the job's progress, in the same transaction)."""
 
-    def __init__(self, job_id: str, owner: str, heartbeat: Heartbeat, items: int, labels: list[str]) -> None:
+    def __init__(self, job_id: str, owner: str, heartbeat: Heartbeat, items: list[EvalItem],
+                 labels: list[str]) -> None:
         self.job_id, self.owner, self.heartbeat = job_id, owner, heartbeat
-        self.items, self.labels = items, labels
+        self.items, self.labels = len(items), labels
+        self.lines = {item.index: item.line for item in items}
         with session_scope() as session:
-            self.stored = scored_counts(session, job_id)
-            self.lines: dict[int, int] = {}
+            self.stored = scored_counts(session, job_id)  # what earlier attempts stored, per candidate
             self.tokens = sum(int(t or 0) for t in session.scalars(
                 select(EvaluationItem.tokens).where(EvaluationItem.evaluation_id == job_id)))
+        self.stored_before = sum(self.stored.values())
         self.scored_here = 0
-        self.resumed_at = dict(self.stored)
 
     def scored(self, candidate: int) -> int:
         return self.stored.get(candidate, 0)
@@ -83,8 +88,6 @@ class DatabaseSink(ResultSink):
 
 def _candidates(evaluation: Evaluation, store: ArtifactStore) -> list[Candidate]:
     """The stored candidates with their adapters loaded (each checked against its recorded sha256)."""
-    from app.models import Adapter
-
     out = []
     with session_scope() as session:
         for spec in evaluation.candidates:
@@ -92,9 +95,9 @@ def _candidates(evaluation: Evaluation, store: ArtifactStore) -> list[Candidate]
             for adapter_id in spec["adapter_ids"]:
                 row = session.get(Adapter, adapter_id)
                 if row is None:
-                    raise DatasetMissing(f"adapter {adapter_id} was deleted")
+                    raise AdapterMissing(f"adapter {adapter_id} was deleted")
                 folder = adapter_files(row, store)
-                if sha256_file(folder / "adapter_model.safetensors") != row.weights_sha256:
+                if sha256_file(folder / WEIGHTS_FILE) != row.weights_sha256:
                     raise ValueError(f"adapter {adapter_id}: its stored weights do not match their sha256")
                 adapters.append(load_adapter(folder))
             out.append(Candidate(spec["label"], adapters, spec.get("weights")))
@@ -118,11 +121,9 @@ def run_claimed_evaluation(job_id: str, owner: str, settings: Settings, store: A
         labels = [c["label"] for c in evaluation.candidates]
         candidates = _candidates(evaluation, store)
         base = load_base_model(catalog.source_of(evaluation.base_model))
-        sink = DatabaseSink(job_id, owner, heartbeat, len(items), labels)
-        sink.lines = {item.index: item.line for item in items}
-        stored = sum(sink.resumed_at.values())
+        sink = DatabaseSink(job_id, owner, heartbeat, items, labels)
         _log(job_id, f"{len(items)} items x {len(labels)} candidates on {base.name}"
-             + (f"; resuming after the {stored} item results stored" if stored else ""))
+             + (f"; resuming after the {sink.stored_before} item results stored" if sink.stored_before else ""))
         finished = run_evaluation(base.model, base.tokenizer, base.fingerprint, candidates, items, spec, sink)
         _log(job_id, f"this attempt scored {sink.scored_here} item results", {"scored": sink.scored_here})
         if heartbeat.lost:
@@ -140,8 +141,11 @@ def run_claimed_evaluation(job_id: str, owner: str, settings: Settings, store: A
         return None
     except Exception as exc:
         log.exception("evaluation %s failed", job_id)
-        code, message = ("dataset_missing", f"{exc}; create the evaluation again") if isinstance(exc, DatasetMissing) \
-            else classify_error(exc)
+        if isinstance(exc, DatasetMissing | AdapterMissing):
+            code = "dataset_missing" if isinstance(exc, DatasetMissing) else "adapter_missing"
+            message = f"{exc}; create the evaluation again"
+        else:
+            code, message = classify_error(exc)
         _finish(job_id, owner, "failed", f"failed: {code}", error_code=code, error_message=message)
         return "failed"
     finally:

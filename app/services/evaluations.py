@@ -96,12 +96,13 @@ def resolve_candidates(session: Session, tenant: Tenant, specs: list[CandidateSp
     return bases[0], [c for _, c in resolved]
 
 
-def _record(session: Session, tenant: Tenant, settings_: EvalAfter | EvaluationCreate, base_model: str,
+def _record(session: Session, tenant: Tenant, spec: EvalAfter | EvaluationCreate, base_model: str,
             candidates: list[dict[str, Any]], name: str | None, source_job_id: str | None) -> Evaluation:
+    """The job row (kind `evaluation`; its dataset counts as in use) and the evaluation, queued."""
     job = Job(id=new_id("eval"), tenant_id=tenant.id, kind=KIND, name=name, base_model=base_model,
-              train_dataset_id=settings_.dataset_id, status="queued", enqueued_attempt=1, enqueued_at=utcnow())
-    evaluation = Evaluation(id=job.id, tenant_id=tenant.id, name=name, dataset_id=settings_.dataset_id,
-                            base_model=base_model, spec=eval_spec(settings_).to_dict(), candidates=candidates,
+              train_dataset_id=spec.dataset_id, status="queued", enqueued_attempt=1, enqueued_at=utcnow())
+    evaluation = Evaluation(id=job.id, tenant_id=tenant.id, name=name, dataset_id=spec.dataset_id,
+                            base_model=base_model, spec=eval_spec(spec).to_dict(), candidates=candidates,
                             source_job_id=source_job_id)
     session.add(job)
     session.flush()

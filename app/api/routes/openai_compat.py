@@ -262,7 +262,8 @@ async def completions(req: CompletionRequest, session: SessionDep, tenant: Curre
         raise Invalid("max_tokens", "max_tokens: 0 generates nothing; it is for scoring a prompt with echo: true")
     model_id, adapters = await look_up_then_release(session, _target, tenant, req.model)
     params = _params(req, req.max_tokens, req.logprobs)
-    if req.echo:  # every prompt token's log-probability (and its text, for token-id prompts)
+    if req.echo and (req.logprobs is not None or any(isinstance(p, list) for p in prompts)):
+        # Every prompt token's log-probability (and its text: token-id prompts are echoed from it).
         params.prompt_logprobs = req.logprobs or 0
     generations = [await _start(tenant, model_id, adapters, p, None, params, "max_tokens") for p in prompts]
     ident, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
