@@ -32,7 +32,7 @@ from app.models import LEASED_STATUSES, Dataset, Job, JobEvent, utcnow
 from app.queue import enqueue_job
 from app.services import groups, workers
 from app.services.adapters import register_adapter, register_checkpoint
-from app.services.evaluations import queue_after
+from app.services.evaluations import queue_eval_after
 from app.services.jobs import add_event
 from app.storage import ArtifactStore, StorageUnavailable, get_store
 from sbora_core.method.adapter_io import AdapterFormatError
@@ -298,25 +298,6 @@ def _kind_of(job_id: str) -> str:
         return job.kind if job is not None else "train"
 
 
-def _queue_eval_after(job_id: str, adapter_id: str) -> None:
-    """The evaluation a succeeded job asked for; a problem with it is logged, the job stays succeeded."""
-    try:
-        with session_scope() as session:
-            job = session.get(Job, job_id)
-            if job is None or not job.eval_after:
-                return
-            evaluation = queue_after(session, job, adapter_id)
-            add_event(session, job_id, "log", f"queued evaluation {evaluation.id} (eval_after)",
-                      {"evaluation_id": evaluation.id})
-            evaluation_id = evaluation.id
-    except Exception as exc:
-        log.exception("eval_after of %s", job_id)
-        with session_scope() as session:
-            add_event(session, job_id, "log", without_paths(f"eval_after: could not queue the evaluation: {exc}"))
-        return
-    enqueue_job(evaluation_id)
-
-
 def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactStore) -> str | None:
     heartbeat = Heartbeat(job_id, owner, settings.job_lease_s)
     heartbeat.start()
@@ -344,7 +325,7 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactSto
             adapter_id = adapter.id
         _finish(job_id, owner, "succeeded", f"succeeded: adapter {adapter_id}", adapter_id=adapter_id)
         log.info("succeeded", extra={"adapter_id": adapter_id, "steps": result.metrics.get("steps")})
-        _queue_eval_after(job_id, adapter_id)
+        queue_eval_after(job_id, adapter_id)
         succeeded = True  # its checkpoints are no longer needed
         return "succeeded"
     except DatasetMissing as exc:

@@ -7,6 +7,7 @@ with its spec and, once finished, its result; every item's result is an `evaluat
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from sqlalchemy import delete, func, select
@@ -14,7 +15,8 @@ from sqlalchemy.orm import Session
 
 from app import catalog
 from app.core.config import Settings
-from app.errors import Conflict, Invalid, NotFound
+from app.core.db import session_scope
+from app.errors import Conflict, Invalid, NotFound, without_paths
 from app.evaluation_schemas import CandidateSpec, EvaluationCreate
 from app.ids import new_id
 from app.models import (
@@ -27,6 +29,7 @@ from app.models import (
     Tenant,
     utcnow,
 )
+from app.queue import enqueue_job
 from app.schemas import EvalAfter
 from app.services.adapters import adapter_files, get_adapter
 from app.services.eval_sets import eval_items_of, eval_spec
@@ -39,6 +42,7 @@ from sbora_core.method.adapter_io import load_adapter
 from sbora_core.method.merge import check_disjoint
 
 KIND = "evaluation"
+log = logging.getLogger(__name__)
 
 
 def _candidate(session: Session, tenant: Tenant, spec: CandidateSpec, field: str,
@@ -133,6 +137,26 @@ def queue_after(session: Session, job: Job, adapter_id: str) -> Evaluation:
         {"label": "base", "model": job.base_model, "adapter_ids": [], "weights": None},
                   {"label": adapter_id, "model": adapter_id, "adapter_ids": [adapter_id], "weights": None}]
     return _record(session, tenant, after, job.base_model, candidates, job.name, job.id)
+
+
+def queue_eval_after(job_id: str, adapter_id: str) -> str | None:
+    """Run by the worker when a job succeeded: queue the evaluation it asked for (`eval_after`) and send
+    its message; the evaluation's id. A problem is logged on the job, which stays succeeded."""
+    try:
+        with session_scope() as session:
+            job = session.get(Job, job_id)
+            if job is None or not job.eval_after:
+                return None
+            evaluation_id = queue_after(session, job, adapter_id).id
+            add_event(session, job_id, "log", f"queued evaluation {evaluation_id} (eval_after)",
+                      {"evaluation_id": evaluation_id})
+    except Exception as exc:
+        log.exception("eval_after of %s", job_id)
+        with session_scope() as session:
+            add_event(session, job_id, "log", without_paths(f"eval_after: could not queue the evaluation: {exc}"))
+        return None
+    enqueue_job(evaluation_id)
+    return evaluation_id
 
 
 def list_evaluations(session: Session, tenant: Tenant, status: str | None, limit: int,
