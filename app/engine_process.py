@@ -112,7 +112,7 @@ class EngineProcess:
         for model_id, source in models.items():
             self.send(("warm", model_id, source))
 
-    def submit(self, model_id: str, model_source: str, adapters: list[AdapterRef], prompt: str | None,
+    def submit(self, model_id: str, model_source: str, adapters: list[AdapterRef], prompt: str | list[int] | None,
                messages: list[dict[str, str]] | None, params: SamplingParams, tenant: str = "") -> RemoteRequest:
         """Queue a request; raises what the engine refused it for (blocking: call in a thread).
         `model_source` is what sbora_core loads `model_id` from (a name or a directory)."""
@@ -357,7 +357,7 @@ def _new_engine(source: str, limits: EngineLimits):
                   max_queue=limits.max_queue, cache_bytes=limits.cache_bytes)
 
 
-def _submit(engine, adapters: list[AdapterRef], prompt: str | None,
+def _submit(engine, adapters: list[AdapterRef], prompt: str | list[int] | None,
             messages: list[dict[str, str]] | None, params: SamplingParams, tenant: str):
     """Tokenise, check the context length, load and verify the adapters, queue."""
     from sbora_core.training.tokenization import render_chat
@@ -370,6 +370,12 @@ def _submit(engine, adapters: list[AdapterRef], prompt: str | None,
             raise RequestRejected("messages", f"messages: the model's chat template cannot render them "
                                               f"({type(exc).__name__}: {exc})") from exc
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    elif isinstance(prompt, list):  # token ids, as lm-evaluation-harness sends them
+        vocab = engine.model.get_input_embeddings().weight.shape[0]
+        bad = next((t for t in prompt if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise RequestRejected("prompt", f"prompt: token id {bad} is not in the model's vocabulary (0..{vocab - 1})")
+        ids = list(prompt)
     else:
         ids = tokenizer(prompt or "")["input_ids"]
     if not ids:

@@ -19,6 +19,7 @@ from app.api.responses import ERROR_RESPONSES, OPENAI_ERROR_RESPONSES
 from app.api.routes import (
     adapters,
     datasets,
+    evaluations,
     generate,
     groups,
     health,
@@ -92,7 +93,8 @@ def create_app() -> FastAPI:
     app.add_middleware(ObservedRequests)
     app.include_router(health.router)
     install_dashboard(app)  # GET / and /static/...: the web dashboard
-    for router in (models.router, datasets.router, jobs.router, adapters.router, groups.router, generate.router):
+    for router in (models.router, datasets.router, jobs.router, evaluations.router, adapters.router, groups.router,
+                   generate.router):
         app.include_router(router, responses=ERROR_RESPONSES)
     app.include_router(openai_compat.router, responses=OPENAI_ERROR_RESPONSES)
     app.include_router(openai_finetune.router, responses=OPENAI_ERROR_RESPONSES)

@@ -24,6 +24,7 @@ from sqlalchemy.types import TypeDecorator
 from app.ids import new_id
 
 JOB_STATUSES = ("queued", "running", "cancelling", "succeeded", "failed", "cancelled")
+JOB_KINDS = ("train", "evaluation")  # what a worker does with a job it claims
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
 LEASED_STATUSES = ("running", "cancelling")  # a worker holds the job
 UNFINISHED_STATUSES = ("queued", *LEASED_STATUSES)
@@ -104,9 +105,13 @@ class Dataset(Timestamps, Base):
 
 
 class Job(Timestamps, Base):
+    """Work for the queue: a fine-tuning run, or an evaluation (whose spec and result live in
+    `evaluations`, under the same id). Claims, leases, retries and cancels are the same for both."""
+
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job"))
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16), default="train", server_default="train", index=True)
     name: Mapped[str | None] = mapped_column(String(200), default=None)
     base_model: Mapped[str] = mapped_column(String(500))
     quantization: Mapped[str] = mapped_column(String(8), default="none")
@@ -133,6 +138,41 @@ class Job(Timestamps, Base):
     enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # An evaluation to queue when the job succeeds (its dataset, grader and settings; the candidates
+    # are the base and the new adapter).
+    eval_after: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+
+
+class Evaluation(Base):
+    """An evaluation job's spec and result; its status, lease and events are its `jobs` row's."""
+
+    __tablename__ = "evaluations"
+    id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str | None] = mapped_column(String(200), default=None)
+    dataset_id: Mapped[str] = mapped_column(String(40))
+    base_model: Mapped[str] = mapped_column(String(500))
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)  # sbora_core's EvalSpec, complete
+    candidates: Mapped[list[Any]] = mapped_column(default=list)  # [{label, model, adapter_ids, weights}]
+    source_job_id: Mapped[str | None] = mapped_column(String(40), default=None)  # queued by a job's eval_after
+    result: Mapped[dict[str, Any] | None] = mapped_column(default=None)  # the summary, once finished
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class EvaluationItem(Base):
+    """One candidate's result on one item, stored with the rest of its chunk in one transaction."""
+
+    __tablename__ = "evaluation_items"
+    __table_args__ = (UniqueConstraint("evaluation_id", "candidate", "item"),)  # never scored twice
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    evaluation_id: Mapped[str] = mapped_column(ForeignKey("evaluations.id", ondelete="CASCADE"), index=True)
+    candidate: Mapped[int] = mapped_column(Integer)
+    item: Mapped[int] = mapped_column(Integer)
+    line: Mapped[int] = mapped_column(Integer)
+    correct: Mapped[bool | None] = mapped_column(Boolean, default=None)
+    values: Mapped[dict[str, Any]] = mapped_column(default=dict)  # metric -> [numerator, denominator]
+    output: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    tokens: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class Worker(Base):

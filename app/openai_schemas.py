@@ -53,11 +53,16 @@ class SamplingRequest(BaseModel):
     response_format: dict[str, Any] | None = None
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_length=1, max_length=1_000_000)]
+
+
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] = Field(..., max_length=1_000_000)
-    max_tokens: int = Field(16, ge=1)
+    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
+        ..., max_length=1_000_000, description="text, texts, token ids, or lists of token ids")
+    max_tokens: int = Field(16, ge=0, description="0 with echo: score the prompt, generate nothing")
     logprobs: int | None = Field(None, ge=0, le=20, description="alternatives reported per token")
-    echo: bool = False
+    echo: bool = Field(False, description="return the prompt before the completion; with logprobs, the "
+                                          "log-probability of every prompt token too (the first has none)")
     best_of: int | None = Field(None, ge=1, le=128)
     suffix: str | None = None
 

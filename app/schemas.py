@@ -9,6 +9,7 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from sbora_core.method.config import SBoRAConfig, field_help
+from sbora_core.training.harness import EvalSpec
 from sbora_core.training.job import Hyperparameters, Resources
 
 T = TypeVar("T")
@@ -113,6 +114,27 @@ class ResourcesSpec(BaseModel):
     sharding: Literal["none", "full"] = spec_field(Resources, "sharding")
 
 
+class EvalSettings(BaseModel):
+    """How an evaluation scores; fields and defaults are sbora_core.training.harness.EvalSpec's."""
+
+    model_config = ConfigDict(extra="forbid")
+    grader: Literal["multiple_choice", "exact_match", "loss"] = spec_field(EvalSpec, "grader")
+    protocol: Literal["option_text", "label"] = spec_field(EvalSpec, "protocol")
+    length_unit: Literal["chars", "tokens"] = spec_field(EvalSpec, "length_unit")
+    max_new_tokens: int = spec_field(EvalSpec, "max_new_tokens", ge=1, le=4096)
+    max_seq_len: int = spec_field(EvalSpec, "max_seq_len", ge=8, le=131072)
+    batch_size: int = spec_field(EvalSpec, "batch_size", ge=1, le=1024)
+    chunk_size: int = spec_field(EvalSpec, "chunk_size", ge=1, le=4096)
+    limit: int | None = spec_field(EvalSpec, "limit", ge=1, le=10_000_000)
+    seed: int = spec_field(EvalSpec, "seed", ge=0, le=2**31 - 1)
+
+
+class EvalAfter(EvalSettings):
+    """An evaluation queued when the job succeeds: the base model against the new adapter."""
+
+    dataset_id: str = Field(..., min_length=1, max_length=64, description="the evaluation set (POST /datasets)")
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base_model: str = Field("smollm2-135m-instruct", min_length=1, max_length=500)
@@ -125,6 +147,8 @@ class JobCreate(BaseModel):
     name: str | None = Field(None, max_length=200)
     group: str | None = Field(None, max_length=64, description="an adapter group id: the job takes a free slot "
                                                                 "of it and the group's variant, rank and targets")
+    eval_after: EvalAfter | None = Field(None, description="queue an evaluation of the base and the new adapter "
+                                                           "when the job succeeds")
 
 
 class JobError(BaseModel):
@@ -160,6 +184,7 @@ class JobPublic(BaseModel):
     error: JobError | None
     adapter_id: str | None
     attempts: int
+    eval_after: dict[str, Any] | None = None
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -174,7 +199,7 @@ class JobPublic(BaseModel):
             training_dataset_id=job.train_dataset_id, validation_dataset_id=job.val_dataset_id,
             status=job.status, progress=JobProgress(**(job.progress or {})),
             error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
-            adapter_id=job.adapter_id, attempts=job.attempts, created_at=job.created_at,
+            adapter_id=job.adapter_id, attempts=job.attempts, eval_after=job.eval_after, created_at=job.created_at,
             updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at,
         )
 

@@ -104,7 +104,7 @@ def paper_child(world_size: int, r: int) -> dict[str, Any]:
     whole = sum(p.numel() * p.element_size() for p in model.parameters())
     inject_adapter(model, SBoRAConfig(variant="sbora_fa", r=r, alpha=2 * r), fast_path=False)
     factors = [p for p in model.parameters() if p.requires_grad]
-    shard_frozen_base(LossModule(model, lambda m, b: torch.zeros(())), model,
+    shard_frozen_base(LossModule(model, lambda m, b: (torch.zeros(()), torch.zeros(()))), model,
                       DeviceMesh.from_group(dist.distributed_c10d._get_default_group(), "cpu"), factors)
     held = parameter_bytes(model)
     per_rank = held["frozen"] + statistics_bytes + held["trainable"]

@@ -183,7 +183,7 @@ def baseline_step(model_dir: Path, data: Path, shape: Shape, kind: str, quantiza
         batch = collate(examples, tokenizer.pad_token_id)  # per step, as the product's step does
         if optimizer is not None:
             optimizer.zero_grad(set_to_none=True)
-        loss, _ = backward_pass(model, [batch], autocast, device)
+        loss, _, _ = backward_pass(model, [batch], autocast, device)
         if optimizer is not None:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             float(loss)

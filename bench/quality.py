@@ -171,8 +171,8 @@ def build_train_file(domain: Domain, data: Path, budget: Budget, out: Path) -> P
         if domain.name == "commonsense":
             # Train on what the option_text protocol scores: the correct option's text.
             _, items = load_task(path)
-            part = [{"prompt": f"Question: {i.question}\nAnswer:", "completion": f" {i.options[i.answer]}"}
-                    for i in items if i.options]
+            part = [{"prompt": i.context, "completion": f" {i.choices[i.gold]}"}
+                    for i in items if i.choices is not None and i.gold is not None]
         else:
             part = [{k: r[k] for k in ("instruction", "input", "output")} for r in json.loads(path.read_text())
                     if r["output"].strip()]  # a few records have no worked solution

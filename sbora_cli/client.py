@@ -179,6 +179,26 @@ class ApiClient:
         with self._stream("GET", f"/jobs/{job_id}/events/stream", headers=headers, timeout=STREAM_TIMEOUT) as r:
             yield from iter_sse(r)
 
+    # -- evaluations -------------------------------------------------------------------------
+    def create_evaluation(self, spec: dict[str, Any]) -> dict[str, Any]:
+        return self._request("POST", "/evaluations", json=spec)
+
+    def list_evaluations(self, status: str | None = None, limit: int = 50, offset: int = 0) -> dict[str, Any]:
+        params = {"limit": limit, "offset": offset, **({"status": status} if status else {})}
+        return self._request("GET", "/evaluations", params=params)
+
+    def get_evaluation(self, evaluation_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/evaluations/{evaluation_id}")
+
+    def evaluation_items(self, evaluation_id: str, candidate: str | None, correct: bool | None,
+                         limit: int = 100) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit}
+        if candidate is not None:
+            params["candidate"] = candidate
+        if correct is not None:
+            params["correct"] = str(correct).lower()
+        return self._request("GET", f"/evaluations/{evaluation_id}/items", params=params)
+
     # -- adapters ----------------------------------------------------------------------------
     def create_group(self, spec: dict[str, Any]) -> dict[str, Any]:
         return self._request("POST", "/groups", json=spec)

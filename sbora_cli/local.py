@@ -116,8 +116,9 @@ def validate_command(
     batch_size: int = 4,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
-    """Check a dataset before training: every problem with its line number, and statistics."""
+    """Check a dataset before training (or an evaluation set): every problem with its line number, and statistics."""
     from sbora_core.training.data import validate_dataset
+    from sbora_core.training.eval_items import validate_eval_dataset
 
     tokenizer = None
     if model:
@@ -128,7 +129,8 @@ def validate_command(
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(model))
     if not dataset.is_file():
         fail(f"{dataset}: no such file")
-    report = validate_dataset(dataset, tokenizer, max_seq_len=max_seq_len, batch_size=batch_size)
+    report = validate_eval_dataset(dataset) or validate_dataset(dataset, tokenizer, max_seq_len=max_seq_len,
+                                                                batch_size=batch_size)
     if as_json:
         typer.echo(json.dumps(report.to_dict(), default=str, indent=2))
     else:

@@ -36,8 +36,9 @@ class ConsoleCallbacks(Callbacks):
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.console.print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        self.console.print(f"[dim]checkpoint {path}[/dim]")
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any] | None = None) -> None:
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in (metrics or {}).items() if k != "step" and isinstance(v, float))
+        self.console.print(f"[dim]checkpoint {path}{': ' + shown if shown else ''}[/dim]")
 
     def on_log(self, message: str) -> None:
         self.console.print(f"[dim]{message}[/dim]")

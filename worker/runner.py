@@ -14,6 +14,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, cast
@@ -31,6 +32,7 @@ from app.models import LEASED_STATUSES, Dataset, Job, utcnow
 from app.queue import enqueue_job
 from app.services import groups, workers
 from app.services.adapters import register_adapter, register_checkpoint
+from app.services.evaluations import queue_eval_after
 from app.services.jobs import add_event
 from app.storage import ArtifactStore, StorageUnavailable, get_store
 from sbora_core.method.adapter_io import AdapterFormatError
@@ -167,19 +169,19 @@ class DatabaseCallbacks(Callbacks):
                              {"step": step, **metrics}))
         self._flush(force=True)
 
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        """Record the checkpoint and register it as an adapter, servable as `ft:...:ckpt-step-N`."""
-        loss = self.progress.get("loss") if self.progress and self.progress.get("step") == step else None
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any] | None = None) -> None:
+        """Record the checkpoint with its metrics (train_*, valid_*, as OpenAI names them) and register
+        it as an adapter, servable as `ft:...:ckpt-step-N`."""
+        recorded = dict(metrics or {"step": step})
         with session_scope() as session:
             job = session.get(Job, self.job_id)
             assert job is not None
             keep = int(job.hyperparameters.get("keep_checkpoints", 2))
-            stale = register_checkpoint(session, job, step, path, self.store, keep,
-                                        {"step": step, "train_loss": loss})
+            stale = register_checkpoint(session, job, step, path, self.store, keep, recorded)
         job_files.publish_checkpoint(self.store, self.job_id, path, keep)
         for key in stale:
             self.store.delete(key)
-        self.pending.append(("checkpoint", f"checkpoint at step {step}", {"step": step, "train_loss": loss}))
+        self.pending.append(("checkpoint", f"checkpoint at step {step}", recorded))
         self._flush(force=True)
 
     def on_log(self, message: str) -> None:
@@ -258,9 +260,13 @@ def orphaned_job(exclude: str) -> str | None:
                      and workers.holder_dead(session, job, now)), None)
 
 
-def run_job(job_id: str, node: str = "") -> str | None:
+ClaimedRunner = Callable[[str, str, Settings, ArtifactStore], "str | None"]
+
+
+def run_job(job_id: str, node: str = "", runners: dict[str, ClaimedRunner] | None = None) -> str | None:
     """Run the job if this worker (Celery node `node`) can claim it; returns its final status, or
-    None if not claimed.
+    None if not claimed. Training jobs run here; `runners` runs other kinds once claimed (the
+    evaluation runner, `worker.evaluations`, stands on this module's lease and finish helpers).
 
     A dead worker's job goes first: its message sits behind every queued job, but it was admitted
     long ago and has work to lose. So before taking `job_id`, a worker takes over any orphaned
@@ -280,11 +286,21 @@ def run_job(job_id: str, node: str = "") -> str | None:
         _cancel_if_requested(job_id)
         return None
     try:
-        return _run_claimed(job_id, owner, settings, store)
+        kind = _kind_of(job_id)
+        run = _run_claimed if kind == "train" else (runners or {}).get(kind)
+        if run is None:
+            raise RuntimeError(f"job {job_id} is of kind {kind!r}, which this worker cannot run")
+        return run(job_id, owner, settings, store)
     finally:
         if node:
             with session_scope() as session:
                 workers.set_job(session, node, None)
+
+
+def _kind_of(job_id: str) -> str:
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        return job.kind if job is not None else "train"
 
 
 def _prepare_process() -> tuple[Settings, ArtifactStore]:
@@ -351,6 +367,7 @@ def _run_claimed(job_id: str, owner: str, settings: Settings, store: ArtifactSto
             adapter_id = adapter.id
         _finish(job_id, owner, "succeeded", f"succeeded: adapter {adapter_id}", adapter_id=adapter_id)
         log.info("succeeded", extra={"adapter_id": adapter_id, "steps": result.metrics.get("steps")})
+        queue_eval_after(job_id, adapter_id)
         succeeded = True  # its checkpoints are no longer needed
         return "succeeded"
     except RankFailure as exc:

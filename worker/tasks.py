@@ -26,6 +26,7 @@ from app.core.config import get_settings
 from app.core.db import get_engine
 from app.queue import JOIN_TASK, TRAIN_TASK, get_celery
 from app.services.workers import incarnation
+from worker.evaluations import run_claimed_evaluation
 from worker.heartbeat import WorkerHeartbeat
 from worker.ranks import offered_devices, worker_address
 from worker.runner import join_gang as join_gang_of
@@ -91,6 +92,7 @@ def train_job(self: Any, job_id: str) -> None:
     token = logs.job_id.set(job_id)  # every log line of this run carries the job id
     try:
         # This pool process's worker is its parent: the incarnation whose heartbeat vouches for it.
-        run_job(job_id, node=incarnation(self.request.hostname or "", os.getppid()))
+        run_job(job_id, node=incarnation(self.request.hostname or "", os.getppid()),
+                runners={"evaluation": run_claimed_evaluation})
     finally:
         logs.job_id.reset(token)

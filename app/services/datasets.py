@@ -16,6 +16,7 @@ from app.services.queries import owned, page
 from app.services.quotas import check_storage
 from app.storage import ArtifactStore, UploadTooLarge, discard_quietly
 from sbora_core.training.data import validate_dataset
+from sbora_core.training.eval_items import validate_eval_dataset
 from sbora_core.training.job import Hyperparameters
 
 # Steps per epoch are estimated at the default batch size; a job's own size rescales them.
@@ -34,8 +35,10 @@ def create_dataset(session: Session, tenant: Tenant, stream: BinaryIO, filename:
     try:
         check_storage(session, tenant, stored.size, settings)
         model_id = next(iter(catalog.offered()))
-        report = validate_dataset(store.local_file(key), catalog.tokenizer(model_id),
-                                  min_records=settings.min_dataset_records, batch_size=DEFAULT_BATCH_SIZE)
+        # An evaluation set (choices, or prompts with answers) is checked as one; anything else as training data.
+        report = validate_eval_dataset(store.local_file(key), min_records=settings.min_dataset_records) or \
+            validate_dataset(store.local_file(key), catalog.tokenizer(model_id),
+                             min_records=settings.min_dataset_records, batch_size=DEFAULT_BATCH_SIZE)
         if not report.ok:
             errors: list[dict[str, Any]] = [{"line": p.line, "message": p.message} for p in report.errors]
             more = f" (and {report.more_problems} more)" if report.more_problems else ""

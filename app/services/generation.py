@@ -52,7 +52,7 @@ def resolve_target(session: Session, tenant: Tenant, model: str | None, adapter_
     return model_id, adapters
 
 
-def start_generation(model_id: str, adapters: list[Adapter], prompt: str | None,
+def start_generation(model_id: str, adapters: list[Adapter], prompt: str | list[int] | None,
                      messages: list[dict[str, str]] | None, params: SamplingParams,
                      weights: list[float] | None = None, tenant: str = "") -> Generation:
     """Queue the request in the engine process; Invalid, QueueFull or AdapterIntegrityError when it is

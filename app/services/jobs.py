@@ -10,18 +10,31 @@ from sqlalchemy.orm import Session
 
 from app import catalog
 from app.core.config import Settings
-from app.errors import Conflict, Invalid
+from app.errors import Conflict, Invalid, NotFound
 from app.ids import new_id
 from app.models import TERMINAL_STATUSES, Job, JobEvent, Tenant, utcnow
 from app.schemas import JobCreate
 from app.services import groups, placement
 from app.services.datasets import check_dataset_ref, get_dataset
+from app.services.eval_sets import eval_items_of
 from app.services.queries import owned, page
 from app.services.quotas import check_unfinished_jobs
+from app.storage import get_store
 from sbora_core.method.config import ConfigError
+from sbora_core.training.eval_items import EVAL_FORMATS
 from sbora_core.training.job import Hyperparameters, Resources
 
 ALLOCATION_TRIES = 20
+
+
+def check_training_formats(session: Session, tenant: Tenant, spec: JobCreate) -> None:
+    """An evaluation set (choices, or prompts with answers) has nothing to train on."""
+    for field, dataset_id in (("training_dataset_id", spec.training_dataset_id),
+                              ("validation_dataset_id", spec.validation_dataset_id)):
+        if dataset_id and (fmt := get_dataset(session, tenant, dataset_id).format) in EVAL_FORMATS:
+            raise Invalid(field, f"{field}: dataset {dataset_id} is an evaluation set ({fmt}); train on chat, "
+                                 "prompt/completion or instruction records, and score with it through eval_after "
+                                 "or POST /evaluations")
 
 
 def check_chat_template(session: Session, tenant: Tenant, spec: JobCreate) -> None:
@@ -47,7 +60,10 @@ def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Sett
         raise Invalid("base_model", str(exc)) from exc
     check_dataset_ref(session, tenant, spec.training_dataset_id, "training_dataset_id")
     check_dataset_ref(session, tenant, spec.validation_dataset_id, "validation_dataset_id")
+    check_training_formats(session, tenant, spec)
     check_chat_template(session, tenant, spec)
+    if spec.eval_after is not None:
+        eval_items_of(session, tenant, spec.eval_after.dataset_id, spec.eval_after, "eval_after.dataset_id", get_store())
     method = spec.method.model_dump()
     group = groups.get_group(session, tenant, spec.group) if spec.group else None
     if group is not None:
@@ -71,7 +87,7 @@ def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Sett
                   quantization=spec.quantization, method=dict(method), hyperparameters=hyperparameters,
                   resources=dict(resources),
                   train_dataset_id=spec.training_dataset_id, val_dataset_id=spec.validation_dataset_id,
-                  status="queued", enqueued_attempt=1, enqueued_at=utcnow())  # the route sends attempt 1's message
+                  eval_after=spec.eval_after.model_dump() if spec.eval_after else None, status="queued", enqueued_attempt=1, enqueued_at=utcnow())  # the route sends attempt 1's message
         try:
             # The job and its group slot are written in one transaction: both, or neither.
             if group is not None:
@@ -90,23 +106,29 @@ def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Sett
     raise AssertionError("unreachable")
 
 
-def list_jobs(session: Session, tenant: Tenant, status: str | None, limit: int, offset: int) -> tuple[list[Job], int]:
-    query = select(Job).where(Job.tenant_id == tenant.id)
+def list_jobs(session: Session, tenant: Tenant, status: str | None, limit: int, offset: int,
+              kind: str = "train") -> tuple[list[Job], int]:
+    query = select(Job).where(Job.tenant_id == tenant.id, Job.kind == kind)
     if status:
         query = query.where(Job.status == status)
     return page(session, query.order_by(Job.created_at.desc()), limit, offset)
 
 
-def get_job(session: Session, tenant: Tenant, job_id: str) -> Job:
-    return owned(session, Job, tenant, job_id, "job")
+def get_job(session: Session, tenant: Tenant, job_id: str, kind: str = "train") -> Job:
+    """The tenant's job of this kind (an evaluation's job is found under /evaluations, not /jobs)."""
+    what = "job" if kind == "train" else kind
+    job = owned(session, Job, tenant, job_id, what)
+    if job.kind != kind:
+        raise NotFound(f"no {what} with id {job_id!r}")
+    return job
 
 
-def cancel_job(session: Session, tenant: Tenant, job_id: str) -> Job:
+def cancel_job(session: Session, tenant: Tenant, job_id: str, kind: str = "train") -> Job:
     """Queued jobs end at once; running ones are `cancelling` until their worker stops, within one
-    optimiser step (then `cancelled`)."""
-    job = get_job(session, tenant, job_id)
+    optimiser step or evaluation chunk (then `cancelled`)."""
+    job = get_job(session, tenant, job_id, kind)
     if job.status in TERMINAL_STATUSES:
-        raise Conflict(f"job {job_id} already {job.status}")
+        raise Conflict(f"{'job' if kind == 'train' else kind} {job_id} already {job.status}")
     if job.status == "cancelling":
         return job
     job.cancel_requested = True
@@ -135,8 +157,8 @@ def add_event_once(session: Session, job_id: str, kind: str, message: str, data:
 
 
 def list_events(session: Session, tenant: Tenant, job_id: str, after: int, limit: int,
-                kind: str | None = None) -> tuple[list[JobEvent], int]:
-    get_job(session, tenant, job_id)
+                kind: str | None = None, job_kind: str = "train") -> tuple[list[JobEvent], int]:
+    get_job(session, tenant, job_id, job_kind)
     query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after)
     if kind:
         query = query.where(JobEvent.kind == kind)

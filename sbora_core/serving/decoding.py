@@ -80,15 +80,34 @@ class Row:
         if len(self.text) > self.emitted and finish != "cancelled":
             self.handle.emit(self.text[self.emitted:])
         self.handle.emit(Completion(self.text, len(self.handle.prompt_ids), len(self.produced), finish,
-                                    self.logprobs))
+                                    self.logprobs, self.handle.prompt_logprobs))
 
     def record_logprob(self, token: int, logprobs: torch.Tensor, tokenizer) -> None:
-        """Keep the log-probability of `token` (already in `produced`) and the top alternatives."""
+        """Keep the log-probability of the token drawn and the top alternatives."""
         assert self.logprobs is not None and self.params.logprobs is not None
         top = logprobs.topk(self.params.logprobs) if self.params.logprobs else None
         alternatives = [] if top is None else [(tokenizer.decode([int(t)]), float(v))
                                                for v, t in zip(top.values, top.indices, strict=True)]
         self.logprobs.append(TokenLogprob(tokenizer.decode([token]), float(logprobs[token]), alternatives))
+
+
+def record_prompt_logprobs(handle: RequestHandle, logits: torch.Tensor, first: int, tokenizer) -> None:
+    """Log-probabilities of prompt tokens first+1 .. first+len(logits) from logits (T, V) read at
+    positions first .. (each position predicts the next prompt token; the last may predict none)."""
+    assert handle.prompt_logprobs is not None and handle.params.prompt_logprobs is not None
+    if first == 0:
+        handle.prompt_logprobs[0] = TokenLogprob(tokenizer.decode([handle.prompt_ids[0]]), None)
+    targets = handle.prompt_ids[first + 1: first + 1 + logits.shape[0]]
+    if not targets:
+        return
+    logprobs = torch.log_softmax(logits[: len(targets)].float(), dim=-1)  # (n, V)
+    chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
+    k = handle.params.prompt_logprobs
+    top = logprobs.topk(k, dim=-1) if k else None
+    for i, token in enumerate(targets):
+        alternatives = [] if top is None else [(tokenizer.decode([int(t)]), float(v))
+                                               for v, t in zip(top.values[i], top.indices[i], strict=True)]
+        handle.prompt_logprobs[first + 1 + i] = TokenLogprob(tokenizer.decode([token]), chosen[i], alternatives)
 
 
 

@@ -34,7 +34,7 @@ from sbora_core.method.files import sha256_file
 from sbora_core.method.merge import MergeHandle, RegionCache, check_disjoint, merge_adapters
 from sbora_core.method.models import BaseModel
 from sbora_core.serving.adapter_cache import AdapterCache
-from sbora_core.serving.decoding import CACHE_FIELD, Batch, FairQueue, Row
+from sbora_core.serving.decoding import CACHE_FIELD, Batch, FairQueue, Row, record_prompt_logprobs
 from sbora_core.serving.generation import Completion, RequestHandle, SamplingParams
 from sbora_core.serving.row_adapters import RowAdapterHooks, RowBanks
 from sbora_core.serving.static_decode import (
@@ -254,7 +254,7 @@ class Engine:
 
     def _forward(self, handles: list[RequestHandle], ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor,
                  cache: Any) -> tuple[torch.Tensor, Any]:
-        """The model on these rows; in unmerged mode their own slots are active for it."""
+        """The model on these rows; in unmerged mode their own slots are active for it. Logits (B, T, V)."""
         prefill = self.mixed and (self.batch is None or handles != self.batch.handles)
         running = self.batch.handles if self.batch is not None else []
         if prefill:  # prompts read beside the running batch take the slots after its rows'
@@ -265,7 +265,7 @@ class Engine:
         finally:
             if prefill:
                 self._bank(running)
-        return out.logits[:, -1], getattr(out, CACHE_FIELD)
+        return out.logits, getattr(out, CACHE_FIELD)
 
     def _prefill(self) -> None:
         """Prompts that fit in a chunk: all together in one forward. Otherwise the first long prompt, one
@@ -290,17 +290,25 @@ class Engine:
         mask = torch.ones((1, end), dtype=torch.long, device=self.device)
         positions = torch.arange(done, end, device=self.device)[None]
         if end < len(handle.prompt_ids):
-            _, cache = self._forward([handle], ids, mask, positions, cache)
+            logits, cache = self._forward([handle], ids, mask, positions, cache)
+            if handle.prompt_logprobs is not None:
+                record_prompt_logprobs(handle, logits[0], done, self.tokenizer)
             self.prefilled[id(handle)] = (cache, end)
             return
         self.prefilled.pop(id(handle), None)
-        self._start_rows([handle], ids, mask, positions, cache)
+        self._start_rows([handle], ids, mask, positions, cache, first=done)
 
     def _start_rows(self, handles: list[RequestHandle], ids: torch.Tensor, mask: torch.Tensor,
-                    positions: torch.Tensor, cache: Any) -> None:
-        """The prompts' last forward: first tokens, then the rows join the running batch."""
+                    positions: torch.Tensor, cache: Any, first: int = 0) -> None:
+        """The prompts' last forward (of their tokens from `first` on; left-padded rows): prompt
+        log-probabilities where asked for, first tokens, then the rows join the running batch."""
         started = time.perf_counter()
-        logits, cache = self._forward(handles, ids, mask, positions, cache)
+        every, cache = self._forward(handles, ids, mask, positions, cache)  # (B, T, V)
+        for i, h in enumerate(handles):
+            if h.prompt_logprobs is not None:
+                read = len(h.prompt_ids) - first  # this forward's tokens of the prompt, in the last columns
+                record_prompt_logprobs(h, every[i, every.shape[1] - read:], first, self.tokenizer)
+        logits = every[:, -1]
         for h in handles:
             self.joining.remove(h)
         rows = [Row(h, self.device) for h in handles]
@@ -333,6 +341,7 @@ class Engine:
         else:
             mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
             logits, batch.cache = self._forward(batch.handles, batch.next_ids, mask, batch.positions, batch.cache)
+            logits = logits[:, -1]
             batch.mask, batch.positions = mask, batch.positions + 1
         self._take_tokens(batch, logits, started)
         if not batch.rows:
@@ -361,13 +370,18 @@ class Engine:
             if row.handle.cancelled.is_set():
                 row.finish = "cancelled"
                 continue
+            if row.params.max_new_tokens <= 0:  # scoring only: the prompt's log-probabilities were the answer
+                row.finish = "length"
+                continue
             token = greedy[i] if row.params.temperature <= 0 else row.sample(logits[i])
             produced = len(row.produced)
             row.push(token, self.tokenizer, self.eos)
             if row.finish is None and self.slots is not None and \
                     len(row.handle.prompt_ids) + len(row.produced) >= self.slots.max_len:
                 row.finish = "length"  # its slot is full
-            if row.logprobs is not None and len(row.produced) > produced:  # a token kept, not EOS
+            kept = len(row.produced) > produced
+            # Scoring clients (echo) expect one entry per token drawn, the end-of-text token included.
+            if row.logprobs is not None and (kept or row.params.prompt_logprobs is not None):
                 row.record_logprob(token, torch.log_softmax(logits[i].float(), dim=-1), self.tokenizer)
         self.stats["generated_tokens"] += len(batch.rows)
         self.step_seconds = 0.9 * self.step_seconds + 0.1 * (time.perf_counter() - started)

@@ -21,6 +21,9 @@ class SamplingParams:
     seed: int | None = None
     ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks)
     logprobs: int | None = None  # report each token's log-probability and this many alternatives (None: off)
+    # The prompt's own tokens too (OpenAI's `echo` with `logprobs`): each token's log-probability
+    # given the ones before it, and this many alternatives; None: off. The first token has none.
+    prompt_logprobs: int | None = None
 
 
 @dataclass
@@ -28,7 +31,7 @@ class TokenLogprob:
     """One generated token with its log-probability, and the most likely alternatives at its place."""
 
     token: str
-    logprob: float
+    logprob: float | None  # None for a prompt's first token: nothing precedes it
     top: list[tuple[str, float]] = field(default_factory=list)
 
 
@@ -39,6 +42,7 @@ class Completion:
     completion_tokens: int
     finish_reason: str  # "stop", "length" or "cancelled"
     logprobs: list[TokenLogprob] | None = None  # when the request asked for them
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (the first has no logprob)
 
 
 class EventStream:
@@ -96,6 +100,9 @@ class RequestHandle(EventStream):
         self.tenant = tenant  # whose request: the engine admits tenants in turn
         self.cancelled = threading.Event()
         self.submitted_at = time.monotonic()
+        # Filled while the prompt is read, when params.prompt_logprobs asks for it.
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            [None] * len(prompt_ids) if params.prompt_logprobs is not None else None)
 
     @property
     def adapter_set(self) -> tuple[int, ...]:

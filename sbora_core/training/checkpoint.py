@@ -41,13 +41,20 @@ class History:
     train_loss: list[list[float]] = field(default_factory=list)  # [step, loss] per optimiser step
     val_loss: list[list[float]] = field(default_factory=list)  # [step, loss] per validation
     elapsed_s: float = 0.0  # training time before the current process took over
+    train_accuracy: list[list[float]] = field(default_factory=list)  # [step, token accuracy] per optimiser step
+    val_accuracy: list[list[float]] = field(default_factory=list)  # [step, token accuracy] per validation
 
     def evaluated_at(self, step: int) -> bool:
         return bool(self.val_loss) and self.val_loss[-1][0] == step
 
     def recent_train_loss(self, last: int = 10) -> float | None:
-        recent = [loss for _, loss in self.train_loss[-last:]]
-        return sum(recent) / len(recent) if recent else None
+        return self.recent(self.train_loss, last)
+
+    @staticmethod
+    def recent(curve: list[list[float]], last: int = 10) -> float | None:
+        """The mean of a curve's last `last` values."""
+        values = [value for _, value in curve[-last:]]
+        return sum(values) / len(values) if values else None
 
 
 def checkpoint_dirs(output_dir: Path) -> list[Path]:

@@ -38,7 +38,8 @@ from sbora_core.method.linear import is_quantized_linear
 from sbora_core.training.tokenization import IGNORE_INDEX, TokenizedExample, collate
 
 T = TypeVar("T")
-LossSum = Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+# (summed token loss, correct tokens) of a batch
+LossSum = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -123,8 +124,10 @@ class RankStep:
         no_sync = getattr(self.loss_module, "no_sync", None)
         return no_sync() if no_sync is not None and index < len(self.parts) - 1 else nullcontext()
 
-    def loss_sum(self, batch: dict[str, torch.Tensor], index: int) -> torch.Tensor:
-        return self.loss_module(batch) * self.weights[index]
+    def loss_sum(self, batch: dict[str, torch.Tensor], index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss sum, correct tokens) of this rank's part of micro-batch `index`; 0 for a stand-in."""
+        loss, correct = self.loss_module(batch)
+        return loss * self.weights[index], correct * self.weights[index]
 
     def for_backward(self, loss: torch.Tensor) -> torch.Tensor:
         """DDP averages over the ranks; the ranks' losses are parts of one sum."""
@@ -140,7 +143,7 @@ class LossModule(nn.Module):
         self.model = model
         self.loss_sum = loss_sum
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         return self.loss_sum(self.model, batch)
 
 
@@ -252,23 +255,26 @@ def evaluating(model: nn.Module) -> Iterator[None]:
 
 
 @torch.no_grad()
-def validation_loss(root: nn.Module, model: nn.Module, examples: list[TokenizedExample], batch_size: int,
-                    pad_id: int, ranks: Ranks) -> float:
-    """Mean next-token loss over every target token of `examples`, the batches spread over the ranks;
-    every rank runs as many forwards (FSDP2 gathers each layer collectively), stand-ins uncounted."""
+def validation_metrics(root: nn.Module, model: nn.Module, examples: list[TokenizedExample], batch_size: int,
+                       pad_id: int, ranks: Ranks) -> dict[str, float]:
+    """Mean next-token loss and token accuracy over every target token of `examples`, the batches
+    spread over the ranks; every rank runs as many forwards (FSDP2 gathers each layer collectively),
+    stand-ins uncounted."""
     chunks = [examples[i:i + batch_size] for i in range(0, len(examples), batch_size)]
     mine = chunks[ranks.rank::ranks.world_size]
     rounds = -(-len(chunks) // ranks.world_size)
-    sums = torch.zeros(2, dtype=torch.float64, device=ranks.device)  # (loss sum, target tokens)
+    sums = torch.zeros(3, dtype=torch.float64, device=ranks.device)  # (loss sum, correct, target tokens)
     with evaluating(model):
         for i in range(rounds):
             chunk = mine[i] if i < len(mine) else chunks[0]
             batch = {k: v.to(ranks.device) for k, v in collate(chunk, pad_id).items()}
-            loss = root(batch)
+            loss, correct = root(batch)
             if i < len(mine):
                 sums[0] += loss.double()
-                sums[1] += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+                sums[1] += correct.double()
+                sums[2] += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     if callable(reshard := getattr(root, "reshard", None)):
         reshard()  # FSDP2 keeps the root gathered after a forward for the backward, which eval never runs
     dist.all_reduce(sums, group=ranks.group)
-    return float(sums[0] / sums[1].clamp(min=1))
+    count = sums[2].clamp(min=1)
+    return {"loss": float(sums[0] / count), "mean_token_accuracy": float(sums[1] / count)}

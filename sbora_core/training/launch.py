@@ -99,8 +99,8 @@ class FileCallbacks(Callbacks):
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         _append_line(self.events, {"kind": "eval", "step": step, "metrics": metrics})
 
-    def on_checkpoint(self, step: int, path: Path) -> None:
-        _append_line(self.events, {"kind": "checkpoint", "step": step, "path": str(path)})
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any] | None = None) -> None:
+        _append_line(self.events, {"kind": "checkpoint", "step": step, "path": str(path), "metrics": metrics})
         while not ack_file(self.run_dir, step).exists():  # the caller died? Then so does this rank
             time.sleep(0.05)
 
@@ -118,7 +118,7 @@ def replay(record: dict[str, Any], callbacks: Callbacks) -> None:
     elif kind == "eval":
         callbacks.on_eval(record["step"], record["metrics"])
     elif kind == "checkpoint":
-        callbacks.on_checkpoint(record["step"], Path(record["path"]))
+        callbacks.on_checkpoint(record["step"], Path(record["path"]), record.get("metrics"))
     elif kind == "log":
         callbacks.on_log(record["message"])
 

@@ -29,17 +29,20 @@ def chunk_rows(vocab: int) -> int:
 
 
 class LinearCrossEntropy(torch.autograd.Function):
-    """sum over rows of CE(hidden W^T, labels) for a frozen head W (vocab, H), chunk by chunk."""
+    """sum over rows of CE(hidden W^T, labels) for a frozen head W (vocab, H), chunk by chunk, and
+    how many rows' argmax is their label (not differentiable)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                chunk: int) -> torch.Tensor:
+                chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
         grad = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None  # (M, H)
         total = hidden.new_zeros((), dtype=torch.float32)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             rows, target = hidden[start : start + chunk], labels[start : start + chunk]  # (C, H), (C,)
             logits = F.linear(rows, weight).float()  # (C, V)
+            correct += (logits.argmax(-1) == target).sum()
             target_logit = logits.gather(1, target[:, None]).squeeze(1)  # (C,)
             # Softmax in place over the chunk's one fp32 copy of the logits: no other (C, V) temporary.
             peak = logits.amax(-1, keepdim=True)  # (C, 1)
@@ -52,11 +55,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(target.numel(), device=probs.device), target] -= 1.0
                 grad[start : start + chunk] = F.linear(probs.to(weight.dtype), weight.t()).to(grad.dtype)
         ctx.save_for_backward(grad)
-        return total
+        ctx.mark_non_differentiable(correct)
+        return total, correct
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx: Any, grad_total: torch.Tensor):
+    def backward(ctx: Any, grad_total: torch.Tensor, _grad_correct: torch.Tensor):
         (grad,) = ctx.saved_tensors
         return grad * grad_total.to(grad.dtype), None, None, None
 
@@ -72,8 +76,9 @@ def _fusable_head(model: nn.Module) -> tuple[nn.Module, nn.Linear] | None:
     return decoder, head
 
 
-def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of next-token cross-entropy over target tokens (labels != -100)."""
+def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of next-token cross-entropy over target tokens (labels != -100), and how many of those
+    tokens the model's argmax predicts (token accuracy, as OpenAI's fine-tuning reports it)."""
     if "position_ids" in batch:  # packed rows: the positions tell the examples apart, no mask
         inputs = {"position_ids": batch["position_ids"]}
     else:
@@ -82,8 +87,10 @@ def token_loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Te
     fusable = _fusable_head(model)
     if fusable is None:
         logits = model(input_ids=batch["input_ids"], use_cache=False, **inputs).logits
-        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-        return F.cross_entropy(shift_logits, shift_labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        shift_logits = logits[:, :-1].reshape(-1, logits.shape[-1]).float()  # (B*(T-1), V)
+        flat = shift_labels.reshape(-1)
+        correct = ((shift_logits.detach().argmax(-1) == flat) & (flat != IGNORE_INDEX)).sum()
+        return F.cross_entropy(shift_logits, flat, ignore_index=IGNORE_INDEX, reduction="sum"), correct
     decoder, head = fusable
     hidden = decoder(input_ids=batch["input_ids"], use_cache=False, **inputs).last_hidden_state  # (B, T, H)
     targets = shift_labels != IGNORE_INDEX

@@ -45,7 +45,7 @@ from sbora_core.training.checkpoint import (
 )
 from sbora_core.training.data import load_examples
 from sbora_core.training.distributed import Ranks, RankStep
-from sbora_core.training.evaluate import validation_loss
+from sbora_core.training.evaluate import validation_metrics
 from sbora_core.training.job import Hyperparameters, TrainJob
 from sbora_core.training.loss import token_loss_sum
 from sbora_core.training.tokenization import (
@@ -77,7 +77,8 @@ class Callbacks:
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
 
-    def on_checkpoint(self, step: int, path: Path) -> None: ...
+    def on_checkpoint(self, step: int, path: Path, metrics: dict[str, Any] | None = None) -> None:
+        """A checkpoint was written; `metrics` are checkpoint_metrics' (step, train_*, valid_*)."""
 
     def on_log(self, message: str) -> None: ...
 
@@ -141,28 +142,31 @@ def _make_optimizer(params: list[torch.nn.Parameter], hp: Hyperparameters, devic
 
 
 def backward_pass(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], autocast: Any,
-                  device: torch.device, ranks: RankStep | None = None) -> tuple[torch.Tensor, int]:
+                  device: torch.device, ranks: RankStep | None = None) -> tuple[torch.Tensor, int, torch.Tensor]:
     """Forward and backward over one step's micro-batches (CPU tensors from `collate`).
 
-    Returns the step's mean loss per target token, still on the device (read it once, not per
-    micro-batch), and the tokens processed (padding excluded, counted before the copy to the device).
+    Returns the step's mean loss per target token and its token accuracy, still on the device (read
+    them once, not per micro-batch), and the tokens processed (padding excluded, counted before the
+    copy to the device).
     On several ranks `micro` holds this rank's part of each micro-batch and `ranks` the rest: the
-    loss is normalised by the target tokens of every rank's parts, not this rank's (so the ranks'
-    losses add up to the one-process loss), and runs through the data-parallel module.
+    loss and accuracy are normalised by the target tokens of every rank's parts, not this rank's (so
+    the ranks' values add up to the one-process ones), and the loss runs through the data-parallel module.
     """
     step_targets = ranks.step_targets if ranks else sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
                                                         for b in micro)
     tokens = sum(int(b["attention_mask"].sum()) for b in micro)
     total = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
     for i, batch in enumerate(micro):
         on_device = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with ranks.syncing(i) if ranks else nullcontext():
             with autocast:
-                loss_sum = ranks.loss_sum(on_device, i) if ranks else token_loss_sum(model, on_device)
+                loss_sum, hits = ranks.loss_sum(on_device, i) if ranks else token_loss_sum(model, on_device)
                 loss = loss_sum / max(1, step_targets)
             (ranks.for_backward(loss) if ranks else loss).backward()
         total += loss.detach()
-    return total, tokens
+        correct += hits.detach()
+    return total, tokens, correct / max(1, step_targets)
 
 
 def autocast_for(device: torch.device) -> Any:
@@ -230,11 +234,13 @@ class Run:
         share = self.ranks.step(batches, self.loss_module, hp.seed, self.pos.step) if self.ranks else None
         micro = [collate(b, self.pad_id) for b in (share.parts if share else batches)]
         self.optimizer.zero_grad(set_to_none=True)
-        loss, tokens = backward_pass(self.model, micro, self.autocast, self.base.device, share)
+        loss, tokens, accuracy = backward_pass(self.model, micro, self.autocast, self.base.device, share)
         self.pos.tokens += share.step_tokens if share else tokens
         if hp.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, hp.max_grad_norm)
-        loss_sum = float(self.ranks.total(loss) if self.ranks else loss)  # the step's one read back
+        values = torch.stack([loss, accuracy])
+        # The step's one read back from the device (summed over the ranks' parts first).
+        loss_sum, token_accuracy = (self.ranks.total(values) if self.ranks else values).tolist()
         if not math.isfinite(loss_sum):
             raise FloatingPointError(
                 f"training diverged at step {self.pos.step + 1} (loss {loss_sum}); lower learning_rate")
@@ -243,6 +249,7 @@ class Run:
         self.scheduler.step()
         self.pos.step += 1
         self.history.train_loss.append([self.pos.step, loss_sum])
+        self.history.train_accuracy.append([self.pos.step, token_accuracy])
         self._report(loss_sum, lr)
         return loss_sum
 
@@ -256,26 +263,55 @@ class Run:
             eta_s=run_elapsed / (pos.step - self.run_start_step) * (self.total_steps - pos.step),
         ))
 
-    def evaluate(self) -> float:
+    def validation(self, examples: list[TokenizedExample]) -> dict[str, float]:
+        """Loss and token accuracy on `examples`; collective on several ranks (a sharded base's layers
+        are gathered by every rank together), back in training mode after."""
         if self.ranks:
-            loss = distributed.validation_loss(self.loss_module.module, self.model, self.val_examples,
-                                               self.hp.eval_batch_size, self.pad_id, self.ranks)
+            metrics = distributed.validation_metrics(self.loss_module.module, self.model, examples,
+                                                     self.hp.eval_batch_size, self.pad_id, self.ranks)
         else:
-            loss = validation_loss(self.model, self.val_examples, self.hp.eval_batch_size, self.pad_id)
+            metrics = validation_metrics(self.model, examples, self.hp.eval_batch_size, self.pad_id)
         self.model.train()
-        self.history.val_loss.append([self.pos.step, loss])
-        self.callbacks.on_eval(self.pos.step, {"val_loss": loss})
-        return loss
+        return metrics
+
+    def evaluate(self) -> float:
+        """Validation on the whole validation set (spread over the ranks on several); the loss."""
+        metrics = self.validation(self.val_examples)
+        self.model.train()
+        self.history.val_loss.append([self.pos.step, metrics["loss"]])
+        self.history.val_accuracy.append([self.pos.step, metrics["mean_token_accuracy"]])
+        self.callbacks.on_eval(self.pos.step, {"val_loss": metrics["loss"],
+                                               "val_mean_token_accuracy": metrics["mean_token_accuracy"]})
+        return metrics["loss"]
+
+    def checkpoint_metrics(self) -> dict[str, Any]:
+        """What a checkpoint records, as OpenAI's fine-tuning names it: the step's training loss and
+        token accuracy, and the loss and token accuracy on one validation batch (the batches taken
+        in turn, checkpoint after checkpoint)."""
+        step = self.pos.step
+        metrics: dict[str, Any] = {"step": step}
+        if self.history.train_loss and self.history.train_loss[-1][0] == step:
+            metrics["train_loss"] = self.history.train_loss[-1][1]
+        if self.history.train_accuracy and self.history.train_accuracy[-1][0] == step:
+            metrics["train_mean_token_accuracy"] = self.history.train_accuracy[-1][1]
+        if self.val_examples:
+            size = self.hp.eval_batch_size
+            batches = math.ceil(len(self.val_examples) / size)
+            turn = (step // (self.hp.checkpoint_every or step or 1)) % batches
+            valid = self.validation(self.val_examples[turn * size:(turn + 1) * size])
+            metrics["valid_loss"], metrics["valid_mean_token_accuracy"] = valid["loss"], valid["mean_token_accuracy"]
+        return metrics
 
     def checkpoint(self) -> Path | None:
         """Rank 0 writes (factors and optimiser state are whole on every rank); the others go on."""
+        metrics = self.checkpoint_metrics()  # on every rank: validation is collective there
         if self.ranks and not self.ranks.is_writer:
             return None
         self.history.elapsed_s = self.elapsed_s
         path = save_checkpoint(self.output_dir, self.model, self.config, self.optimizer, self.scheduler,
                                self.pos, self.history, self.hp.keep_checkpoints)
         self.last_checkpoint = path
-        self.callbacks.on_checkpoint(self.pos.step, path)
+        self.callbacks.on_checkpoint(self.pos.step, path, metrics)
         return path
 
     def after_step(self) -> None:
@@ -297,12 +333,18 @@ class Run:
 
     def finish(self) -> TrainResult:
         """The final validation (unless the last step had one), the metrics and the adapter files."""
-        val_loss = None
+        val_loss = val_accuracy = None
         if self.val_examples:
-            val_loss = self.history.val_loss[-1][1] if self.history.evaluated_at(self.pos.step) else self.evaluate()
+            if not self.history.evaluated_at(self.pos.step):
+                self.evaluate()
+            val_loss, val_accuracy = self.history.val_loss[-1][1], self.history.val_accuracy[-1][1]
         metrics: dict[str, Any] = {
             "train_loss": self.history.recent_train_loss(),
+            "train_mean_token_accuracy": self.history.recent(self.history.train_accuracy),
             "val_loss": val_loss,
+            # The whole validation set at the end, as OpenAI's final checkpoint names it.
+            "full_valid_loss": val_loss,
+            "full_valid_mean_token_accuracy": val_accuracy,
             "steps": self.pos.step,
             "epochs": self.pos.step / self.steps_per_epoch,
             "tokens": self.pos.tokens,

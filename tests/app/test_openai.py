@@ -209,8 +209,9 @@ def sbora_method(**hyperparameters) -> dict:
 def test_fine_tuning_flow_ends_in_a_model_chat_can_use(oai, client, alice):
     upload = oai.files.create(file=("colours.jsonl", chat_lines(24)), purpose="fine-tune")
     assert upload.object == "file" and upload.purpose == "fine-tune" and upload.bytes == len(chat_lines(24))
-    job = oai.fine_tuning.jobs.create(model=TINY, training_file=upload.id, suffix="colours", seed=3,
-                                      method=sbora_method(max_steps=4, checkpoint_every=2))
+    validation = oai.files.create(file=("held-out.jsonl", chat_lines(6, offset=400)), purpose="fine-tune")
+    job = oai.fine_tuning.jobs.create(model=TINY, training_file=upload.id, validation_file=validation.id,
+                                      suffix="colours", seed=3, method=sbora_method(max_steps=4, checkpoint_every=2))
     assert job.status == "queued" and job.training_file == upload.id and job.seed == 3
     assert job.hyperparameters.batch_size == 4 and job.hyperparameters.learning_rate_multiplier == pytest.approx(50)
     done = wait_for(lambda: (j := oai.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
@@ -224,7 +225,7 @@ def test_fine_tuning_flow_ends_in_a_model_chat_can_use(oai, client, alice):
 
     events = oai.fine_tuning.jobs.list_events(job.id, limit=100).data
     assert [e.created_at for e in events] == sorted((e.created_at for e in events), reverse=True)
-    steps = sorted(e.data["step"] for e in events if e.type == "metrics")
+    steps = sorted(e.data["step"] for e in events if e.type == "metrics" and "loss" in e.data)
     assert steps == [1, 2, 3, 4]
     first_page = oai.fine_tuning.jobs.list_events(job.id, limit=2)
     assert first_page.has_more and len(first_page.data) == 2
@@ -233,6 +234,12 @@ def test_fine_tuning_flow_ends_in_a_model_chat_can_use(oai, client, alice):
     checkpoints = oai.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [4, 2]  # newest first
     assert all(c.fine_tuning_job_id == job.id and c.metrics.train_loss is not None for c in checkpoints)
+    # OpenAI's checkpoint metrics; the last step's checkpoint has the full validation set's too.
+    for c in checkpoints:
+        assert 0 <= c.metrics.train_mean_token_accuracy <= 1 and 0 <= c.metrics.valid_mean_token_accuracy <= 1
+        assert c.metrics.valid_loss > 0 and c.metrics.step == c.step_number
+    assert checkpoints[0].metrics.full_valid_loss > 0 and 0 <= checkpoints[0].metrics.full_valid_mean_token_accuracy <= 1
+    assert checkpoints[1].metrics.full_valid_loss is None
     # A checkpoint is a model: chat with it by its name, and it is not the final adapter.
     first = checkpoints[-1].fine_tuned_model_checkpoint
     assert first.startswith(f"ft:{TINY}:colours:") and first.endswith(":ckpt-step-2")
@@ -294,3 +301,60 @@ def test_fine_tuning_errors_name_the_openai_field(oai, live, bob):
     with pytest.raises(openai.UnprocessableEntityError):
         foreign.fine_tuning.jobs.create(model=TINY, training_file=upload.id)
     assert upload.id not in [f.id for f in foreign.files.list().data]
+
+
+def test_echo_scores_the_prompt_for_bases_and_adapters(oai, live, alice, adapter_id, tiny_model_dir):
+    """lm-evaluation-harness's request: echo with logprobs returns every prompt token's log-probability
+    (the first has none), for text and token-id prompts, on the base and with an adapter; max_tokens 0
+    generates nothing."""
+    import torch
+
+    from app.core.db import session_scope
+    from app.models import Adapter
+    from app.services.adapters import adapter_files
+    from app.storage import get_store
+    from sbora_core.method.adapter_io import load_adapter
+    from sbora_core.method.merge import merge_adapters
+    from sbora_core.method.models import load_base_model
+
+    base = load_base_model(str(tiny_model_dir), device="cpu")
+    with session_scope() as session:
+        adapter = load_adapter(adapter_files(session.get(Adapter, adapter_id), get_store()))
+
+    @torch.no_grad()
+    def direct(ids):
+        logprobs = torch.log_softmax(base.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+        return [logprobs[i - 1, t].item() for i, t in enumerate(ids) if i > 0]
+
+    text = "The colour is red"
+    ids = base.tokenizer(text)["input_ids"]
+    plain = direct(ids)
+    handle = merge_adapters(base.model, [adapter])
+    adapted = direct(ids)
+    handle.unmerge()
+    for model, expected in ((TINY, plain), (adapter_id, adapted)):
+        for prompt in (text, ids):
+            scored = oai.completions.create(model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+            choice = scored.choices[0]
+            assert choice.text == text and scored.usage.completion_tokens == 0
+            assert choice.logprobs.tokens and "".join(choice.logprobs.tokens) == text
+            assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+            assert choice.logprobs.token_logprobs[1:] == pytest.approx(expected, abs=1e-4)
+    # As lm-eval sends it: a batch of token-id prompts, one token generated after each.
+    batch = oai.completions.create(model=adapter_id, prompt=[ids, ids[:3]], max_tokens=1, echo=True, logprobs=1,
+                                   temperature=0)
+    for choice, n in zip(sorted(batch.choices, key=lambda c: c.index), (len(ids), 3), strict=True):
+        lp = choice.logprobs
+        assert len(lp.token_logprobs) == n + 1, "each prompt token, then the one token drawn"
+        assert lp.token_logprobs[1:n] == pytest.approx(adapted[: n - 1], abs=1e-4)
+        assert all(len(top) == 1 and max(top.values()) >= chosen - 1e-5
+                   for chosen, top in zip(lp.token_logprobs[1:], lp.top_logprobs[1:], strict=True))
+    with pytest.raises(openai.UnprocessableEntityError) as nothing:
+        oai.completions.create(model=TINY, prompt=text, max_tokens=0)
+    assert nothing.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as streamed:
+        oai.completions.create(model=TINY, prompt=text, max_tokens=1, echo=True, stream=True)
+    assert streamed.value.body["param"] == "echo"
+    with pytest.raises(openai.UnprocessableEntityError) as foreign:
+        oai.completions.create(model=TINY, prompt=[10**6], max_tokens=0, echo=True)
+    assert foreign.value.body["param"] == "prompt"

@@ -180,3 +180,28 @@ def test_resources_flags_reach_the_server(live, dataset_id, trained):
     many = sbora(live, "jobs", "create", "--dataset", dataset_id, *TRAIN_ARGS, "--devices", "8", "--sharding", "full")
     assert many.returncode == 1 and "resources.devices" in many.stderr, many.stderr
     no_traceback(many)
+
+
+def test_evals_create_watch_show_and_list(live, trained, tmp_path):
+    _, adapter_id = trained
+    items = [{"question": f"Which colour is item {i}?", "choices": ["red", "green", "blue", "gold"], "answer": i % 4}
+             for i in range(12)]
+    path = tmp_path / "colours-mc.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in items))
+    dataset = sbora(live, "datasets", "upload", str(path)).stdout.strip()
+    created = sbora(live, "evals", "create", "--dataset", dataset, "-c", TINY,
+                    "-c", json.dumps({"model": adapter_id, "label": "tuned"}), "--watch", timeout=180)
+    no_traceback(created)
+    assert created.returncode == 0, created.stderr
+    evaluation_id = re.search(r"evaluation (eval_\w+) queued", created.stderr).group(1)
+    result = api_get(live, f"/evaluations/{evaluation_id}")["result"]
+    accuracy = result["candidates"][1]["metrics"]["accuracy"]
+    assert "tuned" in created.stdout and f"{accuracy['value']:.4f} [{accuracy['ci95'][0]:.4f}" in created.stdout
+    assert "paired differences" in created.stdout
+    assert evaluation_id in sbora(live, "evals", "list").stdout
+    wrong = sbora(live, "evals", "show", evaluation_id, "--wrong", TINY)
+    assert wrong.returncode == 0
+    assert len([line for line in wrong.stdout.splitlines()[1:] if line.strip()]) == result["candidates"][0]["wrong"]
+    refused = sbora(live, "evals", "create", "--dataset", dataset, "-c", "no-such-model")
+    assert refused.returncode == 1 and "candidates[0].model" in refused.stderr
+    no_traceback(refused)

@@ -308,3 +308,67 @@ def test_dashboard_end_to_end(browser, live, alice, tmp_path):
     for colour in ("37,99,235", "220,38,38"):  # the first two members' colours
         assert painted(driver, canvas) - painted(driver, canvas, colour) > 0, colour
     shot("group")
+
+
+def test_checkpoint_metrics_and_an_evaluation_side_by_side(browser, live, alice, tmp_path):
+    """A job's page lists its checkpoints' train and validation token accuracy (and the final full
+    validation); the evaluation its eval_after queued shows the candidates side by side with their
+    intervals, the paired difference, and its items filtered to the wrong ones."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from stack import wait_for
+
+    driver, shot = browser, Shots(browser, tmp_path)
+    auth = {"Authorization": f"Bearer {alice}"}
+    css = lambda sel: driver.find_element(By.CSS_SELECTOR, sel)  # noqa: E731
+    all_css = lambda sel: driver.find_elements(By.CSS_SELECTOR, sel)  # noqa: E731
+
+    def wait(condition, timeout: float = 30):
+        return WebDriverWait(driver, timeout, 0.2, ignored_exceptions=[StaleElementReferenceException]).until(condition)
+
+    with httpx.Client(base_url=live.url, headers=auth, timeout=30) as client:
+        train_set = client.post("/datasets", files={"file": ("c.jsonl", chat_lines(24))}).json()["id"]
+        items = [{"question": f"Which colour is item {i}?", "choices": ["red", "green", "blue", "gold"], "answer": i % 4}
+                 for i in range(10)]
+        mc = client.post("/datasets", files={"file": ("mc.jsonl", "".join(json.dumps(r) + "\n" for r in items))}).json()["id"]
+        job = client.post("/jobs", json={
+            "base_model": TINY, "training_dataset_id": train_set, "method": {"variant": "sbora_fa", "r": 4},
+            "hyperparameters": {"max_steps": 4, "batch_size": 4, "max_seq_len": 128, "checkpoint_every": 2,
+                                "val_fraction": 0.25, "learning_rate": 0.01},
+            "eval_after": {"dataset_id": mc, "grader": "multiple_choice"}}).json()
+        done = wait_for(lambda: (j := client.get(f"/jobs/{job['id']}").json())["status"] in ("succeeded", "failed") and j,
+                        120, 0.3, "training")
+        assert done["status"] == "succeeded", done["error"]
+        evaluation_id = wait_for(lambda: next((e["data"]["evaluation_id"] for e in client.get(
+            f"/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"] if "evaluation_id" in e["data"]), None),
+            30, 0.3, "eval_after")
+        evaluation = wait_for(lambda: (e := client.get(f"/evaluations/{evaluation_id}").json())["status"] == "succeeded"
+                              and e, 120, 0.3, "the evaluation")
+        checkpoint_events = [e["data"] for e in client.get(f"/jobs/{job['id']}/events", params={"kind": "checkpoint"}).json()["data"]]
+
+    driver.get(f"{live.url}/")
+    driver.execute_script("localStorage.setItem('sbora.apiKey', arguments[0])", alice)
+    driver.get(f"{live.url}/#/jobs/{job['id']}")
+    wait(lambda d: len(all_css("#checkpoints-body tr")) == 3)  # steps 2 and 4, and the final row
+    for data in checkpoint_events:
+        row = css(f"#checkpoints-body tr[data-step='{data['step']}']")
+        accuracy = row.find_element(By.CSS_SELECTOR, "td[data-metric='valid_mean_token_accuracy']").text
+        assert accuracy != "–" and float(accuracy) == pytest.approx(data["valid_mean_token_accuracy"], abs=1e-3)
+    assert css("#checkpoints-body tr[data-step='final'] td[data-metric='valid_loss']").text != "–"
+
+    css("a[href='#/evaluations']").click()
+    wait(lambda d: all_css(f"tr[data-evaluation-id='{evaluation_id}'][data-status='succeeded'] a"))[0].click()
+    rows = wait(lambda d: all_css("#results-table tbody tr"))
+    assert [r.get_attribute("data-candidate") for r in rows] == ["base", done["adapter_id"]]
+    for row, candidate in zip(rows, evaluation["result"]["candidates"], strict=True):
+        cell = row.find_element(By.CSS_SELECTOR, "td[data-metric='accuracy']").text
+        assert cell.startswith(str(round(candidate["metrics"]["accuracy"]["value"], 4)).rstrip("0").rstrip(".") or "0")
+    assert len(all_css("#paired-table tbody tr")) == 1
+    Select(css("#items-candidate")).select_by_value("base")
+    Select(css("#items-outcome")).select_by_value("false")
+    wrong = evaluation["result"]["candidates"][0]["wrong"]
+    wait(lambda d: css("#items-total").text == f"{wrong} item(s)")
+    assert all(r.get_attribute("data-correct") == "false" for r in all_css("#items-body tr"))
+    assert len(all_css("#items-body tr")) == wrong
+    shot("evaluation", readme="dashboard-evaluation.png")

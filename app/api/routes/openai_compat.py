@@ -87,7 +87,7 @@ def _params(req: SamplingRequest, max_tokens: int, logprobs: int | None) -> Samp
     return SamplingParams(max_tokens, req.temperature, req.top_p, stop, req.seed, req.ignore_eos, logprobs)
 
 
-async def _start(tenant, model_id: str, adapters: list, prompt: str | None, messages: list[dict[str, str]] | None,
+async def _start(tenant, model_id: str, adapters: list, prompt: str | list[int] | None, messages: list[dict[str, str]] | None,
                  params: SamplingParams, max_tokens_field: str) -> Generation:
     """start_generation, with errors naming the OpenAI request's fields."""
     try:
@@ -133,7 +133,7 @@ def _chat_logprobs(tokens: list[TokenLogprob] | None) -> dict[str, Any] | None:
     if tokens is None:
         return None
 
-    def entry(token: str, logprob: float) -> dict[str, Any]:
+    def entry(token: str, logprob: float | None) -> dict[str, Any]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
 
     return {"content": [{**entry(t.token, t.logprob), "top_logprobs": [entry(a, lp) for a, lp in t.top]}
@@ -221,19 +221,50 @@ def retrieve_model(model: str, session: SessionDep, tenant: CurrentTenant) -> di
         raise _unknown_model(model) from exc
 
 
+def _prompts(prompt: str | list) -> list[str | list[int]]:
+    """The request's prompts: a text, texts, one list of token ids, or lists of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    return list(prompt)
+
+
+def _echoed(prompt: str | list[int], done: Completion) -> str:
+    """The prompt's text: as sent, or its tokens' text when it came as token ids."""
+    if isinstance(prompt, str):
+        return prompt
+    return "".join(t.token for t in done.prompt_logprobs or [] if t is not None)
+
+
+def _echo_logprobs(done: Completion) -> dict[str, Any]:
+    """OpenAI's echo layout: the prompt's tokens, then the completion's; the first has no log-probability."""
+    entries = [t for t in done.prompt_logprobs or [] if t is not None] + list(done.logprobs or [])
+    logprobs = _completion_logprobs(entries) or {}
+    logprobs["top_logprobs"] = [None if t.logprob is None else dict(t.top) for t in entries]
+    return logprobs
+
+
 @router.post("/completions", responses=ENGINE_RESTARTED)
 async def completions(req: CompletionRequest, session: SessionDep, tenant: CurrentTenant):
     _refuse_unimplemented(req)
-    for name in ("echo", "best_of", "suffix"):
+    for name in ("best_of", "suffix"):
         if getattr(req, name) not in (None, False, 1):
             raise Unsupported(name, f"{name}: not supported by this server")
     if req.stream and req.logprobs is not None:
         raise Unsupported("logprobs", "logprobs: available without stream only")
-    prompts = [req.prompt] if isinstance(req.prompt, str) else list(req.prompt)
+    if req.stream and req.echo:
+        raise Unsupported("echo", "echo: available without stream only")
+    prompts = _prompts(req.prompt)
     if not prompts:
-        raise Invalid("prompt", "prompt: give a string or a non-empty list of strings")
+        raise Invalid("prompt", "prompt: give a string, token ids, or a non-empty list of either")
+    if req.max_tokens == 0 and not req.echo:
+        raise Invalid("max_tokens", "max_tokens: 0 generates nothing; it is for scoring a prompt with echo: true")
     model_id, adapters = await look_up_then_release(session, _target, tenant, req.model)
     params = _params(req, req.max_tokens, req.logprobs)
+    if req.echo and (req.logprobs is not None or any(isinstance(p, list) for p in prompts)):
+        # Every prompt token's log-probability (and its text: token-id prompts are echoed from it).
+        params.prompt_logprobs = req.logprobs or 0
     generations = [await _start(tenant, model_id, adapters, p, None, params, "max_tokens") for p in prompts]
     ident, created = f"cmpl-{secrets.token_hex(12)}", int(time.time())
 
@@ -249,8 +280,12 @@ async def completions(req: CompletionRequest, session: SessionDep, tenant: Curre
         return _sse(generations, chunk,
                     (lambda done: json.dumps(body([], usage=_usage(done)))) if include_usage else None)
     done = [await complete(g) for g in generations]
-    return body([{"text": d.text, "index": i, "logprobs": _completion_logprobs(d.logprobs), "finish_reason": _finish(d)}
-                 for i, d in enumerate(done)], usage=_usage(done))
+    choices = []
+    for i, (prompt, d) in enumerate(zip(prompts, done, strict=True)):
+        logprobs = None if req.logprobs is None else _echo_logprobs(d) if req.echo else _completion_logprobs(d.logprobs)
+        choices.append({"text": (_echoed(prompt, d) if req.echo else "") + d.text, "index": i, "logprobs": logprobs,
+                        "finish_reason": _finish(d)})
+    return body(choices, usage=_usage(done))
 
 
 @router.post("/chat/completions", responses=ENGINE_RESTARTED)

@@ -21,7 +21,7 @@ from fastapi.responses import FileResponse
 
 from app.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from app.errors import Invalid
-from app.models import Dataset, Job
+from app.models import Adapter, Dataset, Job
 from app.openai_schemas import FineTuningJobCreate
 from app.queue import enqueue_job
 from app.schemas import ResourcesSpec
@@ -151,6 +151,16 @@ def list_fine_tuning_events(job_id: str, session: SessionDep, tenant: CurrentTen
     return {"object": "list", "data": data, "has_more": len(rest) > limit}
 
 
+def checkpoint_metrics(checkpoint: Adapter, final: Adapter | None) -> dict[str, Any]:
+    """What the checkpoint recorded (step, train_loss, train_mean_token_accuracy, valid_loss,
+    valid_mean_token_accuracy: OpenAI's names); the one at the job's last step also carries the
+    full validation set's full_valid_loss and full_valid_mean_token_accuracy."""
+    metrics = {"step": checkpoint.checkpoint_step, **checkpoint.metrics}
+    if final is not None and final.metrics.get("steps") == checkpoint.checkpoint_step:
+        metrics.update({k: v for k, v in final.metrics.items() if k.startswith("full_valid_") and v is not None})
+    return metrics
+
+
 @router.get("/fine_tuning/jobs/{job_id}/checkpoints")
 def list_fine_tuning_checkpoints(job_id: str, session: SessionDep, tenant: CurrentTenant,
                                  after: str | None = Query(None, max_length=64),
@@ -159,10 +169,10 @@ def list_fine_tuning_checkpoints(job_id: str, session: SessionDep, tenant: Curre
     is servable: its `fine_tuned_model_checkpoint` works as `model` in chat and completions."""
     job = jobs.get_job(session, tenant, job_id)
     rest = _after(adapters.checkpoints_of(session, job), after, lambda a: f"ftckpt-{a.id}")
+    final = session.get(Adapter, job.adapter_id) if job.adapter_id else None
     data = [{"id": f"ftckpt-{a.id}", "object": "fine_tuning.job.checkpoint", "created_at": int(a.created_at.timestamp()),
              "fine_tuned_model_checkpoint": checkpoint_model(job, a), "fine_tuning_job_id": job.id,
-             "step_number": a.checkpoint_step, "metrics": {"step": a.checkpoint_step,
-                                                            "train_loss": a.metrics.get("train_loss")}}
+             "step_number": a.checkpoint_step, "metrics": checkpoint_metrics(a, final)}
             for a in rest[:limit]]
     return {"object": "list", "data": data, "has_more": len(rest) > limit,
             "first_id": data[0]["id"] if data else None, "last_id": data[-1]["id"] if data else None}

@@ -3,6 +3,7 @@
 import { ApiError, auth } from "./api.js";
 import { h } from "./dom.js";
 import { adapterPage, adaptersPage } from "./adapters.js";
+import { evaluationPage, evaluationsPage } from "./evaluations.js";
 import { groupPage, groupsPage } from "./groups.js";
 import { jobPage, jobsPage } from "./jobs.js";
 import { newJobPage } from "./newjob.js";
@@ -15,6 +16,8 @@ const ROUTES = [
   [/^jobs$/, jobsPage, "jobs"],
   [/^jobs\/([\w-]+)$/, jobPage, "jobs"],
   [/^new$/, newJobPage, "new"],
+  [/^evaluations$/, evaluationsPage, "evaluations"],
+  [/^evaluations\/([\w-]+)$/, evaluationPage, "evaluations"],
   [/^adapters$/, adaptersPage, "adapters"],
   [/^adapters\/([\w-]+)$/, adapterPage, "adapters"],
   [/^groups$/, groupsPage, "groups"],

@@ -43,10 +43,16 @@ export async function jobPage(view, page, _query, jobId) {
   const settings = h("div", { class: "card", id: "job-settings" });
   const events = h("tbody", { id: "events-body" });
   const eventsNote = h("span", { class: "muted" });
+  const checkpoints = h("tbody", { id: "checkpoints-body" });
+  const checkpointsCard = h("section", { class: "card", id: "checkpoints", hidden: true }, h("h2", {}, "Checkpoints"),
+    h("table", { class: "table compact", id: "checkpoints-table" },
+      h("thead", {}, h("tr", {}, ["Step", ...CHECKPOINT_METRICS.map(([, label]) => label)].map((t) => h("th", {}, t)))),
+      checkpoints));
   view.append(head, summary,
     h("div", { class: "grid-2" },
       h("div", {},
         h("section", { class: "card" }, h("h2", {}, "Loss"), canvas),
+        checkpointsCard,
         h("section", { class: "card" }, h("h2", {}, "Events ", eventsNote),
           h("div", { class: "scroll" }, h("table", { class: "table compact", id: "events-table" },
             h("thead", {}, h("tr", {}, ["Time", "Kind", "Message"].map((t) => h("th", {}, t)))), events)))),
@@ -57,6 +63,7 @@ export async function jobPage(view, page, _query, jobId) {
   let after = 0;
   let job = null;
   let settingsShown = false;
+  let finalShown = false;
   const redraw = () => drawLossChart(canvas, train, val);
   window.addEventListener("resize", redraw, { signal: page.signal });
   redraw();
@@ -67,6 +74,15 @@ export async function jobPage(view, page, _query, jobId) {
     renderSummary(summary, job);
     if (!settingsShown) { renderSettings(settings, job); settingsShown = true; }
     const fresh = await newEvents();
+    if (job.adapter_id && !finalShown) { // the end: the whole validation set's figures
+      finalShown = true;
+      const adapter = await api(`/adapters/${job.adapter_id}/metadata`, { signal: page.signal });
+      if (adapter.metrics.full_valid_loss != null || adapter.metrics.train_mean_token_accuracy != null) {
+        checkpoints.append(checkpointRow("final", { ...adapter.metrics, valid_loss: adapter.metrics.full_valid_loss,
+          valid_mean_token_accuracy: adapter.metrics.full_valid_mean_token_accuracy, train_loss: adapter.metrics.train_loss }));
+        checkpointsCard.hidden = false;
+      }
+    }
     if (fresh) {
       redraw();
       eventsNote.textContent = `(${train.length} loss points)`;
@@ -84,6 +100,7 @@ export async function jobPage(view, page, _query, jobId) {
         if (e.kind === "metric" && typeof e.data.loss === "number") train.push({ step: e.data.step, loss: e.data.loss });
         else {
           if (e.kind === "eval" && typeof e.data.val_loss === "number") val.push({ step: e.data.step, loss: e.data.val_loss });
+          if (e.kind === "checkpoint") { checkpoints.append(checkpointRow(e.data.step, e.data)); checkpointsCard.hidden = false; }
           events.append(h("tr", { dataset: { kind: e.kind } }, h("td", { class: "nowrap" }, fmtTime(e.created_at)),
             h("td", {}, h("span", { class: `kind ${e.kind}` }, e.kind)), h("td", {}, e.message)));
         }
@@ -92,6 +109,15 @@ export async function jobPage(view, page, _query, jobId) {
       if (batch.data.length < 1000) return count;
     }
   }
+}
+
+// What each checkpoint records (OpenAI's names); the final row is the whole validation set (full_valid_*).
+const CHECKPOINT_METRICS = [["train_loss", "Train loss"], ["train_mean_token_accuracy", "Train token acc."],
+  ["valid_loss", "Valid loss"], ["valid_mean_token_accuracy", "Valid token acc."]];
+
+function checkpointRow(step, metrics) {
+  return h("tr", { dataset: { step } }, h("td", { class: "num" }, String(step)),
+    CHECKPOINT_METRICS.map(([key]) => h("td", { class: "num", dataset: { metric: key } }, fmtNum(metrics[key]))));
 }
 
 function renderHead(head, job, page) {

@@ -341,3 +341,47 @@ def test_one_tenant_s_burst_does_not_starve_another(base):
             handle.result()
     finally:
         engine.close()
+
+
+@torch.no_grad()
+def direct_prompt_logprobs(model, prompt_ids):
+    """Each prompt token's log-probability from one plain forward of the prompt alone."""
+    logprobs = torch.log_softmax(model(input_ids=torch.tensor([prompt_ids])).logits[0].float(), -1)
+    return [logprobs[i - 1, t].item() for i, t in enumerate(prompt_ids) if i > 0]
+
+
+def test_prompt_logprobs_are_the_model_s_own_in_batches_chunks_and_with_adapters(base):
+    """Echo's scores: every prompt token's log-probability (the first has none), whether the prompt is
+    read beside others of other lengths, in chunks, or with an adapter merged or applied per row;
+    max_new_tokens 0 generates nothing."""
+    adapter = random_adapter(base, seed=4)
+    prompts = [ids_of(base, "The capital of France is Paris, a city"), ids_of(base, "x y"),
+               ids_of(base, "SBoRA adapters are regional updates of a few columns. " * 2)]
+    plain = [direct_prompt_logprobs(base.model, p) for p in prompts]
+    handle = merge_adapters(base.model, [adapter])
+    adapted = [direct_prompt_logprobs(base.model, p) for p in prompts]
+    handle.unmerge()
+    score = SamplingParams(max_new_tokens=0, prompt_logprobs=2)
+    engine = Engine(base, max_batch_size=8, prefill_chunk=16)  # the third prompt is read in chunks
+    try:
+        with engine.cv:  # one batch: left-padded rows of different lengths, half of them adapted (mixed mode)
+            handles = [engine.submit(p, a, score) for p in prompts for a in ([], [adapter])]
+        done = [h.result() for h in handles]
+        for n, (p, completion) in enumerate(zip([p for p in prompts for _ in (0, 1)], done, strict=True)):
+            expected = (plain if n % 2 == 0 else adapted)[n // 2]
+            assert completion.completion_tokens == 0 and completion.text == "" and completion.finish_reason == "length"
+            assert completion.prompt_logprobs[0].logprob is None and len(completion.prompt_logprobs) == len(p)
+            got = [t.logprob for t in completion.prompt_logprobs[1:]]
+            assert got == pytest.approx(expected, abs=1e-4)
+            assert all(len(t.top) == 2 and t.top[0][1] >= t.logprob - 1e-5 for t in completion.prompt_logprobs[1:])
+        # Alone, merged (one adapter set in flight), and with a token generated after the prompt.
+        one = engine.generate(prompts[0], [adapter], SamplingParams(max_new_tokens=1, prompt_logprobs=0, logprobs=0))
+        assert [t.logprob for t in one.prompt_logprobs[1:]] == pytest.approx(adapted[0], abs=1e-4)
+        assert one.completion_tokens == 1 and len(one.logprobs) == 1
+        assert engine.generate(prompts[0], [], greedy(3)).prompt_logprobs is None  # not asked: not computed
+    finally:
+        engine.close()
+
+
+def ids_of(base, text):
+    return base.tokenizer(text)["input_ids"]

@@ -63,7 +63,7 @@ class Recorder(Callbacks):
     def on_eval(self, step, metrics) -> None:
         self.evals.append(step)
 
-    def on_checkpoint(self, step, path) -> None:
+    def on_checkpoint(self, step, path, metrics=None) -> None:
         self.checkpoints.append(step)
         if self.checkpoint_hook:
             self.checkpoint_hook(step, path)

@@ -32,7 +32,7 @@ def test_chunked_loss_and_gradients_equal_the_full_logits(tiny, batch, monkeypat
             layer.trainable.normal_(0, 0.1)
     assert loss_module._fusable_head(tiny.model) is not None
     grads = []
-    for compute in (reference_loss, token_loss_sum):
+    for compute in (reference_loss, lambda model, b: token_loss_sum(model, b)[0]):
         tiny.model.zero_grad(set_to_none=True)
         value = compute(tiny.model, batch)
         value.backward()
@@ -47,12 +47,14 @@ def test_the_fused_function_matches_autograd_on_random_rows():
     torch.manual_seed(0)
     hidden = torch.randn(10, 8, requires_grad=True)
     weight, labels = torch.randn(30, 8), torch.randint(0, 30, (10,))
-    fused = LinearCrossEntropy.apply(hidden, weight, labels, 4)
+    fused, correct = LinearCrossEntropy.apply(hidden, weight, labels, 4)
     (grad_fused,) = torch.autograd.grad(fused * 2.5, hidden)
-    plain = F.cross_entropy(hidden @ weight.t(), labels, reduction="sum")
+    logits = hidden @ weight.t()
+    plain = F.cross_entropy(logits, labels, reduction="sum")
     (grad_plain,) = torch.autograd.grad(plain * 2.5, hidden)
     torch.testing.assert_close(fused, plain)
     torch.testing.assert_close(grad_fused, grad_plain)
+    assert int(correct) == int((logits.argmax(-1) == labels).sum())
 
 
 def test_models_whose_logits_are_not_the_plain_head_keep_their_own_logits(tiny):

@@ -50,6 +50,7 @@ def make_job(tiny_model_dir, files, out, variant="sbora_fa", **hp):
 class Recorder(Callbacks):
     def __init__(self, cancel_after=None):
         self.progress, self.evals, self.checkpoints, self.logs = [], [], [], []
+        self.checkpoint_metrics = []
         self.cancel_after = cancel_after
 
     def on_progress(self, progress):
@@ -58,8 +59,9 @@ class Recorder(Callbacks):
     def on_eval(self, step, metrics):
         self.evals.append((step, metrics))
 
-    def on_checkpoint(self, step, path):
+    def on_checkpoint(self, step, path, metrics=None):
         self.checkpoints.append((step, path))
+        self.checkpoint_metrics.append(metrics)
 
     def on_log(self, message):
         self.logs.append(message)
@@ -172,3 +174,30 @@ def test_job_file_layout_round_trips():
     assert TrainJob.from_dict(job.to_dict()) == job
     with pytest.raises(ValueError, match=r"^method.rank: unknown field"):
         TrainJob.from_dict({"base_model": "m", "train_file": "t", "output_dir": "o", "method": {"rank": 4}})
+
+
+def test_checkpoints_record_train_and_validation_token_accuracy(tiny_model_dir, files, tmp_path):
+    """Each checkpoint records OpenAI's train_loss, train_mean_token_accuracy, valid_loss and
+    valid_mean_token_accuracy (one validation batch, taken in turn); the end, the full validation set."""
+    from sbora_core.method.adapter_io import apply_adapter
+    from sbora_core.training.evaluate import validation_metrics
+
+    rec = Recorder()
+    result = train(make_job(tiny_model_dir, files, tmp_path / "out", max_steps=8, checkpoint_every=4,
+                            eval_batch_size=4, keep_checkpoints=2), rec)
+    assert [m["step"] for m in rec.checkpoint_metrics] == [4, 8]
+    base = load_base_model(str(tiny_model_dir), device="cpu")
+    val = tokenize_examples(base.tokenizer, load_examples(files[1]), 128)
+    for (step, path), metrics, batch in zip(rec.checkpoints, rec.checkpoint_metrics, (val[4:8], val[0:4]), strict=True):
+        assert metrics["train_loss"] == pytest.approx(rec.progress[step - 1].loss)
+        assert 0 < metrics["train_mean_token_accuracy"] <= 1
+        model = load_base_model(str(tiny_model_dir), device="cpu")
+        apply_adapter(model.model, load_adapter(path), model.fingerprint)
+        expected = validation_metrics(model.model, batch, 4, model.tokenizer.pad_token_id)
+        assert metrics["valid_loss"] == pytest.approx(expected["loss"], rel=1e-5)
+        assert metrics["valid_mean_token_accuracy"] == pytest.approx(expected["mean_token_accuracy"])
+    # The answers repeat across items: training makes the model predict more of them.
+    final = validation_metrics(model.model, val, 4, model.tokenizer.pad_token_id)
+    assert result.metrics["full_valid_loss"] == pytest.approx(final["loss"], rel=1e-5)
+    assert result.metrics["full_valid_mean_token_accuracy"] == pytest.approx(final["mean_token_accuracy"])
+    assert 0 < result.metrics["train_mean_token_accuracy"] <= 1
