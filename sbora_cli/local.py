@@ -25,7 +25,8 @@ console = Console(stderr=True)
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    console.print(f"[red]error:[/red] {message}")
+    # soft_wrap: an error naming a long path stays one line that can be copied whole.
+    console.print(f"[red]error:[/red] {message}", soft_wrap=True)
     raise typer.Exit(code)
 
 
