@@ -93,6 +93,7 @@ class Engine:
         # a long prompt's cache so far, tokens done, and the sizer of its chunks
         self.prefilled: dict[int, tuple[Any, int, ChunkSizer]] = {}
         self.step_seconds = 0.05  # running estimate, for Retry-After
+        self.decode_seconds = 0.0  # running estimate of a decode step alone: any forward's fixed cost
         configured = getattr(self.model.generation_config, "eos_token_id", None)
         configured = configured if isinstance(configured, list) else [configured]
         self.eos = {t for t in [self.tokenizer.eos_token_id, *configured] if t is not None}
@@ -286,6 +287,7 @@ class Engine:
         its first token and joins the running batch."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         # Short prompts are never split below 64 tokens: a chat turn is read in one forward.
+        self.fresh.overhead_s = self.decode_seconds
         allowed = max(self.fresh.next(self.prefill_chunk), min(64, self.prefill_chunk))
         short: list[RequestHandle] = []
         for h in self.joining:
@@ -313,6 +315,7 @@ class Engine:
             sizer.seconds_per_token = self.fresh.seconds_per_token
             self.prefilled[id(handle)] = (growing_cache(self.model.config), 0, sizer)
         cache, done, sizer = self.prefilled[id(handle)]
+        sizer.overhead_s = self.decode_seconds
         end = done + sizer.next(len(handle.prompt_ids) - done)
         ids = torch.tensor([handle.prompt_ids[done:end]], device=self.device)
         mask = torch.ones((1, end), dtype=torch.long, device=self.device)
@@ -376,6 +379,7 @@ class Engine:
             logits, batch.cache = self._forward(batch.handles, batch.next_ids, mask, batch.positions, batch.cache)
             logits = logits[:, -1]
             batch.mask, batch.positions = mask, batch.positions + 1
+        self.decode_seconds = 0.9 * self.decode_seconds + 0.1 * (time.perf_counter() - started)
         self._take_tokens(batch, logits, started)
         if not batch.rows:
             self.batch = None

@@ -21,25 +21,28 @@ import torch
 
 
 class ChunkSizer:
-    """The next prefill chunk's length in tokens, so that it takes about `budget_s`."""
+    """The next prefill chunk's length in tokens, so that it takes about `budget_s`.
+
+    A forward costs `overhead_s` however few tokens it reads (a decode step's time, which the engine
+    sets) plus a cost per token that grows with the position. Where the overhead alone nears the
+    budget (a small model on a busy CPU), chunks are sized to take about two decode steps instead:
+    chunks of a token or two would spend the engine on overhead and read the prompt at a crawl."""
 
     def __init__(self, budget_s: float = 0.075, max_tokens: int = 256, min_tokens: int = 8) -> None:
         self.budget_s, self.max_tokens, self.min_tokens = budget_s, max_tokens, max(1, min(min_tokens, max_tokens))
-        self.seconds_per_token: float | None = None  # of the last chunk: the cost per token grows with its position
+        self.overhead_s = 0.0
+        self.seconds_per_token: float | None = None  # past the overhead, in the last chunk
 
     def next(self, remaining: int) -> int:
         if self.seconds_per_token is None:
             size = self.max_tokens
         else:
-            size = int(self.budget_s / max(self.seconds_per_token, 1e-9))
+            room = max(self.budget_s - self.overhead_s, self.overhead_s)
+            size = int(room / max(self.seconds_per_token, 1e-9) + 1e-6)  # 49.9999 is 50
         return max(1, min(remaining, max(self.min_tokens, min(self.max_tokens, size))))
 
     def observe(self, tokens: int, seconds: float) -> None:
-        self.seconds_per_token = seconds / max(1, tokens)
-
-    def reset(self) -> None:
-        """A new prompt starts at position 0, where tokens are cheap again."""
-        self.seconds_per_token = None
+        self.seconds_per_token = max(seconds - self.overhead_s, 0.1 * seconds) / max(1, tokens)
 
 
 class _Growing:

@@ -39,6 +39,14 @@ def test_chunk_sizer_fits_the_time_budget_and_its_bounds():
     assert sizer.next(10_000) == 8  # 75 ms / 10 ms is 7: the floor keeps chunks from becoming single tokens
     sizer.observe(8, 0.008)  # 1 ms per token
     assert sizer.next(10_000) == 75 and sizer.next(20) == 20
+    # A forward's fixed cost is what a decode step costs: the budget is for what the tokens add.
+    sizer.overhead_s = 0.025
+    sizer.observe(50, 0.075)
+    assert sizer.next(10_000) == 50
+    # Overhead past the budget (a busy CPU): chunks of about two decode steps, not of single tokens.
+    sizer.overhead_s = 0.4
+    sizer.observe(8, 0.48)
+    assert sizer.next(10_000) == 40
 
 
 def test_growing_cache_grows_by_doubling_and_settles_into_plain_layers(base):
