@@ -9,7 +9,8 @@ and receives text pieces over two multiprocessing queues:
     API -> engine  ("submit", rid, model_id, model_source, adapters, prompt, messages, params, tenant)
                    ("cancel", rid) | ("warm", model_id, model_source) | ("stop",)
     engine -> API  (rid, "accepted")  then  (rid, "text", str)...  (rid, "done", Completion)
-                   or (rid, "invalid", field, message) | (rid, "queue_full", seconds)
+                   or (rid, "invalid", field, message) | (rid, "queue_full", seconds, message)
+                   | (rid, "over_limit", field, setting, message)
                    | (rid, "integrity", message) | (rid, "failed", message)
                    ("", "warm", model_id) once a model is loaded and has run a forward
 
@@ -34,7 +35,8 @@ from app.core.config import get_settings
 from app.core.processes import exit_reason
 from app.errors import Invalid, without_paths
 from sbora_core.method.adapter_io import AdapterMismatchError
-from sbora_core.serving.engine import AdapterIntegrityError, QueueFull
+from sbora_core.serving.admission import OverLimit, QueueFull
+from sbora_core.serving.engine import AdapterIntegrityError
 from sbora_core.serving.generation import Completion, EventStream, SamplingParams
 
 log = logging.getLogger("app.engine")
@@ -61,6 +63,8 @@ class EngineLimits:
     cache_bytes: int
     torch_threads: int
     model_cache: Path | None = None  # where base models are kept (SBORA_MODEL_CACHE)
+    max_prompt_tokens: int = 0  # per request (SBORA_ENGINE_MAX_PROMPT_TOKENS); 0: the model's context
+    max_tenant_prompt_tokens: int = 0  # per tenant in flight (SBORA_ENGINE_MAX_TENANT_PROMPT_TOKENS); 0: none
 
 
 @dataclass
@@ -196,7 +200,9 @@ def _refusal(kind: str, rest: list) -> BaseException:
     if kind == "invalid":
         return Invalid(rest[0], rest[1])
     if kind == "queue_full":
-        return QueueFull(rest[0])
+        return QueueFull(rest[0], rest[1])
+    if kind == "over_limit":
+        return OverLimit(*rest)
     if kind == "integrity":
         return AdapterIntegrityError(rest[0])
     return RuntimeError(rest[0])
@@ -222,7 +228,8 @@ def get_engine_process() -> EngineProcess:
             settings = get_settings()
             _engine = EngineProcess(EngineLimits(settings.engine_max_batch_size, settings.engine_max_queue,
                                                  settings.adapter_cache_bytes, settings.resolved_torch_threads,
-                                                 settings.model_cache))
+                                                 settings.model_cache, settings.engine_max_prompt_tokens,
+                                                 settings.engine_max_tenant_prompt_tokens))
             _engine.warm_up(_warm_models)
         return _engine
 
@@ -354,7 +361,8 @@ def _new_engine(source: str, limits: EngineLimits):
     from sbora_core.serving.engine import Engine
 
     return Engine(load_base_model(source), max_batch_size=limits.max_batch_size,
-                  max_queue=limits.max_queue, cache_bytes=limits.cache_bytes)
+                  max_queue=limits.max_queue, cache_bytes=limits.cache_bytes,
+                  max_prompt_tokens=limits.max_prompt_tokens, max_tenant_prompt_tokens=limits.max_tenant_prompt_tokens)
 
 
 def _submit(engine, adapters: list[AdapterRef], prompt: str | list[int] | None,
@@ -378,6 +386,11 @@ def _submit(engine, adapters: list[AdapterRef], prompt: str | list[int] | None,
         ids = list(prompt)
     else:
         ids = tokenizer(prompt or "")["input_ids"]
+    vocab = engine.model.get_input_embeddings().weight.shape[0]
+    outside = next((t for t in params.logit_bias if not 0 <= t < vocab), None)
+    if outside is not None:
+        raise RequestRejected("logit_bias", f"logit_bias: token id {outside} is not in the model's vocabulary "
+                                            f"(0..{vocab - 1})")
     if not ids:
         raise RequestRejected("prompt", "prompt: empty")
     context = engine.base.context_length
@@ -387,6 +400,8 @@ def _submit(engine, adapters: list[AdapterRef], prompt: str | list[int] | None,
     loaded = [engine.weighted(engine.adapter(a.id, Path(a.path), a.weights_sha256), a.weight) for a in adapters]
     try:
         return engine.submit(ids, loaded, params, tenant)
+    except OverLimit:
+        raise
     except ValueError as exc:  # adapters whose index sets overlap
         raise RequestRejected("adapter_id", f"adapter_id: {exc}") from exc
 
@@ -395,7 +410,9 @@ def _classify(exc: Exception) -> tuple:
     if isinstance(exc, RequestRejected):
         return "invalid", exc.field, exc.message
     if isinstance(exc, QueueFull):
-        return "queue_full", exc.retry_after_s
+        return "queue_full", exc.retry_after_s, exc.reason
+    if isinstance(exc, OverLimit):
+        return "over_limit", exc.field, exc.setting, exc.message
     if isinstance(exc, (AdapterIntegrityError, AdapterMismatchError)):
         return "integrity", without_paths(str(exc))
     log.exception("generation request failed")

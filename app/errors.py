@@ -42,6 +42,14 @@ class TooLarge(ValueError):
     """Over a size limit or the tenant's storage quota (413)."""
 
 
+class RequestTimeout(RuntimeError):
+    """A request ran past SBORA_REQUEST_TIMEOUT_S and was cancelled (504)."""
+
+
+class ClientGone(RuntimeError):
+    """The client disconnected; its request was cancelled and nobody reads the answer (499)."""
+
+
 class QuotaExceeded(RuntimeError):
     """A per-tenant limit on unfinished jobs (429)."""
 

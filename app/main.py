@@ -14,6 +14,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app import catalog
+from app.api.body_limit import BodyLimit
 from app.api.middleware import ObservedRequests
 from app.api.responses import ERROR_RESPONSES, OPENAI_ERROR_RESPONSES
 from app.api.routes import (
@@ -31,12 +32,22 @@ from app.api.routes import (
 from app.core.config import get_settings
 from app.core.db import fill_pool, get_engine
 from app.engine_process import EngineStopped, EngineWatchdog, reset_engines, warm_engines
-from app.errors import Conflict, Invalid, NotFound, QuotaExceeded, TooLarge, Unsupported
+from app.errors import (
+    ClientGone,
+    Conflict,
+    Invalid,
+    NotFound,
+    QuotaExceeded,
+    RequestTimeout,
+    TooLarge,
+    Unsupported,
+)
 from app.migrate import upgrade_database
 from app.reconcile import Reconciler
 from app.storage import StorageCorrupt, StorageUnavailable, get_store
 from app.web import install_dashboard
-from sbora_core.serving.engine import AdapterIntegrityError, QueueFull
+from sbora_core.serving.admission import OverLimit, QueueFull
+from sbora_core.serving.engine import AdapterIntegrityError
 
 log = logging.getLogger("app")
 
@@ -90,6 +101,7 @@ def create_app() -> FastAPI:
         description="Fine-tune language models with SBoRA, keep the sparse adapters, generate with them.",
         lifespan=lifespan,
     )
+    app.add_middleware(BodyLimit)  # inside ObservedRequests (added last, so outermost): its 413s are logged
     app.add_middleware(ObservedRequests)
     app.include_router(health.router)
     install_dashboard(app)  # GET / and /static/...: the web dashboard
@@ -134,6 +146,18 @@ def create_app() -> FastAPI:
     @app.exception_handler(TooLarge)
     async def too_large(request: Request, exc: TooLarge) -> JSONResponse:
         return error(request, 413, str(exc))
+
+    @app.exception_handler(OverLimit)
+    async def over_limit(request: Request, exc: OverLimit) -> JSONResponse:
+        return error(request, 413, exc.message, param=exc.field)
+
+    @app.exception_handler(RequestTimeout)
+    async def timed_out(request: Request, exc: RequestTimeout) -> JSONResponse:
+        return error(request, 504, str(exc))
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, exc: ClientGone) -> JSONResponse:
+        return error(request, 499, str(exc))  # nobody reads it; the log line says what happened
 
     @app.exception_handler(QuotaExceeded)
     async def over_quota(request: Request, exc: QuotaExceeded) -> JSONResponse:

@@ -10,35 +10,46 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas import MethodSpec, ResourcesSpec
+from app.schemas import MethodSpec, ResourcesSpec, Text
 
 
 # -- inference ---------------------------------------------------------------------------------
 class ContentPart(BaseModel):
     """A part of a message's content; only text parts are served (others answer 400 naming them)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str = Field(..., max_length=100)
-    text: str | None = Field(None, max_length=1_000_000)
+    text: Text | None = Field(None, max_length=1_000_000)
 
 
 class OpenAIMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_call_id, ... are accepted and ignored
+    model_config = ConfigDict(extra="allow", strict=True)  # name, tool_call_id, ... are accepted and ignored
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[ContentPart] | None = Field(None, max_length=1_000_000)
+    content: Text | list[ContentPart] | None = Field(None, max_length=1_000_000)
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     include_usage: bool = False
 
 
 class SamplingRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # unknown OpenAI fields (logit_bias, user, ...) are ignored
+    # Unknown fields are kept so that the route answers 400 naming them (`IGNORABLE` excepted): a
+    # parameter silently dropped is a request served other than as asked.
+    model_config = ConfigDict(extra="allow", strict=True)
     model: str = Field(..., min_length=1, max_length=500)
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: str | list[str] | None = None
+    stop: Text | list[Text] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        None, max_length=300, description="token id (as a string) -> bias added to its logit, -100..100")
+    presence_penalty: float = Field(0.0, ge=-2, le=2, description="lowers the logit of every token generated "
+                                                                   "so far, once")
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, description="lowers the logit of each token generated so "
+                                                                    "far, once per time it was drawn")
+    modalities: list[str] | None = Field(None, description="only ['text'] is served")
+    audio: Any = None
+    user: str | None = Field(None, max_length=500, description="the end user's id; not used")
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -57,7 +68,7 @@ TokenIds = Annotated[list[Annotated[int, Field(ge=0, le=2**31 - 1)]], Field(min_
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
+    prompt: Text | list[Text] | TokenIds | list[TokenIds] = Field(
         ..., max_length=1_000_000, description="text, texts, token ids, or lists of token ids")
     max_tokens: int = Field(16, ge=0, description="0 with echo: score the prompt, generate nothing")
     logprobs: int | None = Field(None, ge=0, le=20, description="alternatives reported per token")
@@ -80,7 +91,7 @@ Auto = Literal["auto"]
 
 
 class OpenAIHyperparameters(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     n_epochs: Annotated[int, Field(ge=1, le=1000)] | Auto = "auto"
     batch_size: Annotated[int, Field(ge=1, le=4096)] | Auto = "auto"
     learning_rate_multiplier: Annotated[float, Field(gt=0, le=1000)] | Auto = "auto"
@@ -100,17 +111,19 @@ class SBoRASettings(MethodSpec):
 
 
 class Supervised(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
     hyperparameters: OpenAIHyperparameters = Field(default_factory=OpenAIHyperparameters)
 
 
 class FineTuneMethod(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
     type: Literal["supervised", "sbora"] = "supervised"
     supervised: Supervised | None = None
     sbora: SBoRASettings | None = None
 
 
 class FineTuningJobCreate(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # integrations, metadata, ... are accepted and ignored
+    model_config = ConfigDict(extra="forbid", strict=True)
     model: str = Field(..., min_length=1, max_length=500)
     training_file: str = Field(..., min_length=1, max_length=64)
     validation_file: str | None = Field(None, max_length=64)
@@ -118,3 +131,7 @@ class FineTuningJobCreate(BaseModel):
     method: FineTuneMethod = Field(default_factory=FineTuneMethod)
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    # Declared so that they answer 400 naming them rather than being dropped: nothing here sends to
+    # integrations, and the service keeps no metadata on a job.
+    integrations: list[Any] | None = None
+    metadata: dict[str, Any] | None = None

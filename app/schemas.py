@@ -6,13 +6,25 @@ from dataclasses import MISSING, fields
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from sbora_core.method.config import SBoRAConfig, field_help
+from sbora_core.training.data import lone_surrogate
 from sbora_core.training.harness import EvalSpec
 from sbora_core.training.job import Hyperparameters, Resources
 
 T = TypeVar("T")
+
+
+def no_lone_surrogates(text: str) -> str:
+    """JSON may escape half of a UTF-16 pair ("\\ud800") on its own: valid JSON but no character, which
+    the tokenizer cannot encode (a 500 before). Refused as the field's 422."""
+    if (problem := lone_surrogate(text)) is not None:
+        raise ValueError(problem)
+    return text
+
+
+Text = Annotated[str, AfterValidator(no_lone_surrogates)]  # request text that reaches a tokenizer
 
 
 class Page(BaseModel, Generic[T]):
@@ -70,7 +82,8 @@ def spec_field(spec: type, name: str, **constraints: Any) -> Any:
 class MethodSpec(BaseModel):
     """The adapter to train; fields and defaults are sbora_core.method.config.SBoRAConfig's."""
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: `r: true` is not 1, `"yes"` is not a boolean (lax coercion changed what was asked for)
+    model_config = ConfigDict(extra="forbid", strict=True)
     variant: Literal["sbora_fa", "sbora_fb", "lora"] = spec_field(SBoRAConfig, "variant")
     r: int = spec_field(SBoRAConfig, "r", ge=1, le=65536)
     alpha: float = spec_field(SBoRAConfig, "alpha", gt=0, le=1e6)
@@ -83,7 +96,7 @@ class MethodSpec(BaseModel):
 class HyperparametersSpec(BaseModel):
     """Training settings; fields and defaults are sbora_core.training.job.Hyperparameters'."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     epochs: int = spec_field(Hyperparameters, "epochs", ge=1, le=1000)
     max_steps: int | None = spec_field(Hyperparameters, "max_steps", ge=1, le=10_000_000)
     learning_rate: float = spec_field(Hyperparameters, "learning_rate", gt=0, lt=1)
@@ -108,7 +121,7 @@ class HyperparametersSpec(BaseModel):
 class ResourcesSpec(BaseModel):
     """Where the job trains; fields and defaults are sbora_core.training.job.Resources'."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     devices: int = spec_field(Resources, "devices", ge=1, le=64)
     nodes: int = spec_field(Resources, "nodes", ge=1, le=64)
     sharding: Literal["none", "full"] = spec_field(Resources, "sharding")
@@ -117,7 +130,7 @@ class ResourcesSpec(BaseModel):
 class EvalSettings(BaseModel):
     """How an evaluation scores; fields and defaults are sbora_core.training.harness.EvalSpec's."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     grader: Literal["multiple_choice", "exact_match", "loss"] = spec_field(EvalSpec, "grader")
     protocol: Literal["option_text", "label"] = spec_field(EvalSpec, "protocol")
     length_unit: Literal["chars", "tokens"] = spec_field(EvalSpec, "length_unit")
@@ -136,7 +149,7 @@ class EvalAfter(EvalSettings):
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     base_model: str = Field("smollm2-135m-instruct", min_length=1, max_length=500)
     training_dataset_id: str = Field(..., min_length=1, max_length=64)
     validation_dataset_id: str | None = Field(None, max_length=64)
@@ -237,7 +250,7 @@ class AdapterPublic(BaseModel):
 
 
 class ComposeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     adapter_ids: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] = Field(..., min_length=1,
                                                                                                 max_length=64)
     weights: list[Annotated[float, Field(allow_inf_nan=False, ge=-100, le=100)]] | None = Field(
@@ -247,7 +260,7 @@ class ComposeRequest(BaseModel):
 
 # -- adapter groups ------------------------------------------------------------------------------
 class GroupCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     name: str = Field(..., min_length=1, max_length=200)
     base_model: str = Field("smollm2-135m-instruct", min_length=1, max_length=500)
     variant: Literal["sbora_fa", "sbora_fb", "lora"] = Field("sbora_fa", description="sbora_fa or sbora_fb")
@@ -318,7 +331,7 @@ class ModelPublic(BaseModel):
 
 
 class ModelRegister(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     source: str = Field(..., min_length=1, max_length=1000,
                         description="a model directory on the server (config.json + *.safetensors) or a hub id")
     name: str | None = Field(None, max_length=100, description="public id; default: the directory's name")
@@ -326,14 +339,15 @@ class ModelRegister(BaseModel):
 
 # -- generation --------------------------------------------------------------------------------
 class ChatMessage(BaseModel):
+    model_config = ConfigDict(strict=True)
     role: Literal["system", "user", "assistant"]
-    content: str = Field(..., max_length=1_000_000)
+    content: Text = Field(..., max_length=1_000_000)
 
 
 class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     base_model: str | None = Field(None, description="defaults to the adapter's base, else the first model")
-    prompt: str | None = Field(None, max_length=1_000_000)
+    prompt: Text | None = Field(None, max_length=1_000_000)
     messages: list[ChatMessage] | None = Field(None, min_length=1, max_length=1000)
     adapter_id: str | list[str] | None = None
     adapter_weights: list[Annotated[float, Field(allow_inf_nan=False, ge=-100, le=100)]] | None = Field(
@@ -341,7 +355,7 @@ class GenerateRequest(BaseModel):
     max_new_tokens: int = Field(128, ge=1)
     temperature: float = Field(0.0, ge=0, le=10)
     top_p: float = Field(1.0, gt=0, le=1)
-    stop: list[str] | str | None = None
+    stop: list[Text] | Text | None = None
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stream: bool = False
 

@@ -22,6 +22,12 @@ every request produces exactly --new-tokens tokens):
     .venv/bin/python bench/serve.py
 
 Writes bench/results/serve.json (top-level `ratios`).
+
+    .venv/bin/python bench/serve.py --only long-prefill
+
+measures one thing alone: the time to first token of 3-token requests from another tenant while
+an 8,000-token prompt is being read, against the same request on an idle engine (prefill chunks
+are bounded by time, `sbora_core/serving/prefill.py`); writes bench/results/serve_long_prefill.json.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from sbora_core.method.inject import adapter_from_model, inject_adapter, remove_
 from sbora_core.method.merge import RegionCache, merge_adapters
 from sbora_core.method.models import DEFAULT_MODEL, load_base_model
 from sbora_core.serving.engine import Engine
-from sbora_core.serving.generation import SamplingParams
+from sbora_core.serving.generation import Completion, SamplingParams
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = {
@@ -252,6 +258,81 @@ def http_concurrency(new_tokens: int, clients: int, per_client: int) -> tuple[fl
     return sequential, concurrent
 
 
+LONG_PREFILL_TARGET = {"ttft_short_during_long_prefill_vs_idle": ("<=", 3.0)}
+
+
+def first_token_s(engine: Engine, prompt: list[int], tenant: str) -> float:
+    """Seconds from submitting a 3-token request to its first text piece."""
+    start = time.perf_counter()
+    handle = engine.submit(prompt, [], SamplingParams(max_new_tokens=3, ignore_eos=True), tenant=tenant)
+    for _ in handle:
+        break
+    elapsed = time.perf_counter() - start
+    handle.result()
+    return elapsed
+
+
+def long_prefill(base, long_tokens: int, every_s: float, window_s: float) -> dict:
+    """First-token times of short requests, idle and while a `long_tokens` prompt is read (for at most
+    `window_s`: then the read is cancelled, and how far it got is recorded)."""
+    tok = base.tokenizer
+    short = tok(tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], tokenize=False,
+                                        add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+    long = (tok("hello " * long_tokens, add_special_tokens=False)["input_ids"])[:long_tokens]
+    engine = Engine(base, max_batch_size=8)
+    try:
+        for _ in range(3):
+            first_token_s(engine, short, "other")  # warm-up
+        idle = [first_token_s(engine, short, "other") for _ in range(10)]
+        start = time.perf_counter()
+        reading = engine.submit(long, [], SamplingParams(max_new_tokens=2, ignore_eos=True), tenant="long")
+        busy: list[float] = []
+        read = len(long)
+        while not any(isinstance(item, Completion) for item in list(reading.events.queue)):
+            time.sleep(every_s)
+            if any(isinstance(item, Completion) for item in list(reading.events.queue)):
+                break
+            if time.perf_counter() - start > window_s:
+                read = engine.prefilled.get(id(reading), (None, len(long)))[1]
+                reading.cancel()
+                break
+            busy.append(first_token_s(engine, short, "other"))
+            print(f"  {time.perf_counter() - start:6.1f} s into the read: first token in {busy[-1] * 1e3:.0f} ms",
+                  file=sys.stderr, flush=True)
+        reading.result()
+        read_s = time.perf_counter() - start
+        chunks = engine.stats["prefill_chunks"]
+    finally:
+        engine.close()
+    ratio = statistics.median(busy) / statistics.median(idle)
+    return {"long_prompt_tokens": len(long), "long_tokens_read": read, "short_prompt_tokens": len(short),
+            "long_read_s": read_s,
+            "long_prefill_chunks": chunks, "idle_first_token_ms": 1e3 * statistics.median(idle),
+            "busy_first_token_ms": 1e3 * statistics.median(busy), "busy_first_token_ms_max": 1e3 * max(busy),
+            "busy_samples": len(busy), "ratios": {"ttft_short_during_long_prefill_vs_idle": ratio},
+            "targets": LONG_PREFILL_TARGET}
+
+
+def main_long_prefill(args: argparse.Namespace) -> None:
+    base = load_base_model(DEFAULT_MODEL, device="cpu")
+    result = long_prefill(base, args.long_tokens, every_s=2.0, window_s=args.window_s)
+    result["setup"] = {"model": DEFAULT_MODEL, "threads": args.threads, "dtype": "float32",
+                       "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "torch": torch.__version__}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "serve_long_prefill.json").write_text(json.dumps(result, indent=2))
+    ratio = result["ratios"]["ttft_short_during_long_prefill_vs_idle"]
+    print(f"\nFirst token of a 3-token request, {DEFAULT_MODEL}, fp32, {args.threads} threads\n")
+    print("| measurement | value |\n|---|---:|")
+    print(f"| idle engine (ms, median) | {result['idle_first_token_ms']:.1f} |")
+    print(f"| while a {result['long_prompt_tokens']}-token prompt is read (ms, median of "
+          f"{result['busy_samples']}) | {result['busy_first_token_ms']:.1f} |")
+    print(f"| the same, worst (ms) | {result['busy_first_token_ms_max']:.1f} |")
+    print(f"| reading {result['long_tokens_read']} tokens of it (s, {result['long_prefill_chunks']} chunks) | "
+          f"{result['long_read_s']:.1f} |")
+    print(f"\n| ratio | value | target |\n|---|---:|---|\n| ttft_short_during_long_prefill_vs_idle | {ratio:.2f} | "
+          f"<= 3.0 ({'met' if ratio <= 3.0 else 'missed'}) |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--r", type=int, default=32)
@@ -259,8 +340,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--only", choices=["long-prefill"], help="run one measurement alone")
+    parser.add_argument("--long-tokens", type=int, default=8000, help="the long prompt's tokens (--only long-prefill)")
+    parser.add_argument("--window-s", type=float, default=200.0,
+                        help="measure for at most this long while the long prompt is read (--only long-prefill)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.only == "long-prefill":
+        main_long_prefill(args)
+        return
     os.environ["SBORA_TORCH_THREADS"] = str(args.threads)  # the HTTP rows' engine process, alike
     sys.path.insert(0, str(Path(__file__).resolve().parent))
 

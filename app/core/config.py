@@ -51,6 +51,15 @@ class Settings(BaseSettings):
     generate_max_new_tokens: int = Field(1024, description="upper bound on max_new_tokens per request")
     engine_max_batch_size: int = Field(16, description="requests decoded together in one batch")
     engine_max_queue: int = Field(64, description="requests waiting for generation before 429")
+    engine_max_prompt_tokens: int = Field(0, ge=0, description="prompt tokens one generation request may have "
+                                          "(413 beyond); 0: only the model's context bounds it")
+    engine_max_tenant_prompt_tokens: int = Field(65536, ge=0, description="prompt tokens of one tenant's "
+                                                 "generation requests queued and running together (429 beyond, "
+                                                 "413 for one request larger than it); 0: no bound")
+    request_timeout_s: float = Field(300.0, gt=0, description="a generation request still running after this "
+                                     "long is cancelled: 504, or an error event in a stream")
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1024, description="largest request body other than a "
+                                "dataset upload (413 beyond, before it is parsed)")
     engine_warm_start: bool = Field(True, description="load every offered model into the generation engine when "
                                                       "the API starts (/readyz waits for it), not on first use")
     adapter_cache_bytes: int = Field(1 << 30, description="bytes of adapters kept loaded per base model (LRU), "

@@ -11,11 +11,11 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.errors import Invalid
+from app.errors import Invalid, NotFound
 from app.ids import new_id
 from app.models import Adapter, Job, Tenant
 from app.services import groups
-from app.services.queries import owned, page
+from app.services.queries import delete_owned, owned, page
 from app.services.quotas import check_storage
 from app.storage import ArtifactStore, discard_quietly, sha256_file_cached
 from sbora_core.method.adapter_io import (
@@ -48,11 +48,19 @@ def get_adapter(session: Session, tenant: Tenant, adapter_id: str) -> Adapter:
     return owned(session, Adapter, tenant, adapter_id, "adapter")
 
 
+def get_named_adapter(session: Session, tenant: Tenant, adapter_id: str, field: str) -> Adapter:
+    """`get_adapter`, whose NotFound names the request's field (`adapter_id`, `adapter_ids[3]`)."""
+    try:
+        return get_adapter(session, tenant, adapter_id)
+    except NotFound as exc:
+        raise NotFound(f"{field}: {exc}", param=field) from exc
+
+
 def delete_adapter(session: Session, tenant: Tenant, adapter_id: str, store: ArtifactStore) -> None:
     adapter = get_adapter(session, tenant, adapter_id)
     key = adapter.storage_key
-    session.delete(adapter)
     groups.release_adapter(session, adapter.id)  # its group slot is free again
+    delete_owned(session, Adapter, adapter, "adapter")
     session.commit()
     discard_quietly(store, key)
 
@@ -133,7 +141,7 @@ def compose(session: Session, tenant: Tenant, adapter_ids: list[str], weights: l
         raise Invalid("adapter_ids", "adapter_ids: an adapter is listed twice")
     if weights is not None and len(weights) != len(adapter_ids):
         raise Invalid("weights", f"weights: {len(weights)} weight(s) for {len(adapter_ids)} adapter(s)")
-    parts = [get_adapter(session, tenant, a) for a in adapter_ids]
+    parts = [get_named_adapter(session, tenant, a, f"adapter_ids[{i}]") for i, a in enumerate(adapter_ids)]
     if len({p.base_model for p in parts}) > 1:
         raise Invalid("adapter_ids", f"adapter_ids: the adapters belong to different base models: "
                                      f"{sorted({p.base_model for p in parts})}")

@@ -34,7 +34,11 @@ def register_model(session: Session, source: str, name: str | None = None) -> Re
     path = Path(source).expanduser()
     if path.exists() and not path.is_dir():
         raise Invalid("source", f"source: {source} is a file; give the directory holding config.json and the weights")
-    name = name if name is not None else default_name(source)
+    if name is None:  # the name comes from the source: a source without one is the source's fault
+        name = default_name(source)
+        if not NAME.fullmatch(name):
+            raise Invalid("source", f"source: {source!r} gives no usable model name ({name!r}); give a model "
+                                    "directory or hub id ending in the model's name, or pass `name`")
     if not NAME.fullmatch(name):
         raise Invalid("name", f"name: {name!r} must be 1-100 letters, digits, '.', '_' or '-', starting with a "
                               "letter or digit")

@@ -12,7 +12,7 @@ from app.core.config import Settings
 from app.errors import Conflict, Invalid, NotFound, TooLarge
 from app.ids import new_id
 from app.models import TERMINAL_STATUSES, Dataset, Job, Tenant
-from app.services.queries import owned, page
+from app.services.queries import delete_owned, owned, page
 from app.services.quotas import check_storage
 from app.storage import ArtifactStore, UploadTooLarge, discard_quietly
 from sbora_core.training.data import validate_dataset
@@ -88,6 +88,6 @@ def delete_dataset(session: Session, tenant: Tenant, dataset_id: str, store: Art
     if in_use:
         raise Conflict(f"dataset {dataset_id} is used by {in_use} unfinished job(s); cancel them first")
     key = dataset.storage_key
-    session.delete(dataset)
+    delete_owned(session, Dataset, dataset, "dataset")
     session.commit()
     discard_quietly(store, key)

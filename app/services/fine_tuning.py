@@ -12,14 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.errors import Invalid, NotFound
-from app.models import Adapter, Job, Tenant
+from app.errors import Invalid, NotFound, Unsupported
+from app.models import Adapter, Job, JobEvent, Tenant
 from app.openai_schemas import FineTuningJobCreate, OpenAIHyperparameters
 from app.schemas import HyperparametersSpec, JobCreate, MethodSpec, ResourcesSpec
 from app.services import jobs
+from app.services.adapters import get_adapter
 from sbora_core.training.job import Hyperparameters
 
 DEFAULT_LEARNING_RATE = Hyperparameters().learning_rate
@@ -30,14 +32,37 @@ _OPENAI_FIELD = {"base_model": "model", "training_dataset_id": "training_file",
                  "resources": "method.sbora.resources"}
 
 
+def openai_hyperparameters(req: FineTuningJobCreate) -> OpenAIHyperparameters:
+    """The method's hyperparameters, with the deprecated top-level ones where the method leaves a field
+    out; a field both set differently is a 400 naming both (the top-level ones were dropped)."""
+    where = f"method.{req.method.type}.hyperparameters"
+    sbora, supervised = req.method.sbora, req.method.supervised
+    inner = (sbora.hyperparameters if req.method.type == "sbora" and sbora else
+             supervised.hyperparameters if req.method.type == "supervised" and supervised else None)
+    top = req.hyperparameters
+    if inner is None or top is None:
+        return inner or top or OpenAIHyperparameters()
+    merged = inner.model_copy()
+    for name in top.model_fields_set:
+        mine, theirs = getattr(inner, name), getattr(top, name)
+        if name in inner.model_fields_set and mine != theirs:
+            raise Unsupported(f"hyperparameters.{name}", f"hyperparameters.{name} ({theirs!r}) and {where}.{name} "
+                                                         f"({mine!r}) disagree; give it in one place")
+        setattr(merged, name, theirs)
+    return merged
+
+
 def to_job_create(req: FineTuningJobCreate) -> JobCreate:
     """Our job spec for an OpenAI request; Invalid names the OpenAI field at fault."""
+    for name in ("integrations", "metadata"):
+        if getattr(req, name):  # nothing would act on them: refused rather than dropped
+            raise Unsupported(name, f"{name}: not supported by this server")
     sbora = req.method.sbora if req.method.type == "sbora" else None
     if req.method.type == "sbora" and sbora is None:
         raise Invalid("method.sbora", "method.sbora: required when method.type is 'sbora'")
-    openai_hp = (sbora.hyperparameters if sbora else
-                 req.method.supervised.hyperparameters if req.method.supervised else
-                 req.hyperparameters or OpenAIHyperparameters())
+    if req.method.type == "supervised" and req.method.sbora is not None:
+        raise Unsupported("method.sbora", "method.sbora: given with method.type 'supervised'; set type to 'sbora'")
+    openai_hp = openai_hyperparameters(req)
     hp: dict[str, Any] = dict(sbora.hyperparameters.model_extra or {}) if sbora else {}
     if openai_hp.n_epochs != "auto":
         hp["epochs"] = openai_hp.n_epochs
@@ -70,7 +95,7 @@ def create_job(session: Session, tenant: Tenant, req: FineTuningJobCreate, setti
     """The job for an OpenAI fine-tuning request; Invalid names the field as the OpenAI request spells it."""
     spec = to_job_create(req)
     try:
-        return jobs.create_job(session, tenant, spec, settings)
+        return jobs.create_job(session, tenant, spec, settings, origin={"openai_method": req.method.type})
     except Invalid as exc:
         head, _, rest = exc.field.partition(".")
         field = _OPENAI_FIELD.get(head, head) + (f".{rest}" if rest else "")
@@ -78,6 +103,13 @@ def create_job(session: Session, tenant: Tenant, req: FineTuningJobCreate, setti
         raise Invalid(field, message, exc.errors) from exc
     except NotFound as exc:  # the group: named as the OpenAI request spells it
         raise NotFound(str(exc), param=_OPENAI_FIELD.get(exc.param or "", exc.param)) from exc
+
+
+def method_type(session: Session, job: Job) -> str:
+    """The OpenAI method type the job was created with (`supervised` or `sbora`; `sbora` for jobs
+    created through POST /jobs), as its first event recorded it."""
+    first = session.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id).limit(1)).first()
+    return (first.data or {}).get("openai_method", "sbora") if first is not None else "sbora"
 
 
 def fine_tuned_model(job: Job) -> str | None:
@@ -91,8 +123,27 @@ def checkpoint_model(job: Job, adapter: Adapter) -> str:
 
 def adapter_of_model(model: str) -> str:
     """The adapter id a model name names: `ft:<base>:<suffix>:<adapter id>`, with `:ckpt-step-N` for
-    a checkpoint, or an adapter id itself."""
+    a checkpoint, or an adapter id itself (`resolve_model` checks the rest of the name)."""
     if not model.startswith("ft:"):
         return model
     parts = model.split(":")
     return parts[-2] if parts[-1].startswith("ckpt-step-") and len(parts) > 2 else parts[-1]
+
+
+def resolve_model(session: Session, tenant: Tenant, model: str) -> Adapter:
+    """The tenant's adapter a model name names, exactly: an `ft:` name must be the adapter's own name
+    (base, suffix, and the checkpoint step if any), never the nearest adapter. A checkpoint step that
+    does not exist served the final weights under the name asked for; NotFound (param `model`) now."""
+    adapter = get_adapter(session, tenant, adapter_of_model(model))
+    if not model.startswith("ft:"):
+        return adapter
+    job = session.get(Job, adapter.job_id) if adapter.job_id else None
+    if job is None or job.tenant_id != tenant.id:
+        expected = f"ft:{adapter.base_model}::{adapter.id}"
+    elif adapter.checkpoint_step is not None:
+        expected = checkpoint_model(job, adapter)
+    else:
+        expected = f"ft:{job.base_model}:{job.name or ''}:{adapter.id}"
+    if model != expected:
+        raise NotFound(f"model {model!r} does not exist: adapter {adapter.id} is served as {expected!r}", param="model")
+    return adapter

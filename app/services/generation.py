@@ -16,14 +16,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
+from starlette.requests import Request
 
 from app import catalog
 from app.core.config import get_settings
 from app.engine_process import AdapterRef, RemoteRequest, get_engine_process
-from app.errors import Invalid
+from app.errors import ClientGone, Invalid, RequestTimeout
 from app.metrics import observe_generation
 from app.models import Adapter, Tenant
-from app.services.adapters import adapter_files, get_adapter
+from app.services.adapters import adapter_files, get_named_adapter
 from app.storage import get_store
 from sbora_core.serving.generation import Completion, SamplingParams
 
@@ -36,11 +37,14 @@ class Generation:
     started: float = field(default_factory=time.perf_counter)
 
 
-def resolve_target(session: Session, tenant: Tenant, model: str | None, adapter_ids: list[str]) -> tuple[str, list[Adapter]]:
-    """The base model and the tenant's adapters a request names; Invalid/NotFound otherwise."""
+def resolve_target(session: Session, tenant: Tenant, model: str | None, adapter_ids: list[str],
+                   listed: bool = False) -> tuple[str, list[Adapter]]:
+    """The base model and the tenant's adapters a request names (`listed`: `adapter_id` came as a list,
+    so a missing one is named `adapter_id[i]`); Invalid/NotFound otherwise."""
     if len(set(adapter_ids)) != len(adapter_ids):
         raise Invalid("adapter_id", "adapter_id: an adapter is listed twice")
-    adapters = [get_adapter(session, tenant, a) for a in adapter_ids]
+    named = ["adapter_id"] if len(adapter_ids) == 1 and not listed else [f"adapter_id[{i}]" for i in range(len(adapter_ids))]
+    adapters = [get_named_adapter(session, tenant, a, field) for a, field in zip(adapter_ids, named, strict=True)]
     bases = {a.base_model for a in adapters} | ({model} if model else set())
     if len(bases) > 1:
         raise Invalid("adapter_id", f"adapter_id: the adapters and the base model differ: {sorted(bases)}")
@@ -71,11 +75,17 @@ def start_generation(model_id: str, adapters: list[Adapter], prompt: str | list[
     return Generation(handle, model_id, [a.id for a in adapters])
 
 
-async def stream_pieces(generation: Generation) -> AsyncIterator[str | Completion]:
-    """Text pieces, then the Completion; the request is cancelled if the client goes away."""
+POLL_S = 0.2  # how often a request waiting on the engine checks whether its client is still there
+
+
+async def stream_pieces(generation: Generation, request: Request | None = None) -> AsyncIterator[str | Completion]:
+    """Text pieces, then the Completion. The request is cancelled when the client goes away (ClientGone
+    when `request` shows it) or when it runs past SBORA_REQUEST_TIMEOUT_S (RequestTimeout)."""
     handle = generation.handle
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
+    timeout_s = get_settings().request_timeout_s
+    deadline = loop.time() + timeout_s
     # Pieces arrive on the engine client's thread; hand them to this event loop without holding a
     # worker thread per waiting request.
     def deliver(item: object) -> None:
@@ -84,7 +94,16 @@ async def stream_pieces(generation: Generation) -> AsyncIterator[str | Completio
     handle.listen(deliver)
     try:
         while True:
-            item = await inbox.get()
+            left = deadline - loop.time()
+            if left <= 0:
+                raise RequestTimeout(f"the request ran past {timeout_s:g} s (SBORA_REQUEST_TIMEOUT_S) and was "
+                                     "cancelled; ask for fewer tokens or a shorter prompt")
+            try:
+                item = await asyncio.wait_for(inbox.get(), timeout=min(left, POLL_S))
+            except TimeoutError:
+                if request is not None and await request.is_disconnected():
+                    raise ClientGone("the client disconnected; the request was cancelled") from None
+                continue
             if isinstance(item, BaseException):
                 raise item
             if isinstance(item, Completion):
@@ -96,8 +115,8 @@ async def stream_pieces(generation: Generation) -> AsyncIterator[str | Completio
         handle.cancel()  # no-op once finished; frees the batch slot when the client left early
 
 
-async def complete(generation: Generation) -> Completion:
-    async for item in stream_pieces(generation):
+async def complete(generation: Generation, request: Request | None = None) -> Completion:
+    async for item in stream_pieces(generation, request):
         if isinstance(item, Completion):
             return item
     raise RuntimeError("generation ended without a completion")

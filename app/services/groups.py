@@ -26,7 +26,7 @@ from sqlalchemy.orm import Session
 from app import catalog
 from app.errors import Conflict, Invalid, NotFound
 from app.models import AdapterGroup, GroupSlot, Job, Tenant
-from app.services.queries import owned, page
+from app.services.queries import delete_owned, owned, page
 from sbora_core.method.config import ConfigError
 from sbora_core.method.inject import draw_indices
 
@@ -83,7 +83,7 @@ def delete_group(session: Session, tenant: Tenant, group_id: str) -> None:
     if members:
         raise Conflict(f"group {group_id} still holds {members} member(s); delete their adapters or cancel "
                        "their jobs first")
-    session.delete(group)
+    delete_owned(session, AdapterGroup, group, "group")
     session.commit()
 
 

@@ -47,8 +47,24 @@ def check_chat_template(session: Session, tenant: Tenant, spec: JobCreate) -> No
                                  "template; convert it to prompt/completion records, or train a model that has one")
 
 
-def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Settings) -> Job:
-    """Validate everything a worker would trip over, then record the job as queued.
+def check_completions_fit(session: Session, tenant: Tenant, spec: JobCreate) -> None:
+    """A max_seq_len at or below every record's prompt cuts off every completion: the job would fail
+    in the worker with nothing to train on. Checked from the dataset's statistics where they were
+    counted with this model's tokenizer."""
+    stats = get_dataset(session, tenant, spec.training_dataset_id).stats or {}
+    shortest = stats.get("min_prompt_tokens")
+    max_seq_len = spec.hyperparameters.max_seq_len
+    if stats.get("tokenizer") == spec.base_model and shortest is not None and max_seq_len <= shortest:
+        raise Invalid("hyperparameters.max_seq_len",
+                      f"hyperparameters.max_seq_len: {max_seq_len} tokens cut off every completion of dataset "
+                      f"{spec.training_dataset_id} (the shortest prompt, line {stats.get('min_prompt_line')}, has "
+                      f"{shortest} tokens before its completion); raise it above {shortest}")
+
+
+def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Settings,
+               origin: dict[str, Any] | None = None) -> Job:
+    """Validate everything a worker would trip over, then record the job as queued. `origin` is kept
+    in the job's first event (how the request was spelled, for answers in the same terms).
 
     The stored method and hyperparameters are complete (defaults filled in), so
     a queued job trains as it was accepted even if a default changes later.
@@ -62,6 +78,7 @@ def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Sett
     check_dataset_ref(session, tenant, spec.validation_dataset_id, "validation_dataset_id")
     check_training_formats(session, tenant, spec)
     check_chat_template(session, tenant, spec)
+    check_completions_fit(session, tenant, spec)
     if spec.eval_after is not None:
         eval_items_of(session, tenant, spec.eval_after.dataset_id, spec.eval_after, "eval_after.dataset_id", get_store())
     method = spec.method.model_dump()
@@ -94,7 +111,8 @@ def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Sett
                 job.method["index_slot"] = groups.allocate(session, group, job.id)
             session.add(job)
             session.flush()
-            add_event(session, job.id, "status", "queued", {"status": "queued", "resources": resources})
+            add_event(session, job.id, "status", "queued",
+                      {"status": "queued", "resources": resources, **(origin or {})})
             if waits_for:
                 add_event(session, job.id, "log", f"queued: {waits_for}", {"waiting_for": "workers"})
             session.commit()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Select, delete, func, select
 from sqlalchemy.orm import Session
 
 from app.errors import NotFound
@@ -27,3 +27,15 @@ def page(session: Session, query: Select[Any], limit: int, offset: int) -> tuple
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
     rows = list(session.scalars(query.limit(limit).offset(offset)))
     return rows, total
+
+
+def delete_owned(session: Session, model: Any, row: Any, what: str) -> None:
+    """Delete `row` with a statement that says whether it deleted it: of concurrent deletes of one
+    object exactly one succeeds, the others answer NotFound (an ORM delete of a row another request
+    had just deleted passed silently, and both answered 204). Commits are the caller's."""
+    deleted = session.execute(delete(model).where(model.id == row.id, model.tenant_id == row.tenant_id)
+                              .execution_options(synchronize_session=False))
+    if getattr(deleted, "rowcount", 1) != 1:
+        session.rollback()
+        raise NotFound(f"no {what} with id {row.id!r}")
+    session.expunge(row)

@@ -41,6 +41,18 @@ class Row:
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(self.params.seed if self.params.seed is not None else torch.seed())
 
+    def adjust(self, logits: torch.Tensor) -> torch.Tensor:
+        """The row's logits (V) with its logit_bias and its presence and frequency penalties applied."""
+        p = self.params
+        adjusted = logits.float().clone()
+        if p.logit_bias:
+            tokens = torch.tensor(list(p.logit_bias), device=logits.device)
+            adjusted[tokens] += torch.tensor(list(p.logit_bias.values()), device=logits.device)
+        if self.produced and (p.presence_penalty or p.frequency_penalty):
+            seen, counts = torch.tensor(self.produced, device=logits.device).unique(return_counts=True)
+            adjusted[seen] -= p.frequency_penalty * counts.float() + p.presence_penalty
+        return adjusted
+
     def sample(self, logits: torch.Tensor) -> int:
         p = self.params
         if p.temperature <= 0:

@@ -2,10 +2,14 @@
 
 One scheduler thread per engine runs the batch step by step. A request that
 arrives joins the running batch at the next step (its prompt prefilled first:
-short prompts together in one forward, a long one in chunks of `prefill_chunk`
-tokens between decode steps, so running streams keep their pace); a request
+short prompts together in one forward, a long one in chunks of at most
+`prefill_chunk` tokens, each about `prefill_budget_s` long, between decode steps, so running
+streams keep their pace); a request
 that finishes leaves at once. Waiting requests are admitted tenant by tenant in
-turn. At every step the engine picks how to apply adapters:
+turn, within the admission limits (`admission`: the queue's bound, prompt tokens per request and
+per tenant in flight). Long prompts are read in chunks bounded by time (`prefill`), so a
+prompt of thousands of tokens does not stall the others. At every step the engine picks how to
+apply adapters:
 - every request in flight uses the same adapter set (or none): it is merged
   regionally into the live weights (r columns or rows per layer, original
   regions cached so a swap only writes), and unmerged bit-exactly when the set
@@ -34,8 +38,10 @@ from sbora_core.method.files import sha256_file
 from sbora_core.method.merge import MergeHandle, RegionCache, check_disjoint, merge_adapters
 from sbora_core.method.models import BaseModel
 from sbora_core.serving.adapter_cache import AdapterCache
+from sbora_core.serving.admission import Admission, AdmissionLimits, OverLimit, QueueFull
 from sbora_core.serving.decoding import CACHE_FIELD, Batch, FairQueue, Row, record_prompt_logprobs
 from sbora_core.serving.generation import Completion, RequestHandle, SamplingParams
+from sbora_core.serving.prefill import ChunkSizer, growing_cache, settle
 from sbora_core.serving.row_adapters import RowAdapterHooks, RowBanks
 from sbora_core.serving.static_decode import (
     DecodeGraphs,
@@ -45,13 +51,7 @@ from sbora_core.serving.static_decode import (
     supports_slot_cache,
 )
 
-
-class QueueFull(RuntimeError):
-    """The engine's queue is at its bound; try again after `retry_after_s`."""
-
-    def __init__(self, retry_after_s: int) -> None:
-        super().__init__(f"the generation queue is full; retry in {retry_after_s} s")
-        self.retry_after_s = retry_after_s
+__all__ = ["AdapterIntegrityError", "Engine", "OverLimit", "QueueFull"]  # the admission errors, where they were
 
 
 class AdapterIntegrityError(ValueError):
@@ -61,32 +61,39 @@ class AdapterIntegrityError(ValueError):
 class Engine:
     def __init__(self, base: BaseModel, *, max_batch_size: int = 8, max_queue: int = 64,
                  cache_bytes: int = 1 << 30, merge_single: bool = True, prefill_chunk: int = 256,
-                 slot_cache: bool | None = None, max_len: int | None = None) -> None:
+                 slot_cache: bool | None = None, max_len: int | None = None, prefill_budget_s: float = 0.075,
+                 max_prompt_tokens: int = 0, max_tenant_prompt_tokens: int = 0) -> None:
         self.base = base
         self.model = base.model
         self.tokenizer = base.tokenizer
         self.device = base.device
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
+        self.admission = Admission(AdmissionLimits(max_queue, max_prompt_tokens, max_tenant_prompt_tokens))
         self.merge_single = merge_single and base.quantization == "none"
         self.cache = AdapterCache(cache_bytes)
         self.regions = RegionCache(cache_bytes)  # originals of the regions merged lately, as many bytes again
         self.hooks = RowAdapterHooks(self.model)
         self.banks = RowBanks(self.hooks.shapes(), max_batch_size, self.device)  # one slot per row in flight
         self.prefill_chunk = prefill_chunk
+        self.prefill_budget_s = prefill_budget_s
+        self.fresh = ChunkSizer(prefill_budget_s, prefill_chunk)  # prompts read from their first token
         self.dtype = self.model.get_input_embeddings().weight.dtype
         self.slots, self.graphs = self._slot_cache(slot_cache, max_len)
         self.pending = FairQueue()
         self.cv = threading.Condition()
         self.running = True
         # batches: runs from idle to idle; merged/mixed_batches: switches into each way of applying adapters
-        self.stats = {"batches": 0, "merged_batches": 0, "mixed_batches": 0, "generated_tokens": 0, "joined": 0}
+        self.stats = {"batches": 0, "merged_batches": 0, "mixed_batches": 0, "generated_tokens": 0, "joined": 0,
+                      "prefill_chunks": 0}
         self.merged: tuple[tuple[int, ...], MergeHandle | None] | None = None  # the set merged now, and its handle
         self.mixed = False  # whether the rows' adapters are applied from the row banks now
         self.batch: Batch | SlotBatch | None = None
         self.joining: list[RequestHandle] = []  # admitted, prompts still being prefilled
-        self.prefilled: dict[int, tuple[Any, int]] = {}  # a long prompt's cache so far, and tokens done
+        # a long prompt's cache so far, tokens done, and the sizer of its chunks
+        self.prefilled: dict[int, tuple[Any, int, ChunkSizer]] = {}
         self.step_seconds = 0.05  # running estimate, for Retry-After
+        self.decode_seconds = 0.0  # running estimate of a decode step alone: any forward's fixed cost
         configured = getattr(self.model.generation_config, "eos_token_id", None)
         configured = configured if isinstance(configured, list) else [configured]
         self.eos = {t for t in [self.tokenizer.eos_token_id, *configured] if t is not None}
@@ -146,15 +153,17 @@ class Engine:
     # -- requests ------------------------------------------------------------------------------
     def submit(self, prompt_ids: Sequence[int], adapters: Sequence[SparseAdapter] = (),
                params: SamplingParams | None = None, tenant: str = "") -> RequestHandle:
-        """Queue a request; QueueFull when the queue is at its bound, ValueError for overlapping adapters."""
+        """Queue a request; OverLimit when a limit can never let it in, QueueFull when the queue or the
+        tenant's tokens in flight are at their bound now, ValueError for overlapping adapters."""
         adapters = list(adapters)
         if len(adapters) > 1:
             check_disjoint(adapters)
         handle = RequestHandle(list(prompt_ids), adapters, params or SamplingParams(), tenant)
         with self.cv:
-            if len(self.pending) >= self.max_queue:
-                batches_ahead = len(self.pending) / self.max_batch_size + 1
-                raise QueueFull(max(1, round(batches_ahead * self.step_seconds * handle.params.max_new_tokens)))
+            batches_ahead = len(self.pending) / self.max_batch_size + 1
+            retry = max(1, round(batches_ahead * self.step_seconds * handle.params.max_new_tokens))
+            self.admission.take(tenant, len(handle.prompt_ids), len(self.pending), retry)
+            handle.on_finish = lambda: self.admission.release(tenant, len(handle.prompt_ids))
             self.pending.append(handle)
             self.cv.notify()
         return handle
@@ -195,7 +204,12 @@ class Engine:
                 self._idle()
 
     def _admit(self) -> None:
-        """Waiting requests join, tenant by tenant in turn, while the batch has room (called under cv)."""
+        """Waiting requests join, tenant by tenant in turn, while the batch has room (called under cv);
+        prompts cancelled while being read stop here, between two chunks."""
+        for handle in [h for h in self.joining if h.cancelled.is_set()]:
+            self.joining.remove(handle)
+            self.prefilled.pop(id(handle), None)
+            handle.emit(Completion("", len(handle.prompt_ids), 0, "cancelled"))
         room = self.max_batch_size - len(self.joining) - (len(self.batch.rows) if self.batch else 0)
         if self.batch is not None and not self.batch.joinable:
             room = 0  # this model's cache cannot take rows in mid-run: the next batch starts when it ends
@@ -268,10 +282,20 @@ class Engine:
         return out.logits, getattr(out, CACHE_FIELD)
 
     def _prefill(self) -> None:
-        """Prompts that fit in a chunk: all together in one forward. Otherwise the first long prompt, one
-        chunk of it. A prompt fully read gives its first token and joins the running batch."""
+        """Short prompts (each within this step's chunk): together in one forward. Otherwise the first
+        long prompt, one chunk of it, sized to take about `prefill_budget_s`. A prompt fully read gives
+        its first token and joins the running batch."""
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        short = [h for h in self.joining if id(h) not in self.prefilled and len(h.prompt_ids) <= self.prefill_chunk]
+        # Short prompts are never split below 64 tokens: a chat turn is read in one forward.
+        self.fresh.overhead_s = self.decode_seconds
+        allowed = max(self.fresh.next(self.prefill_chunk), min(64, self.prefill_chunk))
+        short: list[RequestHandle] = []
+        for h in self.joining:
+            if id(h) in self.prefilled or len(h.prompt_ids) > allowed:
+                continue
+            if short and max(len(h.prompt_ids), *(len(s.prompt_ids) for s in short)) * (len(short) + 1) > allowed:
+                break  # the rest wait for the next step, so this forward stays within its time
+            short.append(h)
         if short:
             longest = max(len(h.prompt_ids) for h in short)
             ids = torch.full((len(short), longest), pad, dtype=torch.long)
@@ -281,19 +305,29 @@ class Engine:
                 mask[i, longest - len(h.prompt_ids):] = 1
             ids, mask = ids.to(self.device), mask.to(self.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            started = time.perf_counter()
             self._start_rows(short, ids, mask, positions, None)
+            self.fresh.observe(ids.numel(), time.perf_counter() - started)
             return
         handle = self.joining[0]  # a long prompt: one more chunk of it
-        cache, done = self.prefilled.get(id(handle), (None, 0))
-        end = min(done + self.prefill_chunk, len(handle.prompt_ids))
+        if id(handle) not in self.prefilled:
+            sizer = ChunkSizer(self.prefill_budget_s, self.prefill_chunk)
+            sizer.seconds_per_token = self.fresh.seconds_per_token
+            self.prefilled[id(handle)] = (growing_cache(self.model.config), 0, sizer)
+        cache, done, sizer = self.prefilled[id(handle)]
+        sizer.overhead_s = self.decode_seconds
+        end = done + sizer.next(len(handle.prompt_ids) - done)
         ids = torch.tensor([handle.prompt_ids[done:end]], device=self.device)
         mask = torch.ones((1, end), dtype=torch.long, device=self.device)
         positions = torch.arange(done, end, device=self.device)[None]
+        started = time.perf_counter()
+        self.stats["prefill_chunks"] += 1
         if end < len(handle.prompt_ids):
             logits, cache = self._forward([handle], ids, mask, positions, cache)
             if handle.prompt_logprobs is not None:
                 record_prompt_logprobs(handle, logits[0], done, self.tokenizer)
-            self.prefilled[id(handle)] = (cache, end)
+            sizer.observe(end - done, time.perf_counter() - started)
+            self.prefilled[id(handle)] = (cache, end, sizer)
             return
         self.prefilled.pop(id(handle), None)
         self._start_rows([handle], ids, mask, positions, cache, first=done)
@@ -304,6 +338,8 @@ class Engine:
         log-probabilities where asked for, first tokens, then the rows join the running batch."""
         started = time.perf_counter()
         every, cache = self._forward(handles, ids, mask, positions, cache)  # (B, T, V)
+        if cache is not None:
+            cache = settle(cache)  # a long prompt's growing buffers become plain layers to join the batch
         for i, h in enumerate(handles):
             if h.prompt_logprobs is not None:
                 read = len(h.prompt_ids) - first  # this forward's tokens of the prompt, in the last columns
@@ -343,6 +379,7 @@ class Engine:
             logits, batch.cache = self._forward(batch.handles, batch.next_ids, mask, batch.positions, batch.cache)
             logits = logits[:, -1]
             batch.mask, batch.positions = mask, batch.positions + 1
+        self.decode_seconds = 0.9 * self.decode_seconds + 0.1 * (time.perf_counter() - started)
         self._take_tokens(batch, logits, started)
         if not batch.rows:
             self.batch = None
@@ -365,6 +402,11 @@ class Engine:
 
     def _take_tokens(self, batch: Batch | SlotBatch, logits: torch.Tensor, started: float) -> None:
         """Each row takes its token (B, V logits); finished rows leave the batch."""
+        adjusted = [i for i, row in enumerate(batch.rows) if row.params.adjusts_logits]
+        if adjusted:
+            logits = logits.float().clone()
+            for i in adjusted:
+                logits[i] = batch.rows[i].adjust(logits[i])
         greedy = logits.argmax(-1).tolist()
         for i, row in enumerate(batch.rows):
             if row.handle.cancelled.is_set():

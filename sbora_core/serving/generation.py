@@ -24,6 +24,15 @@ class SamplingParams:
     # The prompt's own tokens too (OpenAI's `echo` with `logprobs`): each token's log-probability
     # given the ones before it, and this many alternatives; None: off. The first token has none.
     prompt_logprobs: int | None = None
+    # OpenAI's logit adjustments: `logit_bias` is added to those tokens' logits; each token already
+    # generated lowers its logit by `frequency_penalty` per time drawn and `presence_penalty` once.
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or self.presence_penalty != 0 or self.frequency_penalty != 0
 
 
 @dataclass
@@ -100,9 +109,16 @@ class RequestHandle(EventStream):
         self.tenant = tenant  # whose request: the engine admits tenants in turn
         self.cancelled = threading.Event()
         self.submitted_at = time.monotonic()
+        self.on_finish: Callable[[], None] | None = None  # called once, before the last event (admission)
         # Filled while the prompt is read, when params.prompt_logprobs asks for it.
         self.prompt_logprobs: list[TokenLogprob | None] | None = (
             [None] * len(prompt_ids) if params.prompt_logprobs is not None else None)
+
+    def emit(self, item: object) -> None:
+        if isinstance(item, (Completion, BaseException)) and self.on_finish is not None:
+            on_finish, self.on_finish = self.on_finish, None
+            on_finish()
+        super().emit(item)
 
     @property
     def adapter_set(self) -> tuple[int, ...]:

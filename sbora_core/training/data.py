@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sbora_core.training.tokenization import Example, tokenize_example
+from sbora_core.training.tokenization import IGNORE_INDEX, Example, tokenize_example
 
 FORMATS = ("chat", "prompt_completion", "instruction")
 ROLES = ("system", "user", "assistant")
@@ -55,6 +55,10 @@ class DatasetReport:
     max_tokens: int | None = None
     truncated_records: int | None = None
     steps_per_epoch: int | None = None
+    # The fewest tokens any record has before its completion starts, and that record's line: a
+    # max_seq_len at or below it cuts every completion off, leaving nothing to train on.
+    min_prompt_tokens: int | None = None
+    min_prompt_line: int | None = None
 
     @property
     def ok(self) -> bool:
@@ -200,6 +204,17 @@ def record_shape(record: Any) -> str | None:
     return None
 
 
+def lone_surrogate(text: str) -> str | None:
+    """What is wrong with text holding half of a UTF-16 pair (JSON's "\\ud800" escape): no character,
+    and the tokenizer cannot encode it; None when the text is valid Unicode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"a lone UTF-16 surrogate (\\u{ord(text[exc.start]):04x}) at character {exc.start} is not a "
+                "character; write valid Unicode")
+    return None
+
+
 def _text_field(record: dict, key: str, line: int, problems: _Collector, *, required: bool = True) -> str | None:
     value = record.get(key)
     if value is None:
@@ -208,6 +223,9 @@ def _text_field(record: dict, key: str, line: int, problems: _Collector, *, requ
         return None
     if not isinstance(value, str):
         problems.add(line, f'field "{key}" must be a string, got {type(value).__name__}')
+        return None
+    if (where := lone_surrogate(value)) is not None:
+        problems.add(line, f'field "{key}": {where}')
         return None
     if required and not value.strip():
         problems.add(line, f'field "{key}" is empty')
@@ -247,6 +265,9 @@ def _to_example(shape: str, record: dict, line: int, problems: _Collector) -> Ex
             continue
         if not isinstance(content, str):
             problems.add(line, f'messages[{i}]: field "content" must be a string')
+            continue
+        if (where := lone_surrogate(content)) is not None:
+            problems.add(line, f'messages[{i}]: field "content": {where}')
             continue
         if not content.strip() and role != "system":
             problems.add(line, f"messages[{i}]: empty content")
@@ -323,6 +344,9 @@ def validate_dataset(
         for example in examples:
             tokenized, was_truncated = tokenize_example(tokenizer, example, max_seq_len=1 << 30)
             lengths.append(len(tokenized.input_ids))
+            first = next((i for i, label in enumerate(tokenized.labels) if label != IGNORE_INDEX), None)
+            if first is not None and (report.min_prompt_tokens is None or first < report.min_prompt_tokens):
+                report.min_prompt_tokens, report.min_prompt_line = first, example.line
             if len(tokenized.input_ids) > max_seq_len:
                 truncated += 1
                 problems.add(

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import json
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
@@ -24,15 +24,17 @@ router = APIRouter(tags=["generate"])
 
 @router.post("/generate", response_model=GenerateResponse,
              responses={200: {"content": {"text/event-stream": {}}}, 429: {"description": "queue full"},
+                        504: {"description": "ran past SBORA_REQUEST_TIMEOUT_S"},
                         **ENGINE_RESTARTED})
-async def generate(req: GenerateRequest, session: SessionDep, tenant: CurrentTenant):
+async def generate(req: GenerateRequest, request: Request, session: SessionDep, tenant: CurrentTenant):
     """Generate from `prompt` (raw text) or `messages` (chat template), optionally with one or more
     adapters (`adapter_id`; a list composes adapters with disjoint index sets). `stream: true`
     answers with server-sent events: `token` events, then one `done` event."""
     if (req.prompt is None) == (req.messages is None):
         raise Invalid("prompt", "give exactly one of prompt or messages")
     adapter_ids = [req.adapter_id] if isinstance(req.adapter_id, str) else list(req.adapter_id or [])
-    model_id, adapters = await look_up_then_release(session, resolve_target, tenant, req.base_model, adapter_ids)
+    model_id, adapters = await look_up_then_release(session, resolve_target, tenant, req.base_model, adapter_ids,
+                                                    isinstance(req.adapter_id, list))
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     params = SamplingParams(req.max_new_tokens, req.temperature, req.top_p, stop, req.seed)
     messages = [m.model_dump() for m in req.messages] if req.messages is not None else None
@@ -45,11 +47,11 @@ async def generate(req: GenerateRequest, session: SessionDep, tenant: CurrentTen
                                 finish_reason="stop" if done.finish_reason == "stop" else "length")
 
     if not req.stream:
-        return response(await complete(generation))
+        return response(await complete(generation, request))
 
     async def events():
         try:
-            async for item in stream_pieces(generation):
+            async for item in stream_pieces(generation, request):
                 if isinstance(item, Completion):
                     yield f"event: done\ndata: {response(item).model_dump_json()}\n\n"
                 else:

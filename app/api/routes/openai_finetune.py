@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import FileResponse
+from sqlalchemy.orm import Session
 
 from app.api.deps import CurrentTenant, SessionDep, SettingsDep, StoreDep
 from app.errors import Invalid
@@ -74,8 +75,11 @@ def delete_file(file_id: str, session: SessionDep, tenant: CurrentTenant, store:
 
 
 # -- jobs --------------------------------------------------------------------------------------
-def job_object(job: Job) -> dict[str, Any]:
+def job_object(session: Session, job: Job) -> dict[str, Any]:
     hp = job.hyperparameters
+    openai_hp = {"n_epochs": hp.get("epochs"), "batch_size": hp.get("batch_size"),
+                 "learning_rate_multiplier": hp.get("learning_rate", 0) / DEFAULT_LEARNING_RATE}
+    kind = fine_tuning.method_type(session, job)  # as created: a supervised job is reported as one
     progress = job.progress or {}
     error = {"code": job.error_code, "message": job.error_message or "", "param": None} if job.error_code else None
     return {
@@ -85,10 +89,11 @@ def job_object(job: Job) -> dict[str, Any]:
         # OpenAI's job has no `cancelling`: a job that is stopping still runs.
         "status": "running" if job.status == "cancelling" else job.status,
         "training_file": job.train_dataset_id, "validation_file": job.val_dataset_id,
-        "hyperparameters": {"n_epochs": hp.get("epochs"), "batch_size": hp.get("batch_size"),
-                            "learning_rate_multiplier": hp.get("learning_rate", 0) / DEFAULT_LEARNING_RATE},
-        "method": {"type": "sbora", "sbora": {**job.method, "quantization": job.quantization, "hyperparameters": hp,
-                                                "resources": ResourcesSpec(**(job.resources or {})).model_dump()}},
+        "hyperparameters": openai_hp,
+        "method": {"type": kind, **({"supervised": {"hyperparameters": openai_hp}} if kind == "supervised" else {}),
+                   # what it trains, in either case
+                   "sbora": {**job.method, "quantization": job.quantization, "hyperparameters": hp,
+                             "resources": ResourcesSpec(**(job.resources or {})).model_dump()}},
         "result_files": [], "trained_tokens": progress.get("tokens"), "error": error, "seed": hp.get("seed"),
         "estimated_finish": int(time.time() + progress["eta_s"]) if job.status == "running" and progress.get("eta_s")
         else None,
@@ -101,7 +106,7 @@ def create_fine_tuning_job(req: FineTuningJobCreate, session: SessionDep, tenant
                            settings: SettingsDep) -> dict[str, Any]:
     job = fine_tuning.create_job(session, tenant, req, settings)
     enqueue_job(job.id)
-    return job_object(job)
+    return job_object(session, job)
 
 
 def _after(items: list, after: str | None, key) -> list:
@@ -117,17 +122,17 @@ def list_fine_tuning_jobs(session: SessionDep, tenant: CurrentTenant, after: str
                           limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
     rows, _ = jobs.list_jobs(session, tenant, None, 10_000, 0)
     rest = _after(rows, after, lambda j: j.id)
-    return {"object": "list", "data": [job_object(j) for j in rest[:limit]], "has_more": len(rest) > limit}
+    return {"object": "list", "data": [job_object(session, j) for j in rest[:limit]], "has_more": len(rest) > limit}
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
 def get_fine_tuning_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
-    return job_object(jobs.get_job(session, tenant, job_id))
+    return job_object(session, jobs.get_job(session, tenant, job_id))
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
 def cancel_fine_tuning_job(job_id: str, session: SessionDep, tenant: CurrentTenant) -> dict[str, Any]:
-    return job_object(jobs.cancel_job(session, tenant, job_id))
+    return job_object(session, jobs.cancel_job(session, tenant, job_id))
 
 
 def _all_events(session, tenant, job_id: str, kind: str | None = None) -> list:
