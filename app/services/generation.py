@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy.orm import Session
-from starlette.requests import Request
 
 from app import catalog
 from app.core.config import get_settings
@@ -78,9 +77,15 @@ def start_generation(model_id: str, adapters: list[Adapter], prompt: str | list[
 POLL_S = 0.2  # how often a request waiting on the engine checks whether its client is still there
 
 
-async def stream_pieces(generation: Generation, request: Request | None = None) -> AsyncIterator[str | Completion]:
+# The route's check that its client is still connected (Starlette's Request.is_disconnected): a
+# callable, so that the services need no web framework.
+DisconnectCheck = Callable[[], Awaitable[bool]]
+
+
+async def stream_pieces(generation: Generation,
+                        disconnected: DisconnectCheck | None = None) -> AsyncIterator[str | Completion]:
     """Text pieces, then the Completion. The request is cancelled when the client goes away (ClientGone
-    when `request` shows it) or when it runs past SBORA_REQUEST_TIMEOUT_S (RequestTimeout)."""
+    when `disconnected` says so) or when it runs past SBORA_REQUEST_TIMEOUT_S (RequestTimeout)."""
     handle = generation.handle
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue = asyncio.Queue()
@@ -101,7 +106,7 @@ async def stream_pieces(generation: Generation, request: Request | None = None) 
             try:
                 item = await asyncio.wait_for(inbox.get(), timeout=min(left, POLL_S))
             except TimeoutError:
-                if request is not None and await request.is_disconnected():
+                if disconnected is not None and await disconnected():
                     raise ClientGone("the client disconnected; the request was cancelled") from None
                 continue
             if isinstance(item, BaseException):
@@ -115,8 +120,8 @@ async def stream_pieces(generation: Generation, request: Request | None = None) 
         handle.cancel()  # no-op once finished; frees the batch slot when the client left early
 
 
-async def complete(generation: Generation, request: Request | None = None) -> Completion:
-    async for item in stream_pieces(generation, request):
+async def complete(generation: Generation, disconnected: DisconnectCheck | None = None) -> Completion:
+    async for item in stream_pieces(generation, disconnected):
         if isinstance(item, Completion):
             return item
     raise RuntimeError("generation ended without a completion")

@@ -47,11 +47,11 @@ async def generate(req: GenerateRequest, request: Request, session: SessionDep, 
                                 finish_reason="stop" if done.finish_reason == "stop" else "length")
 
     if not req.stream:
-        return response(await complete(generation, request))
+        return response(await complete(generation, request.is_disconnected))
 
     async def events():
         try:
-            async for item in stream_pieces(generation, request):
+            async for item in stream_pieces(generation, request.is_disconnected):
                 if isinstance(item, Completion):
                     yield f"event: done\ndata: {response(item).model_dump_json()}\n\n"
                 else:

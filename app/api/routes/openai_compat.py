@@ -185,7 +185,7 @@ async def _merged(generations: list[Generation], request: Request) -> AsyncItera
 
     async def pump(index: int, generation: Generation) -> None:
         try:
-            async for item in stream_pieces(generation, request):
+            async for item in stream_pieces(generation, request.is_disconnected):
                 await queue.put((index, item))
         except Exception as exc:
             await queue.put((index, exc))
@@ -322,7 +322,7 @@ async def completions(req: CompletionRequest, request: Request, session: Session
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         return _sse(request, generations, chunk,
                     (lambda done: json.dumps(body([], usage=_usage(done)))) if include_usage else None)
-    done = [await complete(g, request) for g in generations]
+    done = [await complete(g, request.is_disconnected) for g in generations]
     choices = []
     for i, (prompt, d) in enumerate(zip(prompts, done, strict=True)):
         logprobs = None if req.logprobs is None else _echo_logprobs(d) if req.echo else _completion_logprobs(d.logprobs)
@@ -360,7 +360,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, session
         return _sse(request, [generation], chunk,
                     (lambda done: json.dumps(body("chat.completion.chunk", [], usage=_usage(done))))
                     if include_usage else None)
-    done = await complete(generation, request)
+    done = await complete(generation, request.is_disconnected)
     return body("chat.completion", [{"index": 0, "message": {"role": "assistant", "content": done.text},
                                      "logprobs": _chat_logprobs(done.logprobs), "finish_reason": _finish(done)}],
                 usage=_usage([done]))
