@@ -33,9 +33,10 @@ def delete_owned(session: Session, model: Any, row: Any, what: str) -> None:
     """Delete `row` with a statement that says whether it deleted it: of concurrent deletes of one
     object exactly one succeeds, the others answer NotFound (an ORM delete of a row another request
     had just deleted passed silently, and both answered 204). Commits are the caller's."""
-    deleted = session.execute(delete(model).where(model.id == row.id, model.tenant_id == row.tenant_id)
+    row_id, tenant_id = row.id, row.tenant_id  # read before the rollback below expires the row
+    deleted = session.execute(delete(model).where(model.id == row_id, model.tenant_id == tenant_id)
                               .execution_options(synchronize_session=False))
     if getattr(deleted, "rowcount", 1) != 1:
         session.rollback()
-        raise NotFound(f"no {what} with id {row.id!r}")
+        raise NotFound(f"no {what} with id {row_id!r}")
     session.expunge(row)
