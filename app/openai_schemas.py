@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas import MethodSpec, ResourcesSpec
+from app.schemas import JobMetadata, MethodSpec, ResourcesSpec
 
 
 # -- inference ---------------------------------------------------------------------------------
@@ -103,14 +103,24 @@ class Supervised(BaseModel):
     hyperparameters: OpenAIHyperparameters = Field(default_factory=OpenAIHyperparameters)
 
 
+class DpoHyperparameters(OpenAIHyperparameters):
+    beta: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+
+
+class Dpo(BaseModel):
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
 class FineTuneMethod(BaseModel):
-    type: Literal["supervised", "sbora"] = "supervised"
+    # reinforcement is declared so that it answers 400 naming method.type, not a generic 422
+    type: Literal["supervised", "dpo", "sbora", "reinforcement"] = "supervised"
     supervised: Supervised | None = None
-    sbora: SBoRASettings | None = None
+    dpo: Dpo | None = None
+    sbora: SBoRASettings | None = Field(None, description="the adapter settings, with any method type")
 
 
 class FineTuningJobCreate(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # integrations, metadata, ... are accepted and ignored
+    model_config = ConfigDict(extra="ignore")  # unknown fields are accepted and ignored
     model: str = Field(..., min_length=1, max_length=500)
     training_file: str = Field(..., min_length=1, max_length=64)
     validation_file: str | None = Field(None, max_length=64)
@@ -118,3 +128,5 @@ class FineTuningJobCreate(BaseModel):
     method: FineTuneMethod = Field(default_factory=FineTuneMethod)
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    metadata: JobMetadata | None = None
+    integrations: list[Any] | None = Field(None, description="not served: a non-empty list answers 400")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from sbora_core.method.config import ConfigError
+from sbora_core.method.layers import SBoRALinear
 from sbora_core.training.data import load_dataset
 from sbora_core.training.distributed import RankStep
 from sbora_core.training.evaluate import validation_metrics
@@ -95,7 +96,14 @@ class DPO:
         self.reference: list[torch.Tensor] | None = None  # (N, 2) per item list: training, validation
 
     def prepare(self, model: torch.nn.Module, items: list[list[Any]], batch_size: int, pad_id: int) -> str | None:
-        """The reference pass, unless a checkpoint brought the log-probs back."""
+        """The reference pass, unless a checkpoint brought the log-probs back. Dropout is off in
+        the policy (as TRL's disable_dropout): the step-1 policy then equals the reference exactly,
+        and the margins measure training, not dropout noise."""
+        for module in model.modules():
+            if isinstance(module, SBoRALinear):
+                module.sbora_dropout, module.dropout_p = torch.nn.Identity(), 0.0
+            elif isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
         if self.reference is not None:
             if [len(r) for r in self.reference] != [len(i) for i in items]:
                 raise ValueError("the checkpoint's reference log-probs do not match this job's pairs")

@@ -266,7 +266,7 @@ def test_supervised_method_maps_openai_hyperparameters_and_cancels(oai):
                                                                  "learning_rate_multiplier": 0.5}}})
     assert (job.hyperparameters.n_epochs, job.hyperparameters.batch_size) == (900, 2)
     assert job.hyperparameters.learning_rate_multiplier == pytest.approx(0.5)
-    assert job.method.type == "sbora" and job.method.model_extra["sbora"]["variant"] == "sbora_fa"
+    assert job.method.type == "supervised" and job.method.model_extra["sbora"]["variant"] == "sbora_fa"
     assert [j.id for j in oai.fine_tuning.jobs.list(limit=1).data] == [job.id]
     oai.fine_tuning.jobs.cancel(job.id)
     ended = wait_for(lambda: (j := oai.fine_tuning.jobs.retrieve(job.id)).status in ("cancelled", "failed", "succeeded")

@@ -4,9 +4,11 @@ Files are this service's datasets (validated on upload; `purpose` must be
 `fine-tune`), fine-tuning jobs are its jobs. The resolved hyperparameters map
 as: n_epochs -> epochs, batch_size -> batch_size, learning_rate_multiplier ->
 a multiple of the server's default learning rate. A plain `supervised` method
-trains SBoRA-FA with the server's defaults; `method.type = "sbora"` takes the
-adapter settings (variant, r, alpha, ...) and any native hyperparameter
-(max_steps, max_seq_len, ...) under `method.sbora`. The returned
+trains SBoRA-FA with the server's defaults, `dpo` trains on preference pairs
+(beta "auto" is 0.1); with either, `method.sbora` takes the adapter settings
+(variant, r, alpha, ...) and any native hyperparameter (max_steps, max_seq_len,
+...), and `"sbora"` as the type is a supervised job with them. A fine-tuned
+`model` (`ft:...`) as the base continues that adapter (supervised, then dpo). The returned
 `fine_tuned_model` (`ft:<base>:<suffix>:<adapter id>`) works as `model` in
 /v1/chat/completions and /v1/completions.
 """
@@ -77,6 +79,10 @@ def delete_file(file_id: str, session: SessionDep, tenant: CurrentTenant, store:
 def job_object(job: Job) -> dict[str, Any]:
     hp = job.hyperparameters
     progress = job.progress or {}
+    objective = job.objective or {}
+    kind = "dpo" if objective.get("type") == "dpo" else "supervised"
+    resolved = {"n_epochs": hp.get("epochs"), "batch_size": hp.get("batch_size"),
+                "learning_rate_multiplier": hp.get("learning_rate", 0) / DEFAULT_LEARNING_RATE}
     error = {"code": job.error_code, "message": job.error_message or "", "param": None} if job.error_code else None
     return {
         "id": job.id, "object": "fine_tuning.job", "created_at": int(job.created_at.timestamp()),
@@ -85,14 +91,15 @@ def job_object(job: Job) -> dict[str, Any]:
         # OpenAI's job has no `cancelling`: a job that is stopping still runs.
         "status": "running" if job.status == "cancelling" else job.status,
         "training_file": job.train_dataset_id, "validation_file": job.val_dataset_id,
-        "hyperparameters": {"n_epochs": hp.get("epochs"), "batch_size": hp.get("batch_size"),
-                            "learning_rate_multiplier": hp.get("learning_rate", 0) / DEFAULT_LEARNING_RATE},
-        "method": {"type": "sbora", "sbora": {**job.method, "quantization": job.quantization, "hyperparameters": hp,
-                                                "resources": ResourcesSpec(**(job.resources or {})).model_dump()}},
+        "hyperparameters": resolved,
+        "method": {"type": kind, kind: {"hyperparameters": {**resolved, **({"beta": objective["beta"]}
+                                                                           if kind == "dpo" else {})}},
+                   "sbora": {**job.method, "quantization": job.quantization, "hyperparameters": hp,
+                             "resources": ResourcesSpec(**(job.resources or {})).model_dump()}},
         "result_files": [], "trained_tokens": progress.get("tokens"), "error": error, "seed": hp.get("seed"),
         "estimated_finish": int(time.time() + progress["eta_s"]) if job.status == "running" and progress.get("eta_s")
         else None,
-        "integrations": [], "user_provided_suffix": job.name, "metadata": None,
+        "integrations": [], "user_provided_suffix": job.name, "metadata": job.user_metadata,
     }
 
 

@@ -148,6 +148,7 @@ def test_step_zero_is_log_2_and_dpo_learns_held_out_preferences(tiny_model_dir, 
                            hp={"max_steps": 24, "eval_every": 12}), rec)
     assert result.status == "succeeded"
     assert rec.progress[0].loss == pytest.approx(math.log(2), abs=1e-6)
+    assert rec.progress[0].metrics["rewards_margins"] == pytest.approx(0, abs=1e-6)
     first = rec.evals[0][1]
     assert set(first) == {"val_loss", "val_rewards_chosen", "val_rewards_rejected", "val_rewards_margins",
                           "val_rewards_accuracies"}
@@ -182,9 +183,11 @@ def test_dpo_continuing_an_adapter_starts_at_log_2_against_that_adapter(tiny_mod
     sft_adapter = train(sft).adapter_dir
     pairs_file = write_pairs(tmp_path / "train.jsonl", GOOD[:8], 1)
     rec = Recorder()
-    result = train(dpo_job(tiny_model_dir, pairs_file, tmp_path / "dpo", init_adapter=str(sft_adapter),
+    # Dropout is set but off in DPO's policy: with it, a continued adapter would not start at log 2.
+    result = train(dpo_job(tiny_model_dir, pairs_file, tmp_path / "dpo", init_adapter=str(sft_adapter), dropout=0.2,
                            hp={"max_steps": 2}), rec)
     assert rec.progress[0].loss == pytest.approx(math.log(2), abs=1e-5)
+    assert rec.progress[0].metrics["rewards_margins"] == pytest.approx(0, abs=1e-6)
     assert rec.checkpoints == [] and result.metrics["train_rewards_margins"] is not None
     # The bare base is a different reference: taking it would not start at log 2.
     base = load_base_model(str(tiny_model_dir), device="cpu")
