@@ -44,8 +44,8 @@ def _openai_hyperparameters(req: FineTuningJobCreate) -> OpenAIHyperparameters:
         return sbora.hyperparameters
     section = req.method.dpo if req.method.type == "dpo" else req.method.supervised
     where = f"method.{req.method.type}.hyperparameters"
-    if section is None:
-        return req.hyperparameters or OpenAIHyperparameters()
+    if section is None:  # OpenAI's three may also sit with the native ones under method.sbora
+        return req.hyperparameters or (sbora.hyperparameters if sbora else OpenAIHyperparameters())
     if req.hyperparameters is not None:
         top = req.hyperparameters.model_dump(exclude_unset=True)
         method = section.hyperparameters.model_dump()
