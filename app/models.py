@@ -141,6 +141,10 @@ class Job(Timestamps, Base):
     # An evaluation to queue when the job succeeds (its dataset, grader and settings; the candidates
     # are the base and the new adapter).
     eval_after: Mapped[dict[str, Any] | None] = mapped_column(default=None)
+    # {"type": "sft"} or {"type": "dpo", "beta", "loss"}; {} in rows older than it: sft
+    objective: Mapped[dict[str, Any]] = mapped_column(default=dict, server_default=text("'{}'"))
+    init_adapter_id: Mapped[str | None] = mapped_column(String(40), default=None)  # the adapter it starts from
+    user_metadata: Mapped[dict[str, Any] | None] = mapped_column("metadata", default=None)  # the client's tags
 
 
 class Evaluation(Base):

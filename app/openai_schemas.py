@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.schemas import MethodSpec, ResourcesSpec, Text
+from app.schemas import JobMetadata, MethodSpec, ResourcesSpec, Text
 
 
 # -- inference ---------------------------------------------------------------------------------
@@ -115,11 +115,22 @@ class Supervised(BaseModel):
     hyperparameters: OpenAIHyperparameters = Field(default_factory=OpenAIHyperparameters)
 
 
+class DpoHyperparameters(OpenAIHyperparameters):
+    beta: Annotated[float, Field(gt=0, le=100)] | Auto = "auto"
+
+
+class Dpo(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    hyperparameters: DpoHyperparameters = Field(default_factory=DpoHyperparameters)
+
+
 class FineTuneMethod(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
-    type: Literal["supervised", "sbora"] = "supervised"
+    # reinforcement is declared so that it answers 400 naming method.type, not a generic 422
+    type: Literal["supervised", "dpo", "sbora", "reinforcement"] = "supervised"
     supervised: Supervised | None = None
-    sbora: SBoRASettings | None = None
+    dpo: Dpo | None = None
+    sbora: SBoRASettings | None = Field(None, description="the adapter settings, with any method type")
 
 
 class FineTuningJobCreate(BaseModel):
@@ -131,7 +142,6 @@ class FineTuningJobCreate(BaseModel):
     method: FineTuneMethod = Field(default_factory=FineTuneMethod)
     suffix: str | None = Field(None, max_length=64, pattern=r"^[A-Za-z0-9_-]*$")
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
-    # Declared so that they answer 400 naming them rather than being dropped: nothing here sends to
-    # integrations, and the service keeps no metadata on a job.
-    integrations: list[Any] | None = None
-    metadata: dict[str, Any] | None = None
+    metadata: JobMetadata | None = None
+    # Declared so that a non-empty list answers 400 naming it rather than being dropped.
+    integrations: list[Any] | None = Field(None, description="not served: a non-empty list answers 400")

@@ -11,7 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstra
 from sbora_core.method.config import SBoRAConfig, field_help
 from sbora_core.training.data import lone_surrogate
 from sbora_core.training.harness import EvalSpec
-from sbora_core.training.job import Hyperparameters, Resources
+from sbora_core.training.job import Hyperparameters, Resources, TrainJob
 
 T = TypeVar("T")
 
@@ -148,6 +148,10 @@ class EvalAfter(EvalSettings):
     dataset_id: str = Field(..., min_length=1, max_length=64, description="the evaluation set (POST /datasets)")
 
 
+JobMetadata = Annotated[dict[Annotated[str, StringConstraints(max_length=64)],
+                              Annotated[str, StringConstraints(max_length=512)]], Field(max_length=16)]
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     base_model: str = Field("smollm2-135m-instruct", min_length=1, max_length=500)
@@ -162,6 +166,13 @@ class JobCreate(BaseModel):
                                                                 "of it and the group's variant, rank and targets")
     eval_after: EvalAfter | None = Field(None, description="queue an evaluation of the base and the new adapter "
                                                            "when the job succeeds")
+    objective: Literal["sft", "dpo"] = Field("sft", description="sft: supervised on chat, prompt/completion or "
+                                             "instruction records; dpo: preference pairs (a preference dataset)")
+    beta: float = spec_field(TrainJob, "beta", gt=0, le=100)
+    loss: Literal["sigmoid", "ipo"] = spec_field(TrainJob, "loss")
+    init_adapter_id: str | None = Field(None, max_length=64, description="start from this adapter's index sets "
+                                        "and factors (supervised first, then dpo); for dpo it is the reference")
+    metadata: JobMetadata | None = Field(None, description="up to 16 string pairs, kept and returned with the job")
 
 
 class JobError(BaseModel):
@@ -198,6 +209,11 @@ class JobPublic(BaseModel):
     adapter_id: str | None
     attempts: int
     eval_after: dict[str, Any] | None = None
+    objective: str = "sft"
+    beta: float | None = None  # dpo's
+    loss: str | None = None  # dpo's
+    init_adapter_id: str | None = None
+    metadata: dict[str, str] | None = None
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -212,7 +228,10 @@ class JobPublic(BaseModel):
             training_dataset_id=job.train_dataset_id, validation_dataset_id=job.val_dataset_id,
             status=job.status, progress=JobProgress(**(job.progress or {})),
             error=JobError(code=job.error_code, message=job.error_message or "") if job.error_code else None,
-            adapter_id=job.adapter_id, attempts=job.attempts, eval_after=job.eval_after, created_at=job.created_at,
+            adapter_id=job.adapter_id, attempts=job.attempts, eval_after=job.eval_after,
+            objective=(job.objective or {}).get("type", "sft"), beta=(job.objective or {}).get("beta"),
+            loss=(job.objective or {}).get("loss"), init_adapter_id=job.init_adapter_id,
+            metadata=job.user_metadata, created_at=job.created_at,
             updated_at=job.updated_at, started_at=job.started_at, finished_at=job.finished_at,
         )
 

@@ -135,15 +135,18 @@ def datasets_list(url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = Fal
 # -- jobs --------------------------------------------------------------------------------------
 def job_spec(dataset: str, model: str | None, variant: str | None, r: int | None, alpha: float | None,
              hyperparameters: dict[str, Any], validation_dataset: str | None, quantization: str | None,
-             name: str | None, group: str | None = None, resources: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A JobCreate body holding only what was given, so the server's defaults apply to the rest."""
+             name: str | None, group: str | None = None, resources: dict[str, Any] | None = None,
+             objective: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A JobCreate body holding only what was given, so the server's defaults apply to the rest;
+    `objective` holds objective, beta, loss and init_adapter_id."""
     method = {k: v for k, v in (("variant", variant), ("r", r), ("alpha", alpha)) if v is not None}
     spec: dict[str, Any] = {"training_dataset_id": dataset, "method": method,
                             "hyperparameters": {k: v for k, v in hyperparameters.items() if v is not None}}
     if given := {k: v for k, v in (resources or {}).items() if v is not None}:
         spec["resources"] = given
     for field, value in (("base_model", model), ("validation_dataset_id", validation_dataset),
-                         ("quantization", quantization), ("name", name), ("group", group)):
+                         ("quantization", quantization), ("name", name), ("group", group),
+                         *(objective or {}).items()):
         if value is not None:
             spec[field] = value
     return spec
@@ -282,6 +285,11 @@ def jobs_create(
     nodes: Annotated[int | None, typer.Option(help="machines the job spans")] = None,
     sharding: Annotated[Literal["none", "full"] | None,
                         typer.Option(help="full: shard the frozen base over the ranks (FSDP2)")] = None,
+    objective: Annotated[Literal["sft", "dpo"] | None,
+                         typer.Option(help="dpo: preference training on a preference dataset")] = None,
+    beta: Annotated[float | None, typer.Option(help="dpo: the pull towards the reference (default 0.1)")] = None,
+    loss: Annotated[Literal["sigmoid", "ipo"] | None, typer.Option(help="dpo: the loss")] = None,
+    init_adapter: Annotated[str | None, typer.Option(help="an adapter id to start from (e.g. SFT, then DPO)")] = None,
     watch: Annotated[bool, typer.Option("--watch", help="follow it and print the adapter id at the end")] = False,
     url: Url = DEFAULT_URL, key: Key = None, as_json: AsJson = False,
 ) -> None:
@@ -289,7 +297,8 @@ def jobs_create(
     hyperparameters = {"max_steps": max_steps, "epochs": epochs, "learning_rate": learning_rate,
                        "batch_size": batch_size, "max_seq_len": max_seq_len}
     spec = job_spec(dataset, model, variant, r, alpha, hyperparameters, validation_dataset, quantization, name, group,
-                    {"devices": devices, "nodes": nodes, "sharding": sharding})
+                    {"devices": devices, "nodes": nodes, "sharding": sharding},
+                    {"objective": objective, "beta": beta, "loss": loss, "init_adapter_id": init_adapter})
     with ApiClient(url, key) as api:
         job = api.create_job(spec)
         if not watch:

@@ -34,6 +34,7 @@ from app.services import groups, workers
 from app.services.adapters import register_adapter, register_checkpoint
 from app.services.evaluations import queue_eval_after
 from app.services.jobs import add_event
+from app.services.objectives import start_adapter
 from app.storage import ArtifactStore, StorageUnavailable, get_store
 from sbora_core.method.adapter_io import AdapterFormatError
 from sbora_core.method.config import SBoRAConfig
@@ -161,7 +162,7 @@ class DatabaseCallbacks(Callbacks):
         self.progress = {k: getattr(p, k) for k in ("step", "total_steps", "epoch", "loss", "learning_rate",
                                                     "tokens", "tokens_per_s", "elapsed_s", "eta_s")}
         self.pending.append(("metric", "", {"step": p.step, "loss": p.loss, "learning_rate": p.learning_rate,
-                                            "tokens_per_s": p.tokens_per_s}))
+                                            "tokens_per_s": p.tokens_per_s, **p.metrics}))
         self._flush(force=p.step == p.total_steps)
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
@@ -243,11 +244,15 @@ def _finish(job_id: str, owner: str, status: str, message: str, **values: Any) -
                 groups.release_job(session, job_id)
 
 
-def build_train_job(job: Job, train_path: str, val_path: str | None, output_dir: str) -> TrainJob:
+def build_train_job(job: Job, train_path: str, val_path: str | None, output_dir: str,
+                    init_adapter: str | None = None) -> TrainJob:
+    objective = {"type": "sft", **(job.objective or {})}  # {} in rows older than objectives: sft
     return TrainJob(base_model=catalog.source_of(job.base_model), train_file=train_path, val_file=val_path,
                     output_dir=output_dir, sbora=SBoRAConfig(**job.method),
                     hyperparameters=Hyperparameters(**job.hyperparameters),
-                    resources=ranks.job_resources(job.resources), quantization=job.quantization)
+                    resources=ranks.job_resources(job.resources), quantization=job.quantization,
+                    objective=objective["type"], beta=objective.get("beta", 0.1),
+                    loss=objective.get("loss", "sigmoid"), init_adapter=init_adapter)
 
 
 def orphaned_job(exclude: str) -> str | None:
@@ -429,7 +434,7 @@ def _train_job_of(job_id: str, store: ArtifactStore, output_dir: Path) -> TrainJ
                 raise DatasetMissing(f"dataset {dataset_id} was deleted")
             paths.append(str(store.local_file(dataset.storage_key, dataset.sha256)) if dataset else None)
         assert paths[0] is not None
-        return build_train_job(job, paths[0], paths[1], str(output_dir))
+        return build_train_job(job, paths[0], paths[1], str(output_dir), start_adapter(session, job, store))
 
 
 def _send_back(job_id: str, taken_instead: str) -> None:

@@ -18,27 +18,31 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.errors import Invalid, NotFound, Unsupported
 from app.models import Adapter, Job, JobEvent, Tenant
-from app.openai_schemas import FineTuningJobCreate, OpenAIHyperparameters
+from app.openai_schemas import DpoHyperparameters, FineTuningJobCreate, OpenAIHyperparameters
 from app.schemas import HyperparametersSpec, JobCreate, MethodSpec, ResourcesSpec
 from app.services import jobs
 from app.services.adapters import get_adapter
-from sbora_core.training.job import Hyperparameters
+from sbora_core.training.job import DPO_BETA, Hyperparameters  # DPO_BETA: OpenAI's "auto" beta
 
 DEFAULT_LEARNING_RATE = Hyperparameters().learning_rate
 # Our field names, as the OpenAI request spells them (for errors' `param`).
 _OPENAI_FIELD = {"base_model": "model", "training_dataset_id": "training_file",
                  "validation_dataset_id": "validation_file", "method": "method.sbora",
                  "hyperparameters": "method.sbora.hyperparameters", "group": "method.sbora.group",
-                 "resources": "method.sbora.resources"}
+                 "resources": "method.sbora.resources", "init_adapter_id": "model", "beta": "method.dpo.hyperparameters.beta",
+                 "objective": "method.type"}
 
 
 def openai_hyperparameters(req: FineTuningJobCreate) -> OpenAIHyperparameters:
-    """The method's hyperparameters, with the deprecated top-level ones where the method leaves a field
-    out; a field both set differently is a 400 naming both (the top-level ones were dropped)."""
+    """The method's hyperparameters (with dpo's beta), with the deprecated top-level ones where the
+    method leaves a field out; a field both set differently is a 400 naming both (the top-level ones
+    were dropped)."""
+    sbora = req.method.sbora
+    section = {"supervised": req.method.supervised, "dpo": req.method.dpo}.get(req.method.type)
     where = f"method.{req.method.type}.hyperparameters"
-    sbora, supervised = req.method.sbora, req.method.supervised
-    inner = (sbora.hyperparameters if req.method.type == "sbora" and sbora else
-             supervised.hyperparameters if req.method.type == "supervised" and supervised else None)
+    inner: OpenAIHyperparameters | None = section.hyperparameters if section else None
+    if inner is None and sbora is not None:  # OpenAI's three may also sit with the native ones
+        inner, where = sbora.hyperparameters, "method.sbora.hyperparameters"
     top = req.hyperparameters
     if inner is None or top is None:
         return inner or top or OpenAIHyperparameters()
@@ -54,14 +58,14 @@ def openai_hyperparameters(req: FineTuningJobCreate) -> OpenAIHyperparameters:
 
 def to_job_create(req: FineTuningJobCreate) -> JobCreate:
     """Our job spec for an OpenAI request; Invalid names the OpenAI field at fault."""
-    for name in ("integrations", "metadata"):
-        if getattr(req, name):  # nothing would act on them: refused rather than dropped
-            raise Unsupported(name, f"{name}: not supported by this server")
-    sbora = req.method.sbora if req.method.type == "sbora" else None
+    if req.method.type == "reinforcement":
+        raise Unsupported("method.type", "method.type: reinforcement fine-tuning is not served; use 'supervised' "
+                                         "or 'dpo'")
+    if req.integrations:
+        raise Unsupported("integrations", "integrations: not served here; follow a job through its events")
+    sbora = req.method.sbora
     if req.method.type == "sbora" and sbora is None:
         raise Invalid("method.sbora", "method.sbora: required when method.type is 'sbora'")
-    if req.method.type == "supervised" and req.method.sbora is not None:
-        raise Unsupported("method.sbora", "method.sbora: given with method.type 'supervised'; set type to 'sbora'")
     openai_hp = openai_hyperparameters(req)
     hp: dict[str, Any] = dict(sbora.hyperparameters.model_extra or {}) if sbora else {}
     if openai_hp.n_epochs != "auto":
@@ -72,6 +76,7 @@ def to_job_create(req: FineTuningJobCreate) -> JobCreate:
         hp["learning_rate"] = DEFAULT_LEARNING_RATE * openai_hp.learning_rate_multiplier
     if req.seed is not None:
         hp["seed"] = req.seed
+    beta = openai_hp.beta if isinstance(openai_hp, DpoHyperparameters) else "auto"
     # sbora's adapter fields were validated with the request (SBoRASettings is a MethodSpec); only the
     # native hyperparameters passed through as extras are checked here.
     # Only the fields the request set: a group fills in the rest (and must agree with these).
@@ -88,12 +93,20 @@ def to_job_create(req: FineTuningJobCreate) -> JobCreate:
                      validation_dataset_id=req.validation_file, method=method, hyperparameters=hyperparameters,
                      quantization=sbora.quantization if sbora else "none", name=req.suffix,
                      group=sbora.group if sbora else None,
-                     resources=sbora.resources if sbora else ResourcesSpec())
+                     resources=sbora.resources if sbora else ResourcesSpec(),
+                     objective="dpo" if req.method.type == "dpo" else "sft",
+                     beta=DPO_BETA if beta == "auto" else beta, metadata=req.metadata)
 
 
 def create_job(session: Session, tenant: Tenant, req: FineTuningJobCreate, settings: Settings) -> Job:
     """The job for an OpenAI fine-tuning request; Invalid names the field as the OpenAI request spells it."""
     spec = to_job_create(req)
+    if req.model.startswith("ft:"):  # a fine-tuned model as the base: continue its adapter
+        try:
+            adapter = resolve_model(session, tenant, req.model)  # exactly its own name, as for serving
+        except NotFound as exc:
+            raise Invalid("model", f"model: {exc}; name a fine-tuned model of this server") from exc
+        spec = spec.model_copy(update={"base_model": adapter.base_model, "init_adapter_id": adapter.id})
     try:
         return jobs.create_job(session, tenant, spec, settings, origin={"openai_method": req.method.type})
     except Invalid as exc:
@@ -106,8 +119,10 @@ def create_job(session: Session, tenant: Tenant, req: FineTuningJobCreate, setti
 
 
 def method_type(session: Session, job: Job) -> str:
-    """The OpenAI method type the job was created with (`supervised` or `sbora`; `sbora` for jobs
-    created through POST /jobs), as its first event recorded it."""
+    """The OpenAI method type of a job: `dpo` for a preference job, else the type it was created with
+    (`supervised` or `sbora`; `sbora` for jobs created through POST /jobs), as its first event recorded it."""
+    if (job.objective or {}).get("type") == "dpo":
+        return "dpo"
     first = session.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id).limit(1)).first()
     return (first.data or {}).get("openai_method", "sbora") if first is not None else "sbora"
 

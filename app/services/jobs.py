@@ -17,6 +17,7 @@ from app.schemas import JobCreate
 from app.services import groups, placement
 from app.services.datasets import check_dataset_ref, get_dataset
 from app.services.eval_sets import eval_items_of
+from app.services.objectives import check_objective, method_from_adapter
 from app.services.queries import owned, page
 from app.services.quotas import check_unfinished_jobs
 from app.storage import get_store
@@ -79,9 +80,12 @@ def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Sett
     check_training_formats(session, tenant, spec)
     check_chat_template(session, tenant, spec)
     check_completions_fit(session, tenant, spec)
+    objective = check_objective(session, tenant, spec)
     if spec.eval_after is not None:
         eval_items_of(session, tenant, spec.eval_after.dataset_id, spec.eval_after, "eval_after.dataset_id", get_store())
     method = spec.method.model_dump()
+    if spec.init_adapter_id:
+        method = method_from_adapter(session, tenant, spec, method)
     group = groups.get_group(session, tenant, spec.group) if spec.group else None
     if group is not None:
         method = groups.method_in_group(group, spec.base_model, method, spec.method.model_fields_set)
@@ -104,7 +108,9 @@ def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Sett
                   quantization=spec.quantization, method=dict(method), hyperparameters=hyperparameters,
                   resources=dict(resources),
                   train_dataset_id=spec.training_dataset_id, val_dataset_id=spec.validation_dataset_id,
-                  eval_after=spec.eval_after.model_dump() if spec.eval_after else None, status="queued", enqueued_attempt=1, enqueued_at=utcnow())  # the route sends attempt 1's message
+                  eval_after=spec.eval_after.model_dump() if spec.eval_after else None, objective=objective,
+                  init_adapter_id=spec.init_adapter_id, user_metadata=spec.metadata,
+                  status="queued", enqueued_attempt=1, enqueued_at=utcnow())  # the route sends attempt 1's message
         try:
             # The job and its group slot are written in one transaction: both, or neither.
             if group is not None:

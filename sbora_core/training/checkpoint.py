@@ -43,6 +43,15 @@ class History:
     elapsed_s: float = 0.0  # training time before the current process took over
     train_accuracy: list[list[float]] = field(default_factory=list)  # [step, token accuracy] per optimiser step
     val_accuracy: list[list[float]] = field(default_factory=list)  # [step, token accuracy] per validation
+    # An objective's other metrics (DPO's rewards): name -> [step, value] per optimiser step / validation
+    train_metrics: dict[str, list[list[float]]] = field(default_factory=dict)
+    val_metrics: dict[str, list[list[float]]] = field(default_factory=dict)
+
+    def curve(self, split: str, name: str) -> list[list[float]]:
+        """The [step, value] list of metric `name` on split "train" or "val" (created when new)."""
+        if name == "mean_token_accuracy":
+            return self.train_accuracy if split == "train" else self.val_accuracy
+        return (self.train_metrics if split == "train" else self.val_metrics).setdefault(name, [])
 
     def evaluated_at(self, step: int) -> bool:
         return bool(self.val_loss) and self.val_loss[-1][0] == step
@@ -81,8 +90,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(output_dir: Path, model: nn.Module, config: SBoRAConfig, optimizer: Any, scheduler: Any,
-                    pos: Position, history: History, keep: int) -> Path:
-    """Write a checkpoint at `pos.step` and drop all but the `keep` newest."""
+                    pos: Position, history: History, keep: int, objective: Any = None) -> Path:
+    """Write a checkpoint at `pos.step` and drop all but the `keep` newest; `objective`'s state
+    (DPO's reference log-probs) goes with the trainer state."""
     root = output_dir / "checkpoints"
     final = root / f"step-{pos.step:07d}"
     tmp = root / f".tmp-step-{pos.step:07d}"
@@ -90,6 +100,8 @@ def save_checkpoint(output_dir: Path, model: nn.Module, config: SBoRAConfig, opt
     save_adapter(adapter_from_model(model, config), tmp)
     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": _rng_state(),
              "position": asdict(pos), "history": asdict(history)}
+    if objective is not None:
+        state["objective"] = objective.state_dict()
     torch.save(state, tmp / STATE_FILE)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -98,16 +110,25 @@ def save_checkpoint(output_dir: Path, model: nn.Module, config: SBoRAConfig, opt
     return final
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any) -> tuple[Position, History]:
+def load_checkpoint(path: Path, model: nn.Module, optimizer: Any, scheduler: Any,
+                    objective: Any = None) -> tuple[Position, History]:
     """Restore the factors, optimiser, scheduler and RNG states; the position and history to continue from."""
-    adapter = load_adapter(path)
-    layers = dict(adapter_layers(model))
-    for name, delta in adapter.modules.items():
-        if name not in layers:
-            raise ValueError(f"checkpoint {path.name}: layer {name} is not part of this job's adapter")
-        layers[name].load_delta(delta)
+    load_factors(model, path)
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     _set_rng_state(state["rng"])
+    if objective is not None and "objective" in state:
+        objective.load_state_dict(state["objective"])
     return Position(**state["position"]), History(**state["history"])
+
+
+def load_factors(model: nn.Module, path: Path) -> None:
+    """Copy a stored adapter's (or checkpoint's) index sets and factors into the injected layers:
+    how a resume restores them, and how a job starts from an existing adapter."""
+    adapter = load_adapter(path)
+    layers = dict(adapter_layers(model))
+    for name, delta in adapter.modules.items():
+        if name not in layers:
+            raise ValueError(f"adapter {path.name}: layer {name} is not part of this job's adapter")
+        layers[name].load_delta(delta)

@@ -1,12 +1,14 @@
 """Fine-tuning datasets: formats, parsing, and line-numbered validation.
 
-Three record shapes are accepted, one per file, as JSON Lines or as one JSON array:
+Four record shapes are accepted, one per file, as JSON Lines or as one JSON array:
 - chat: `{"messages": [{"role": "system|user|assistant", "content": "..."}, ...]}`
   (the OpenAI fine-tuning format); the loss covers every assistant turn;
 - prompt/completion: `{"prompt": "...", "completion": "..."}`; raw text, the
   loss covers the completion;
 - instruction: `{"instruction": "...", "input": "...", "output": "..."}` (the
-  SBoRA paper's data); rendered as a user turn, the loss covers the output.
+  SBoRA paper's data); rendered as a user turn, the loss covers the output;
+- preference: pairs of a preferred and a non-preferred answer, for DPO
+  (`preference_records.py`).
 
 `validate_dataset` reports every problem with its line number before any
 training starts, together with the statistics a user wants before paying for
@@ -23,10 +25,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sbora_core.training.tokenization import IGNORE_INDEX, Example, tokenize_example
+from sbora_core.training.preference import pair_lengths
+from sbora_core.training.preference_records import (
+    PREFERENCE,
+    PreferencePair,
+    is_preference,
+    to_pair,
+)
+from sbora_core.training.tokenization import IGNORE_INDEX, ROLES, Example, tokenize_example
 
-FORMATS = ("chat", "prompt_completion", "instruction")
-ROLES = ("system", "user", "assistant")
+FORMATS = ("chat", "prompt_completion", "instruction", PREFERENCE)
 MAX_PROBLEMS = 50
 MAX_LINE_BYTES = 1 << 20  # a single record over 1 MiB is almost certainly not a training example
 MAX_NESTING = 20
@@ -195,6 +203,8 @@ def _parse_array(text: str, problems: _Collector) -> list[tuple[int, Any]]:
 def record_shape(record: Any) -> str | None:
     if not isinstance(record, dict):
         return None
+    if is_preference(record):
+        return PREFERENCE
     if "messages" in record:
         return "chat"
     if "prompt" in record or "completion" in record:
@@ -233,8 +243,10 @@ def _text_field(record: dict, key: str, line: int, problems: _Collector, *, requ
     return value
 
 
-def _to_example(shape: str, record: dict, line: int, problems: _Collector) -> Example | None:
+def _to_example(shape: str, record: dict, line: int, problems: _Collector) -> Example | PreferencePair | None:
     before = len(problems.errors) + problems.dropped
+    if shape == PREFERENCE:
+        return to_pair(record, line, problems)
     if shape == "prompt_completion":
         prompt = _text_field(record, "prompt", line, problems)
         completion = _text_field(record, "completion", line, problems)
@@ -281,7 +293,7 @@ def _to_example(shape: str, record: dict, line: int, problems: _Collector) -> Ex
     return Example(line=line, messages=clean)
 
 
-def read_dataset(path: str | Path, *, max_problems: int = MAX_PROBLEMS) -> tuple[str | None, list[Example], _Collector]:
+def read_dataset(path: str | Path, *, max_problems: int = MAX_PROBLEMS) -> tuple[str | None, list[Any], _Collector]:
     """Parse and check a file's records; tokenizer-free (see `validate_dataset` for the rest)."""
     problems = _Collector(max_problems)
     text = _decode(Path(path).read_bytes(), problems)
@@ -292,7 +304,7 @@ def read_dataset(path: str | Path, *, max_problems: int = MAX_PROBLEMS) -> tuple
         return None, [], problems
     parsed = _parse_records(text, problems)
     fmt: str | None = None
-    examples: list[Example] = []
+    examples: list[Any] = []  # Examples, or PreferencePairs in a preference file
     seen: dict[str, int] = {}
     for line, record in parsed:
         if _depth(record, MAX_NESTING) > MAX_NESTING:
@@ -303,7 +315,8 @@ def read_dataset(path: str | Path, *, max_problems: int = MAX_PROBLEMS) -> tuple
             problems.add(
                 line,
                 "unrecognised record: expected an object with \"messages\" (chat), \"prompt\"/\"completion\", "
-                "or \"instruction\"/\"input\"/\"output\"",
+                "\"instruction\"/\"input\"/\"output\", or a preference pair (\"input\"/\"preferred_output\"/"
+                "\"non_preferred_output\", or \"prompt\"/\"chosen\"/\"rejected\")",
             )
             continue
         if fmt is None:
@@ -342,6 +355,12 @@ def validate_dataset(
     if tokenizer is not None and examples:
         lengths, truncated = [], 0
         for example in examples:
+            if isinstance(example, PreferencePair):  # the longer side; a cut pair may lose what differs
+                lengths.append(max(pair_lengths(tokenizer, example)))
+                if lengths[-1] > max_seq_len:
+                    problems.add(example.line, f"pair of {lengths[-1]} tokens (prompt and the longer answer), "
+                                               f"longer than {max_seq_len}; shorten the prompt or the answers")
+                continue
             tokenized, was_truncated = tokenize_example(tokenizer, example, max_seq_len=1 << 30)
             lengths.append(len(tokenized.input_ids))
             first = next((i for i, label in enumerate(tokenized.labels) if label != IGNORE_INDEX), None)
@@ -369,10 +388,16 @@ def validate_dataset(
     return report
 
 
-def load_examples(path: str | Path, *, min_records: int = 1) -> list[Example]:
-    """Records ready for tokenisation; DatasetError if the file has any error."""
+def load_examples(path: str | Path, *, min_records: int = 1) -> list[Any]:
+    """Records ready for tokenisation (Examples, or PreferencePairs); DatasetError if the file has any error."""
+    return load_dataset(path, min_records=min_records)[1]
+
+
+def load_dataset(path: str | Path, *, min_records: int = 1) -> tuple[str, list[Any]]:
+    """The file's format and its records; DatasetError if the file has any error."""
     report = validate_dataset(path, min_records=min_records)
     if not report.ok:
         raise DatasetError(report)
-    _, examples, _ = read_dataset(path)
-    return examples
+    fmt, examples, _ = read_dataset(path)
+    assert fmt is not None
+    return fmt, examples

@@ -15,6 +15,9 @@ from sbora_core.method.models import QUANTIZATIONS
 
 SCHEDULES = ("cosine", "linear", "constant")
 SHARDINGS = ("none", "full")
+OBJECTIVES = ("sft", "dpo")
+DPO_LOSSES = ("sigmoid", "ipo")
+DPO_BETA = 0.1  # TRL's and OpenAI's default
 
 
 @dataclass
@@ -106,11 +109,27 @@ class TrainJob:
     quantization: str = "none"
     val_file: str | None = None
     device: str | None = None  # default: cuda when present, else cpu
+    objective: str = field(default="sft", metadata={"help": "sft, or dpo on preference pairs"})
+    beta: float = field(default=DPO_BETA, metadata={
+        "help": "dpo: the strength of the pull towards the reference (TRL's and OpenAI's default 0.1)"})
+    loss: str = field(default="sigmoid", metadata={"help": "dpo: sigmoid (the DPO paper's loss) or ipo"})
+    init_adapter: str | None = field(default=None, metadata={
+        "help": "an adapter directory to start from (its index sets and factors); for dpo, the reference"})
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError("quantization",
                               f"must be one of {', '.join(QUANTIZATIONS)}, got {self.quantization!r}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError("objective", f"must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
+        if not is_number(self.beta) or not 0 < self.beta <= 100:
+            raise ConfigError("beta", f"must be in (0, 100], got {self.beta!r}")
+        if self.loss not in DPO_LOSSES:
+            raise ConfigError("loss", f"must be one of {', '.join(DPO_LOSSES)}, got {self.loss!r}")
+        if self.objective == "dpo" and self.resources.world_size > 1:
+            raise ConfigError("objective", "dpo trains on one device; set resources.devices and nodes to 1")
+        if self.objective == "dpo" and self.hyperparameters.packing:
+            raise ConfigError("hyperparameters.packing", "dpo batches whole pairs; set packing to false")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainJob:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
+ROLES = ("system", "user", "assistant")
 
 
 @dataclass

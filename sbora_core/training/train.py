@@ -23,7 +23,6 @@ import platform
 import random
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,20 +40,17 @@ from sbora_core.training.checkpoint import (
     Position,
     checkpoint_dirs,
     load_checkpoint,
+    load_factors,
     save_checkpoint,
 )
-from sbora_core.training.data import load_examples
-from sbora_core.training.distributed import Ranks, RankStep
-from sbora_core.training.evaluate import validation_metrics
+from sbora_core.training.distributed import Ranks
 from sbora_core.training.job import Hyperparameters, TrainJob
 from sbora_core.training.loss import token_loss_sum
-from sbora_core.training.tokenization import (
-    IGNORE_INDEX,
-    TokenizedExample,
-    collate,
-    pack_examples,
-    tokenize_examples,
-)
+from sbora_core.training.objectives import DPO, SFT, backward_pass, objective_for, records_for
+from sbora_core.training.preference import tokenize_pairs
+from sbora_core.training.tokenization import pack_examples, tokenize_examples
+
+__all__ = ["Callbacks", "Progress", "Run", "TrainResult", "autocast_for", "backward_pass", "prepare", "train"]
 
 
 @dataclass
@@ -68,6 +64,7 @@ class Progress:
     tokens_per_s: float
     elapsed_s: float
     eta_s: float
+    metrics: dict[str, float] = field(default_factory=dict)  # the objective's (token accuracy; DPO's rewards)
 
 
 class Callbacks:
@@ -121,7 +118,7 @@ def split_validation(examples: list, fraction: float, seed: int) -> tuple[list, 
     return [e for i, e in enumerate(examples) if i not in val], [e for i, e in enumerate(examples) if i in val]
 
 
-def micro_batches(examples: list[TokenizedExample], hp: Hyperparameters, pos: Position) -> Iterator[list[TokenizedExample]]:
+def micro_batches(examples: list[Any], hp: Hyperparameters, pos: Position) -> Iterator[list[Any]]:
     """Endless micro-batches from `pos`, advancing `pos.epoch` / `pos.batch` as it goes."""
     n_batches = math.ceil(len(examples) / hp.batch_size)
     while True:
@@ -139,34 +136,6 @@ def _make_optimizer(params: list[torch.nn.Parameter], hp: Hyperparameters, devic
     if device.type in ("cpu", "cuda"):
         kwargs["fused"] = True  # one kernel for all factors instead of a Python loop per tensor
     return torch.optim.AdamW(params, **kwargs)
-
-
-def backward_pass(model: torch.nn.Module, micro: list[dict[str, torch.Tensor]], autocast: Any,
-                  device: torch.device, ranks: RankStep | None = None) -> tuple[torch.Tensor, int, torch.Tensor]:
-    """Forward and backward over one step's micro-batches (CPU tensors from `collate`).
-
-    Returns the step's mean loss per target token and its token accuracy, still on the device (read
-    them once, not per micro-batch), and the tokens processed (padding excluded, counted before the
-    copy to the device).
-    On several ranks `micro` holds this rank's part of each micro-batch and `ranks` the rest: the
-    loss and accuracy are normalised by the target tokens of every rank's parts, not this rank's (so
-    the ranks' values add up to the one-process ones), and the loss runs through the data-parallel module.
-    """
-    step_targets = ranks.step_targets if ranks else sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum())
-                                                        for b in micro)
-    tokens = sum(int(b["attention_mask"].sum()) for b in micro)
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros((), dtype=torch.float64, device=device)
-    for i, batch in enumerate(micro):
-        on_device = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        with ranks.syncing(i) if ranks else nullcontext():
-            with autocast:
-                loss_sum, hits = ranks.loss_sum(on_device, i) if ranks else token_loss_sum(model, on_device)
-                loss = loss_sum / max(1, step_targets)
-            (ranks.for_backward(loss) if ranks else loss).backward()
-        total += loss.detach()
-        correct += hits.detach()
-    return total, tokens, correct / max(1, step_targets)
 
 
 def autocast_for(device: torch.device) -> Any:
@@ -192,8 +161,8 @@ class Run:
     callbacks: Callbacks
     base: BaseModel
     config: SBoRAConfig  # the job's adapter config with the base model's fingerprint
-    train_examples: list[TokenizedExample]
-    val_examples: list[TokenizedExample]
+    train_examples: list[Any]  # TokenizedExamples (SFT) or TokenizedPairs (DPO)
+    val_examples: list[Any]
     optimizer: Any
     scheduler: Any
     params: list[torch.nn.Parameter]
@@ -208,6 +177,7 @@ class Run:
     elapsed_before: float = 0.0  # training time of earlier processes (from the checkpoint)
     ranks: Ranks | None = None  # this process's rank when the job runs on several
     loss_module: Any = None  # with ranks: the data-parallel module the loss runs through
+    objective: SFT | DPO = field(default_factory=SFT)
 
     def __post_init__(self) -> None:
         self.hp = self.job.hyperparameters
@@ -232,15 +202,15 @@ class Run:
         hp = self.hp
         batches = [next(self.batches) for _ in range(hp.grad_accum)]  # on several ranks: every rank's
         share = self.ranks.step(batches, self.loss_module, hp.seed, self.pos.step) if self.ranks else None
-        micro = [collate(b, self.pad_id) for b in (share.parts if share else batches)]
         self.optimizer.zero_grad(set_to_none=True)
-        loss, tokens, accuracy = backward_pass(self.model, micro, self.autocast, self.base.device, share)
+        loss, tokens, extras = self.objective.step(self.model, share.parts if share else batches, self.pad_id,
+                                                   self.autocast, self.base.device, share)
         self.pos.tokens += share.step_tokens if share else tokens
         if hp.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, hp.max_grad_norm)
-        values = torch.stack([loss, accuracy])
+        values = torch.cat([loss[None], extras.to(loss.dtype)])
         # The step's one read back from the device (summed over the ranks' parts first).
-        loss_sum, token_accuracy = (self.ranks.total(values) if self.ranks else values).tolist()
+        loss_sum, *step_metrics = (self.ranks.total(values) if self.ranks else values).tolist()
         if not math.isfinite(loss_sum):
             raise FloatingPointError(
                 f"training diverged at step {self.pos.step + 1} (loss {loss_sum}); lower learning_rate")
@@ -249,28 +219,29 @@ class Run:
         self.scheduler.step()
         self.pos.step += 1
         self.history.train_loss.append([self.pos.step, loss_sum])
-        self.history.train_accuracy.append([self.pos.step, token_accuracy])
-        self._report(loss_sum, lr)
+        for name, value in zip(self.objective.metric_names, step_metrics, strict=True):
+            self.history.curve("train", name).append([self.pos.step, value])
+        self._report(loss_sum, lr, dict(zip(self.objective.metric_names, step_metrics, strict=True)))
         return loss_sum
 
-    def _report(self, loss: float, lr: float) -> None:
+    def _report(self, loss: float, lr: float, metrics: dict[str, float]) -> None:
         run_elapsed = time.perf_counter() - self.run_start
         pos = self.pos
         self.callbacks.on_progress(Progress(
             step=pos.step, total_steps=self.total_steps, epoch=pos.epoch + pos.batch / self.batches_per_epoch,
             loss=loss, learning_rate=lr, tokens=pos.tokens,
             tokens_per_s=pos.tokens / max(1e-9, self.elapsed_s), elapsed_s=self.elapsed_s,
-            eta_s=run_elapsed / (pos.step - self.run_start_step) * (self.total_steps - pos.step),
+            eta_s=run_elapsed / (pos.step - self.run_start_step) * (self.total_steps - pos.step), metrics=metrics,
         ))
 
-    def validation(self, examples: list[TokenizedExample]) -> dict[str, float]:
-        """Loss and token accuracy on `examples`; collective on several ranks (a sharded base's layers
-        are gathered by every rank together), back in training mode after."""
+    def validation(self, examples: list[Any]) -> dict[str, float]:
+        """Loss and the objective's metrics on `examples`; collective on several ranks (a sharded
+        base's layers are gathered by every rank together), back in training mode after."""
         if self.ranks:
             metrics = distributed.validation_metrics(self.loss_module.module, self.model, examples,
                                                      self.hp.eval_batch_size, self.pad_id, self.ranks)
         else:
-            metrics = validation_metrics(self.model, examples, self.hp.eval_batch_size, self.pad_id)
+            metrics = self.objective.validation(self.model, examples, self.hp.eval_batch_size, self.pad_id)
         self.model.train()
         return metrics
 
@@ -279,27 +250,29 @@ class Run:
         metrics = self.validation(self.val_examples)
         self.model.train()
         self.history.val_loss.append([self.pos.step, metrics["loss"]])
-        self.history.val_accuracy.append([self.pos.step, metrics["mean_token_accuracy"]])
+        for name in self.objective.metric_names:
+            self.history.curve("val", name).append([self.pos.step, metrics[name]])
         self.callbacks.on_eval(self.pos.step, {"val_loss": metrics["loss"],
-                                               "val_mean_token_accuracy": metrics["mean_token_accuracy"]})
+                                               **{f"val_{n}": metrics[n] for n in self.objective.metric_names}})
         return metrics["loss"]
 
     def checkpoint_metrics(self) -> dict[str, Any]:
         """What a checkpoint records, as OpenAI's fine-tuning names it: the step's training loss and
-        token accuracy, and the loss and token accuracy on one validation batch (the batches taken
-        in turn, checkpoint after checkpoint)."""
+        objective metrics (token accuracy; DPO's rewards), and the same on one validation batch (the
+        batches taken in turn, checkpoint after checkpoint)."""
         step = self.pos.step
         metrics: dict[str, Any] = {"step": step}
-        if self.history.train_loss and self.history.train_loss[-1][0] == step:
-            metrics["train_loss"] = self.history.train_loss[-1][1]
-        if self.history.train_accuracy and self.history.train_accuracy[-1][0] == step:
-            metrics["train_mean_token_accuracy"] = self.history.train_accuracy[-1][1]
+        names = self.objective.metric_names
+        for name, curve in [("loss", self.history.train_loss),
+                            *((n, self.history.curve("train", n)) for n in names)]:
+            if curve and curve[-1][0] == step:
+                metrics[f"train_{name}"] = curve[-1][1]
         if self.val_examples:
             size = self.hp.eval_batch_size
             batches = math.ceil(len(self.val_examples) / size)
             turn = (step // (self.hp.checkpoint_every or step or 1)) % batches
             valid = self.validation(self.val_examples[turn * size:(turn + 1) * size])
-            metrics["valid_loss"], metrics["valid_mean_token_accuracy"] = valid["loss"], valid["mean_token_accuracy"]
+            metrics.update({f"valid_{n}": valid[n] for n in ("loss", *names)})
         return metrics
 
     def checkpoint(self) -> Path | None:
@@ -309,7 +282,7 @@ class Run:
             return None
         self.history.elapsed_s = self.elapsed_s
         path = save_checkpoint(self.output_dir, self.model, self.config, self.optimizer, self.scheduler,
-                               self.pos, self.history, self.hp.keep_checkpoints)
+                               self.pos, self.history, self.hp.keep_checkpoints, self.objective)
         self.last_checkpoint = path
         self.callbacks.on_checkpoint(self.pos.step, path, metrics)
         return path
@@ -333,24 +306,26 @@ class Run:
 
     def finish(self) -> TrainResult:
         """The final validation (unless the last step had one), the metrics and the adapter files."""
-        val_loss = val_accuracy = None
+        val_loss, names = None, self.objective.metric_names
         if self.val_examples:
             if not self.history.evaluated_at(self.pos.step):
                 self.evaluate()
-            val_loss, val_accuracy = self.history.val_loss[-1][1], self.history.val_accuracy[-1][1]
+            val_loss = self.history.val_loss[-1][1]
         metrics: dict[str, Any] = {
+            "objective": self.objective.name,
             "train_loss": self.history.recent_train_loss(),
-            "train_mean_token_accuracy": self.history.recent(self.history.train_accuracy),
+            **{f"train_{n}": self.history.recent(self.history.curve("train", n)) for n in names},
             "val_loss": val_loss,
             # The whole validation set at the end, as OpenAI's final checkpoint names it.
             "full_valid_loss": val_loss,
-            "full_valid_mean_token_accuracy": val_accuracy,
+            **{f"full_valid_{n}": self.history.curve("val", n)[-1][1] if val_loss is not None else None
+               for n in names},
             "steps": self.pos.step,
             "epochs": self.pos.step / self.steps_per_epoch,
             "tokens": self.pos.tokens,
             "wall_time_s": self.elapsed_s,
             "trainable_params": trainable_parameters(self.model),
-            "train_examples": len(self.train_examples),
+            "train_examples": len(self.train_examples),  # pairs for DPO
             "val_examples": len(self.val_examples),
             "loss_curve": self.history.train_loss,
             "val_curve": self.history.val_loss,
@@ -361,6 +336,8 @@ class Run:
             "base_model_name": self.base.name,
             "quantization": self.job.quantization,
             "hyperparameters": asdict(self.hp),
+            "objective": {"type": self.job.objective, "beta": self.job.beta, "loss": self.job.loss}
+            if self.job.objective == "dpo" else {"type": "sft"},
             "metrics": {k: v for k, v in metrics.items() if k not in ("loss_curve", "val_curve")},
             "device": str(self.base.device),
             "device_name": device_name(self.base.device),
@@ -389,16 +366,17 @@ def prepare(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool =
     random.seed(hp.seed)
 
     # Data first: a bad file fails before any model is loaded.
-    train_records = load_examples(job.train_file)
-    val_records = load_examples(job.val_file) if job.val_file else []
+    train_records = records_for(job.objective, "train_file", job.train_file)
+    val_records = records_for(job.objective, "val_file", job.val_file) if job.val_file else []
     if not val_records and hp.val_fraction > 0:
         train_records, val_records = split_validation(train_records, hp.val_fraction, hp.seed)
 
     base = load_base_model(job.base_model, quantization=job.quantization,
                            device=ranks.device if ranks else job.device,
                            shardable=job.resources.sharding == "full")
-    train_examples = tokenize_examples(base.tokenizer, train_records, hp.max_seq_len)
-    val_examples = tokenize_examples(base.tokenizer, val_records, hp.max_seq_len)
+    tokenize = tokenize_pairs if job.objective == "dpo" else tokenize_examples
+    train_examples: list[Any] = tokenize(base.tokenizer, train_records, hp.max_seq_len)
+    val_examples: list[Any] = tokenize(base.tokenizer, val_records, hp.max_seq_len)
     if not train_examples:
         raise ConfigError("train_file", "no example has a completion left after truncation; raise max_seq_len")
     packed = ""
@@ -413,6 +391,9 @@ def prepare(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool =
 
     config = SBoRAConfig.from_dict({**job.sbora.to_dict(), "base_fingerprint": base.fingerprint})
     layers = list(inject_adapter(base.model, config).values())
+    if job.init_adapter:
+        load_factors(base.model, Path(job.init_adapter))
+        cb.on_log("started from the given adapter's index sets and factors")
     if hp.gradient_checkpointing:
         # Non-reentrant: works with a frozen base (no input needs grad) and replays dropout exactly.
         checkpointing = {"use_reentrant": False}
@@ -428,11 +409,16 @@ def prepare(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool =
     warmup = hp.warmup_steps or int(hp.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup, hp.schedule))
     pos, history, last_checkpoint = Position(), History(), None
+    objective = objective_for(job.objective, job.beta, job.loss)
     checkpoints = checkpoint_dirs(output_dir)
     if resume and checkpoints:
         last_checkpoint = checkpoints[-1]
-        pos, history = load_checkpoint(last_checkpoint, base.model, optimizer, scheduler)
+        pos, history = load_checkpoint(last_checkpoint, base.model, optimizer, scheduler, objective)
         cb.on_log(f"resumed from {last_checkpoint.name} (step {pos.step} of {total_steps})")
+    # DPO's reference pass: the model as the job starts (before any step); a resume brought it back.
+    if note := objective.prepare(base.model, [train_examples, val_examples], hp.eval_batch_size,
+                                 base.tokenizer.pad_token_id):
+        cb.on_log(note)
     loss_module = None
     if ranks:
         distributed.open_training_group(ranks, step_timeout_s)
@@ -443,7 +429,8 @@ def prepare(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool =
     return Run(job=job, callbacks=cb, base=base, config=config, train_examples=train_examples,
                val_examples=val_examples, optimizer=optimizer, scheduler=scheduler, params=params,
                total_steps=total_steps, steps_per_epoch=steps_per_epoch, pos=pos, history=history,
-               last_checkpoint=last_checkpoint, started=started, ranks=ranks, loss_module=loss_module)
+               last_checkpoint=last_checkpoint, started=started, ranks=ranks, loss_module=loss_module,
+               objective=objective)
 
 
 def train(job: TrainJob, callbacks: Callbacks | None = None, *, resume: bool = True,

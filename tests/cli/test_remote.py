@@ -205,3 +205,23 @@ def test_evals_create_watch_show_and_list(live, trained, tmp_path):
     refused = sbora(live, "evals", "create", "--dataset", dataset, "-c", "no-such-model")
     assert refused.returncode == 1 and "candidates[0].model" in refused.stderr
     no_traceback(refused)
+
+
+def test_dpo_job_continues_an_adapter_from_the_command_line(live, trained, tmp_path):
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"prompt": f"Item {i}: which colour?", "chosen": " The colour is gold.",
+                                         "rejected": f" The colour is grey {i}."}) + "\n" for i in range(8)))
+    uploaded = sbora(live, "datasets", "upload", str(pairs))
+    assert uploaded.returncode == 0, uploaded.stderr
+    created = sbora(live, "jobs", "create", "--dataset", uploaded.stdout.strip(), "--model", TINY, "--objective", "dpo",
+                    "--beta", "0.3", "--loss", "ipo", "--init-adapter", trained[1], "--max-steps", "2",
+                    "--max-seq-len", "128", "--watch", timeout=180)
+    assert created.returncode == 0, created.stderr
+    job_id = re.search(r"job (job_\w+) queued", created.stderr).group(1)
+    shown = json.loads(sbora(live, "jobs", "show", job_id, "--json").stdout)
+    assert (shown["objective"], shown["beta"], shown["loss"], shown["init_adapter_id"]) == ("dpo", 0.3, "ipo", trained[1])
+    assert shown["status"] == "succeeded" and shown["method"]["r"] == 4
+
+    wrong = sbora(live, "jobs", "create", "--dataset", uploaded.stdout.strip(), "--model", TINY)
+    assert wrong.returncode == 1 and "training_dataset_id" in wrong.stderr and "dpo" in wrong.stderr
+    no_traceback(wrong)

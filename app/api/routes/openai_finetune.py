@@ -4,9 +4,11 @@ Files are this service's datasets (validated on upload; `purpose` must be
 `fine-tune`), fine-tuning jobs are its jobs. The resolved hyperparameters map
 as: n_epochs -> epochs, batch_size -> batch_size, learning_rate_multiplier ->
 a multiple of the server's default learning rate. A plain `supervised` method
-trains SBoRA-FA with the server's defaults; `method.type = "sbora"` takes the
-adapter settings (variant, r, alpha, ...) and any native hyperparameter
-(max_steps, max_seq_len, ...) under `method.sbora`. The returned
+trains SBoRA-FA with the server's defaults, `dpo` trains on preference pairs
+(beta "auto" is 0.1); with either, `method.sbora` takes the adapter settings
+(variant, r, alpha, ...) and any native hyperparameter (max_steps, max_seq_len,
+...), and `"sbora"` as the type is a supervised job with them. A fine-tuned
+`model` (`ft:...`) as the base continues that adapter (supervised, then dpo). The returned
 `fine_tuned_model` (`ft:<base>:<suffix>:<adapter id>`) works as `model` in
 /v1/chat/completions and /v1/completions.
 """
@@ -81,6 +83,8 @@ def job_object(session: Session, job: Job) -> dict[str, Any]:
                  "learning_rate_multiplier": hp.get("learning_rate", 0) / DEFAULT_LEARNING_RATE}
     kind = fine_tuning.method_type(session, job)  # as created: a supervised job is reported as one
     progress = job.progress or {}
+    # supervised and dpo jobs carry OpenAI's section for their type (dpo's with its beta)
+    section = {"hyperparameters": {**openai_hp, **({"beta": (job.objective or {}).get("beta")} if kind == "dpo" else {})}}
     error = {"code": job.error_code, "message": job.error_message or "", "param": None} if job.error_code else None
     return {
         "id": job.id, "object": "fine_tuning.job", "created_at": int(job.created_at.timestamp()),
@@ -90,14 +94,14 @@ def job_object(session: Session, job: Job) -> dict[str, Any]:
         "status": "running" if job.status == "cancelling" else job.status,
         "training_file": job.train_dataset_id, "validation_file": job.val_dataset_id,
         "hyperparameters": openai_hp,
-        "method": {"type": kind, **({"supervised": {"hyperparameters": openai_hp}} if kind == "supervised" else {}),
-                   # what it trains, in either case
+        "method": {"type": kind, **({kind: section} if kind != "sbora" else {}),
+                   # what it trains, in every case
                    "sbora": {**job.method, "quantization": job.quantization, "hyperparameters": hp,
                              "resources": ResourcesSpec(**(job.resources or {})).model_dump()}},
         "result_files": [], "trained_tokens": progress.get("tokens"), "error": error, "seed": hp.get("seed"),
         "estimated_finish": int(time.time() + progress["eta_s"]) if job.status == "running" and progress.get("eta_s")
         else None,
-        "integrations": [], "user_provided_suffix": job.name, "metadata": None,
+        "integrations": [], "user_provided_suffix": job.name, "metadata": job.user_metadata,
     }
 
 

@@ -40,6 +40,10 @@ export async function jobPage(view, page, _query, jobId) {
   const head = h("div", { class: "title-row" });
   const summary = h("div", { class: "card", id: "job-summary" });
   const canvas = h("canvas", { id: "loss-chart", class: "chart" });
+  // DPO jobs: the reward margin per step (train) and at each validation (the same chart drawn on margins).
+  const rewardsCanvas = h("canvas", { id: "rewards-chart", class: "chart" });
+  const rewardsCard = h("section", { class: "card", id: "rewards", hidden: true },
+    h("h2", {}, "Reward margin ", h("span", { class: "muted", id: "rewards-accuracy" })), rewardsCanvas);
   const settings = h("div", { class: "card", id: "job-settings" });
   const events = h("tbody", { id: "events-body" });
   const eventsNote = h("span", { class: "muted" });
@@ -52,6 +56,7 @@ export async function jobPage(view, page, _query, jobId) {
     h("div", { class: "grid-2" },
       h("div", {},
         h("section", { class: "card" }, h("h2", {}, "Loss"), canvas),
+        rewardsCard,
         checkpointsCard,
         h("section", { class: "card" }, h("h2", {}, "Events ", eventsNote),
           h("div", { class: "scroll" }, h("table", { class: "table compact", id: "events-table" },
@@ -60,11 +65,16 @@ export async function jobPage(view, page, _query, jobId) {
 
   const train = [];
   const val = [];
+  const margins = [];
+  const valMargins = [];
   let after = 0;
   let job = null;
   let settingsShown = false;
   let finalShown = false;
-  const redraw = () => drawLossChart(canvas, train, val);
+  const redraw = () => {
+    drawLossChart(canvas, train, val);
+    if (!rewardsCard.hidden) drawLossChart(rewardsCanvas, margins, valMargins);
+  };
   window.addEventListener("resize", redraw, { signal: page.signal });
   redraw();
 
@@ -97,9 +107,19 @@ export async function jobPage(view, page, _query, jobId) {
       const batch = await api(`/jobs/${jobId}/events?after=${after}&limit=1000`, { signal: page.signal });
       for (const e of batch.data) {
         after = e.id;
-        if (e.kind === "metric" && typeof e.data.loss === "number") train.push({ step: e.data.step, loss: e.data.loss });
-        else {
+        if (e.kind === "metric" && typeof e.data.loss === "number") {
+          train.push({ step: e.data.step, loss: e.data.loss });
+          if (typeof e.data.rewards_margins === "number") {
+            margins.push({ step: e.data.step, loss: e.data.rewards_margins });
+            rewardsCard.hidden = false;
+            document.getElementById("rewards-accuracy").textContent =
+              `(preference accuracy ${fmtNum(e.data.rewards_accuracies)} at step ${e.data.step})`;
+          }
+        } else {
           if (e.kind === "eval" && typeof e.data.val_loss === "number") val.push({ step: e.data.step, loss: e.data.val_loss });
+          if (e.kind === "eval" && typeof e.data.val_rewards_margins === "number") {
+            valMargins.push({ step: e.data.step, loss: e.data.val_rewards_margins });
+          }
           if (e.kind === "checkpoint") { checkpoints.append(checkpointRow(e.data.step, e.data)); checkpointsCard.hidden = false; }
           events.append(h("tr", { dataset: { kind: e.kind } }, h("td", { class: "nowrap" }, fmtTime(e.created_at)),
             h("td", {}, h("span", { class: `kind ${e.kind}` }, e.kind)), h("td", {}, e.message)));
@@ -116,8 +136,11 @@ const CHECKPOINT_METRICS = [["train_loss", "Train loss"], ["train_mean_token_acc
   ["valid_loss", "Valid loss"], ["valid_mean_token_accuracy", "Valid token acc."]];
 
 function checkpointRow(step, metrics) {
+  // A DPO checkpoint has no token accuracy: its reward accuracy stands in those columns (data-metric says which).
+  const key = (k) => (metrics[k] === undefined && k.endsWith("mean_token_accuracy")
+    ? k.replace("mean_token_accuracy", "rewards_accuracies") : k);
   return h("tr", { dataset: { step } }, h("td", { class: "num" }, String(step)),
-    CHECKPOINT_METRICS.map(([key]) => h("td", { class: "num", dataset: { metric: key } }, fmtNum(metrics[key]))));
+    CHECKPOINT_METRICS.map(([k]) => h("td", { class: "num", dataset: { metric: key(k) } }, fmtNum(metrics[key(k)]))));
 }
 
 function renderHead(head, job, page) {
