@@ -11,7 +11,7 @@ BoolQ test sets (held-out preference accuracy: the preferred answer's summed log
 and by multiple-choice accuracy on them (bench/quality.py's option_text protocol), with 95% bootstrap
 intervals; gains are paired over the same items.
 
-    .venv/bin/python bench/preference.py              # CPU budget (480 pairs; about 40 min per method on 2 cores)
+    .venv/bin/python bench/preference.py              # CPU budget (480 pairs; several hours for all six runs on 2 cores)
     .venv/bin/python bench/preference.py --methods dpo_fa dpo_lora sft_fa   # the ratios' runs only
     .venv/bin/python bench/preference.py --smoke      # a tiny model on generated data: the script runs
 
