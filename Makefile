@@ -7,6 +7,10 @@ BIN    := $(VENV)/bin
 # `make TORCH_SPEC=torch ...` for the ordinary CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# Most tests wait on worker and server processes, so two at a time keep both cores busy (measured:
+# 1.6x on 2 cores; docs/architecture.md#tests). Tests marked `alone` time something and run after,
+# by themselves. `make test PARALLEL=` runs everything in one process.
+PARALLEL ?= -n 2 --dist loadfile
 
 .PHONY: venv run test lint bench clean
 
@@ -26,7 +30,8 @@ run: venv
 	$(BIN)/sbora serve
 
 test: venv
-	$(BIN)/python -m pytest --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(PARALLEL) -m "not alone" --durations=15 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m alone --durations=5 $(PYTEST_ARGS) || [ $$? -eq 5 ]  # 5: none selected
 
 # Style and types over every package, and the import contracts (pyproject.toml): the layers
 # depend one way. .ci/run runs this before the tests; .pre-commit-config.yaml runs the same.

@@ -100,6 +100,7 @@ def test_a_prompt_over_the_per_request_limit_is_413_naming_the_setting(client, a
         assert client.post("/generate", headers=alice, json={"prompt": "hello", "max_new_tokens": 2}).status_code == 200
 
 
+@pytest.mark.alone  # asserts how long it takes: run by itself
 def test_a_request_past_its_deadline_is_cancelled_504_or_an_error_event(client, alice):
     long = {"model": TINY, "prompt": "Item 1:", "max_tokens": 480, "ignore_eos": True}
     with settings_changed(request_timeout_s=0.3):
@@ -115,6 +116,7 @@ def test_a_request_past_its_deadline_is_cancelled_504_or_an_error_event(client, 
 
 # -- 3. a client that leaves cancels its request, streaming or not ----------------------------
 @pytest.mark.parametrize("path", ["/generate", "/v1/chat/completions"])
+@pytest.mark.alone  # asserts how long it takes: run by itself
 def test_a_non_streaming_request_is_cancelled_when_its_client_disconnects(live, alice, path):
     """One row decodes at a time: a request sent after the abandoned one waits for it if it still runs
     (seconds), and answers at once if the disconnect cancelled it."""

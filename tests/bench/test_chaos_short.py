@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "bench" / "chaos.py"
 
 
+@pytest.mark.alone  # times each recovery: run by itself, after the parallel tests
 def test_half_a_minute_of_chaos_loses_no_job_and_answers_only_503s(tmp_path):
     # Kills come every 7-13 s and alternate worker / engine, so 30 s meet both kinds.
     out = tmp_path / "chaos.json"

@@ -116,6 +116,7 @@ def test_readyz_and_metrics_count_the_live_workers(stack, client):
     stack.stop_workers()
 
 
+@pytest.mark.alone  # asserts how long it takes: run by itself
 def test_a_killed_worker_s_job_runs_again_within_seconds_to_the_same_adapter(stack, client, headers, dataset_id):
     stack.start_worker()
     reference = wait_terminal(client, headers, client.post("/jobs", headers=headers,
@@ -144,6 +145,7 @@ def test_a_killed_worker_s_job_runs_again_within_seconds_to_the_same_adapter(sta
     stack.stop_workers()
 
 
+@pytest.mark.alone  # asserts how long it takes: run by itself
 def test_a_killed_training_process_is_taken_over_by_its_worker_at_once(stack, client, headers, dataset_id):
     worker = stack.start_worker()
     job = client.post("/jobs", headers=headers, json=job_body(dataset_id)).json()
