@@ -70,14 +70,19 @@ def get_dataset(session: Session, tenant: Tenant, dataset_id: str) -> Dataset:
     return owned(session, Dataset, tenant, dataset_id, "dataset")
 
 
-def check_dataset_ref(session: Session, tenant: Tenant, dataset_id: str | None, field: str) -> None:
-    """Invalid naming `field` when a job refers to a dataset the tenant does not have."""
-    if dataset_id is None:
-        return
-    try:
-        get_dataset(session, tenant, dataset_id)
-    except NotFound as exc:
-        raise Invalid(field, f"{field}: {exc}; upload it with POST /datasets first") from exc
+def job_datasets(session: Session, tenant: Tenant, training_id: str,
+                 validation_id: str | None) -> list[tuple[str, Dataset]]:
+    """A job's datasets, each with the request field that names it, loaded once for every check;
+    Invalid naming the field when the tenant does not have one."""
+    found = []
+    for field, dataset_id in (("training_dataset_id", training_id), ("validation_dataset_id", validation_id)):
+        if dataset_id is None:
+            continue
+        try:
+            found.append((field, get_dataset(session, tenant, dataset_id)))
+        except NotFound as exc:
+            raise Invalid(field, f"{field}: {exc}; upload it with POST /datasets first") from exc
+    return found
 
 
 def delete_dataset(session: Session, tenant: Tenant, dataset_id: str, store: ArtifactStore) -> None:

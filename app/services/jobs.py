@@ -12,10 +12,10 @@ from app import catalog
 from app.core.config import Settings
 from app.errors import Conflict, Invalid, NotFound
 from app.ids import new_id
-from app.models import TERMINAL_STATUSES, Job, JobEvent, Tenant, utcnow
+from app.models import TERMINAL_STATUSES, Dataset, Job, JobEvent, Tenant, utcnow
 from app.schemas import JobCreate
 from app.services import groups, placement
-from app.services.datasets import check_dataset_ref, get_dataset
+from app.services.datasets import job_datasets
 from app.services.eval_sets import eval_items_of
 from app.services.objectives import check_objective, method_from_adapter
 from app.services.queries import owned, page
@@ -28,37 +28,34 @@ from sbora_core.training.job import Hyperparameters, Resources
 ALLOCATION_TRIES = 20
 
 
-def check_training_formats(session: Session, tenant: Tenant, spec: JobCreate) -> None:
+def check_training_formats(datasets: list[tuple[str, Dataset]]) -> None:
     """An evaluation set (choices, or prompts with answers) has nothing to train on."""
-    for field, dataset_id in (("training_dataset_id", spec.training_dataset_id),
-                              ("validation_dataset_id", spec.validation_dataset_id)):
-        if dataset_id and (fmt := get_dataset(session, tenant, dataset_id).format) in EVAL_FORMATS:
-            raise Invalid(field, f"{field}: dataset {dataset_id} is an evaluation set ({fmt}); train on chat, "
-                                 "prompt/completion or instruction records, and score with it through eval_after "
+    for field, dataset in datasets:
+        if dataset.format in EVAL_FORMATS:
+            raise Invalid(field, f"{field}: dataset {dataset.id} is an evaluation set ({dataset.format}); train on "
+                                 "chat, prompt/completion or instruction records, and score with it through eval_after "
                                  "or POST /evaluations")
 
 
-def check_chat_template(session: Session, tenant: Tenant, spec: JobCreate) -> None:
+def check_chat_template(base_model: str, datasets: list[tuple[str, Dataset]]) -> None:
     """Chat records train on the model's own chat template; a model without one cannot take them."""
-    for field, dataset_id in (("training_dataset_id", spec.training_dataset_id),
-                              ("validation_dataset_id", spec.validation_dataset_id)):
-        if dataset_id and get_dataset(session, tenant, dataset_id).format == "chat" \
-                and not catalog.has_chat_template(spec.base_model):
-            raise Invalid(field, f"{field}: the dataset is in chat format, but {spec.base_model} has no chat "
+    for field, dataset in datasets:
+        if dataset.format == "chat" and not catalog.has_chat_template(base_model):
+            raise Invalid(field, f"{field}: the dataset is in chat format, but {base_model} has no chat "
                                  "template; convert it to prompt/completion records, or train a model that has one")
 
 
-def check_completions_fit(session: Session, tenant: Tenant, spec: JobCreate) -> None:
+def check_completions_fit(training: Dataset, spec: JobCreate) -> None:
     """A max_seq_len at or below every record's prompt cuts off every completion: the job would fail
     in the worker with nothing to train on. Checked from the dataset's statistics where they were
     counted with this model's tokenizer."""
-    stats = get_dataset(session, tenant, spec.training_dataset_id).stats or {}
+    stats = training.stats or {}
     shortest = stats.get("min_prompt_tokens")
     max_seq_len = spec.hyperparameters.max_seq_len
     if stats.get("tokenizer") == spec.base_model and shortest is not None and max_seq_len <= shortest:
         raise Invalid("hyperparameters.max_seq_len",
                       f"hyperparameters.max_seq_len: {max_seq_len} tokens cut off every completion of dataset "
-                      f"{spec.training_dataset_id} (the shortest prompt, line {stats.get('min_prompt_line')}, has "
+                      f"{training.id} (the shortest prompt, line {stats.get('min_prompt_line')}, has "
                       f"{shortest} tokens before its completion); raise it above {shortest}")
 
 
@@ -75,12 +72,11 @@ def create_job(session: Session, tenant: Tenant, spec: JobCreate, settings: Sett
         catalog.source_of(spec.base_model)
     except catalog.UnknownBaseModel as exc:
         raise Invalid("base_model", str(exc)) from exc
-    check_dataset_ref(session, tenant, spec.training_dataset_id, "training_dataset_id")
-    check_dataset_ref(session, tenant, spec.validation_dataset_id, "validation_dataset_id")
-    check_training_formats(session, tenant, spec)
-    check_chat_template(session, tenant, spec)
-    check_completions_fit(session, tenant, spec)
-    objective = check_objective(session, tenant, spec)
+    datasets = job_datasets(session, tenant, spec.training_dataset_id, spec.validation_dataset_id)
+    check_training_formats(datasets)
+    check_chat_template(spec.base_model, datasets)
+    check_completions_fit(datasets[0][1], spec)
+    objective = check_objective(spec, datasets)
     if spec.eval_after is not None:
         eval_items_of(session, tenant, spec.eval_after.dataset_id, spec.eval_after, "eval_after.dataset_id", get_store())
     method = spec.method.model_dump()

@@ -7,10 +7,9 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.errors import Invalid, NotFound
-from app.models import Adapter, Job, Tenant
+from app.models import Adapter, Dataset, Job, Tenant
 from app.schemas import JobCreate
 from app.services.adapters import adapter_files, get_adapter
-from app.services.datasets import get_dataset
 from app.storage import ArtifactStore
 from sbora_core.training.preference_records import PREFERENCE
 
@@ -18,20 +17,17 @@ from sbora_core.training.preference_records import PREFERENCE
 ADAPTER_FIELDS = ("variant", "r", "alpha", "target_modules")
 
 
-def check_objective(session: Session, tenant: Tenant, spec: JobCreate) -> dict[str, Any]:
+def check_objective(spec: JobCreate, datasets: list[tuple[str, Dataset]]) -> dict[str, Any]:
     """The stored objective; 422 naming the dataset whose format does not suit it, or `objective`
     for what dpo cannot do."""
     dpo = spec.objective == "dpo"
-    for field, dataset_id in (("training_dataset_id", spec.training_dataset_id),
-                              ("validation_dataset_id", spec.validation_dataset_id)):
-        if not dataset_id:
-            continue
-        fmt = get_dataset(session, tenant, dataset_id).format
+    for field, dataset in datasets:
+        fmt = dataset.format
         if dpo and fmt != PREFERENCE:
-            raise Invalid(field, f"{field}: dataset {dataset_id} is {fmt}; objective dpo trains on preference "
+            raise Invalid(field, f"{field}: dataset {dataset.id} is {fmt}; objective dpo trains on preference "
                                  "pairs (OpenAI's DPO format, or prompt/chosen/rejected records)")
         if not dpo and fmt == PREFERENCE:
-            raise Invalid(field, f"{field}: dataset {dataset_id} holds preference pairs; train it with "
+            raise Invalid(field, f"{field}: dataset {dataset.id} holds preference pairs; train it with "
                                  'objective "dpo", or upload chat, prompt/completion or instruction records')
     if not dpo:
         return {"type": "sft"}
