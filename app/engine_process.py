@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from app.core.config import get_settings
-from app.core.processes import exit_reason
+from app.core.processes import engine_start_context, exit_reason
 from app.errors import Invalid, without_paths
 from sbora_core.method.adapter_io import AdapterMismatchError
 from sbora_core.serving.admission import OverLimit, QueueFull
@@ -91,8 +91,8 @@ class RemoteRequest(EventStream):
 class EngineProcess:
     """The API's client for one engine child process."""
 
-    def __init__(self, limits: EngineLimits) -> None:
-        context = multiprocessing.get_context("spawn")  # never fork a process that holds threads
+    def __init__(self, limits: EngineLimits, models: list[str] | None = None) -> None:
+        context = engine_start_context(models or [])
         self.requests = context.Queue()
         self.replies = context.Queue()
         self.process = context.Process(target=serve, args=(self.requests, self.replies, limits),
@@ -229,7 +229,8 @@ def get_engine_process() -> EngineProcess:
             _engine = EngineProcess(EngineLimits(settings.engine_max_batch_size, settings.engine_max_queue,
                                                  settings.adapter_cache_bytes, settings.resolved_torch_threads,
                                                  settings.model_cache, settings.engine_max_prompt_tokens,
-                                                 settings.engine_max_tenant_prompt_tokens))
+                                                 settings.engine_max_tenant_prompt_tokens),
+                                    models=[*settings.models, *_warm_models.values()])
             _engine.warm_up(_warm_models)
         return _engine
 

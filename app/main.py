@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -64,11 +65,18 @@ async def lifespan(_: FastAPI):
     reconciler.start()
     watchdog = EngineWatchdog()
     watchdog.start()
+    warming = None
     if settings.engine_warm_start:
-        warm_engines({model_id: catalog.source_of(model_id) for model_id in catalog.offered()})
+        # In the background: starting the first engine may take seconds (engine_start_context), and
+        # the API answers meanwhile (/readyz says which models are not warm yet).
+        models = {model_id: catalog.source_of(model_id) for model_id in catalog.offered()}
+        warming = threading.Thread(target=warm_engines, args=(models,), name="engine-warm-start", daemon=True)
+        warming.start()
     yield
     watchdog.stop()
     reconciler.stop()
+    if warming is not None:
+        warming.join(timeout=60)  # an engine it is still starting would outlive reset_engines
     reset_engines()
 
 

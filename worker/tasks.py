@@ -7,25 +7,29 @@ Start a worker with `celery -A worker.tasks worker` (`sbora worker` does).
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import signal
 import sys
 from typing import Any
 
+import torch
 from celery.signals import (
     setup_logging,
     task_received,
+    worker_init,
     worker_process_init,
     worker_ready,
     worker_shutdown,
 )
 from celery.worker import state as worker_state
 
-from app import logs
+from app import catalog, logs
 from app.core.config import get_settings
 from app.core.db import get_engine
 from app.queue import JOIN_TASK, TRAIN_TASK, get_celery
 from app.services.workers import incarnation
+from sbora_core.method.models import import_model_code
 from worker.evaluations import run_claimed_evaluation
 from worker.heartbeat import WorkerHeartbeat
 from worker.ranks import offered_devices, worker_address
@@ -35,12 +39,30 @@ from worker.runner import run_job, worker_kind
 # `celery -A worker.tasks` looks for this name.
 celery = get_celery()
 _heartbeat: WorkerHeartbeat | None = None
+log = logging.getLogger(__name__)
 
 
 @setup_logging.connect
 def _structured_logs(**_: Any) -> None:
     """Celery leaves logging alone when this signal has a receiver: ours writes JSON lines."""
     logs.configure_logging()
+
+
+@worker_init.connect
+def _import_job_code(**_: Any) -> None:
+    """Each job runs in a pool process forked from this one, a fresh one per job (--max-tasks-per-child 1):
+    what is imported here is imported once per worker instead of at every job's start. A model's
+    transformers modules (imported lazily, at its first load) and bitsandbytes (checked at every
+    adapter's injection) took ~4 s of CPU at each start of a job on the tiny test model."""
+    try:
+        catalog.use_model_cache()
+        import_model_code(catalog.offered().values())
+    except Exception:  # a model the catalog cannot read fails its own jobs, clearly, later
+        log.warning("could not import the offered models' code ahead of their jobs", exc_info=True)
+    if not torch.cuda.is_available():
+        # Importing bitsandbytes on a GPU machine initialises CUDA, which a forked pool process cannot
+        # use again: there it stays each job's own import.
+        import bitsandbytes  # noqa: F401
 
 
 @worker_ready.connect

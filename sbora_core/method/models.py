@@ -20,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -120,25 +121,31 @@ def _convert_gguf(name: str, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def local_model_dir(name: str) -> Path | None:
+    """`name`'s model directory if it is on this machine already (converted, cached or a path), else None:
+    nothing is converted or downloaded."""
+    cached = model_cache_dir() / name
+    if name and "/" not in name and is_model_dir(cached):
+        return cached
+    path = Path(name).expanduser()
+    return path.resolve() if path.is_dir() and is_model_dir(path) else None
+
+
 def resolve_model(name: str) -> Path:
     """The local directory holding `name`, converting or downloading it if needed."""
     if not name or not isinstance(name, str):
         raise UnknownModelError("base_model: give a model name or directory")
+    local = local_model_dir(name)
+    if local is not None:
+        return local
     if name in _GGUF_MODELS:
         target = model_cache_dir() / name
-        if not is_model_dir(target):
-            with _file_lock(model_cache_dir() / f".{name}.lock"):
-                if not is_model_dir(target):
-                    _convert_gguf(name, target)
+        with _file_lock(model_cache_dir() / f".{name}.lock"):
+            if not is_model_dir(target):
+                _convert_gguf(name, target)
         return target
-    cached = model_cache_dir() / name
-    if "/" not in name and is_model_dir(cached):
-        return cached
-    path = Path(name).expanduser()
-    if path.is_dir():
-        if not is_model_dir(path):
-            raise UnknownModelError(f"base_model: {name} has no config.json and *.safetensors weights")
-        return path.resolve()
+    if Path(name).expanduser().is_dir():
+        raise UnknownModelError(f"base_model: {name} has no config.json and *.safetensors weights")
     if name.count("/") == 1 and not name.startswith((".", "/")):
         try:
             from huggingface_hub import snapshot_download
@@ -178,6 +185,32 @@ def fingerprint_directory(path: Path) -> str:
     except OSError:
         pass  # a read-only model directory still works, it just rehashes
     return fingerprint
+
+
+def model_code_modules(names: Iterable[str]) -> list[str]:
+    """The transformers modules that loading these models imports: the auto classes, and each model's
+    configuration and modelling modules, which transformers imports lazily, at a model's first load
+    (seconds of CPU in every fresh process). Models not on this machine yet are left out."""
+    from transformers.models.auto.configuration_auto import model_type_to_module_name
+
+    modules = ["transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto"]
+    for name in names:
+        path = local_model_dir(name)
+        model_type = json.loads((path / "config.json").read_text()).get("model_type") if path else None
+        if model_type:
+            module = model_type_to_module_name(model_type)
+            package = f"transformers.models.{module}"
+            modules += [f"{package}.configuration_{module}", f"{package}.modeling_{module}"]
+    return list(dict.fromkeys(modules))
+
+
+def import_model_code(names: Iterable[str]) -> None:
+    """Import `model_code_modules(names)` now, so that processes forked from this one need not."""
+    for module in model_code_modules(names):
+        try:
+            importlib.import_module(module)
+        except ImportError:  # a model type laid out unlike the rest: its first load imports what it needs
+            pass
 
 
 @lru_cache(maxsize=32)
