@@ -13,7 +13,6 @@ import signal
 import sys
 from typing import Any
 
-import torch
 from celery.signals import (
     setup_logging,
     task_received,
@@ -51,18 +50,13 @@ def _structured_logs(**_: Any) -> None:
 @worker_init.connect
 def _import_job_code(**_: Any) -> None:
     """Each job runs in a pool process forked from this one, a fresh one per job (--max-tasks-per-child 1):
-    what is imported here is imported once per worker instead of at every job's start. A model's
-    transformers modules (imported lazily, at its first load) and bitsandbytes (checked at every
-    adapter's injection) took ~4 s of CPU at each start of a job on the tiny test model."""
+    the offered models' transformers modules, which transformers imports lazily at a model's first
+    load, are imported here once per worker instead of at every job's start (~1 s of CPU each)."""
     try:
         catalog.use_model_cache()
         import_model_code(catalog.offered().values())
     except Exception:  # a model the catalog cannot read fails its own jobs, clearly, later
         log.warning("could not import the offered models' code ahead of their jobs", exc_info=True)
-    if not torch.cuda.is_available():
-        # Importing bitsandbytes on a GPU machine initialises CUDA, which a forked pool process cannot
-        # use again: there it stays each job's own import.
-        import bitsandbytes  # noqa: F401
 
 
 @worker_ready.connect

@@ -13,9 +13,8 @@ def engine_start_context(models: Iterable[str]) -> SpawnContext | ForkServerCont
     the database pool's), and a lock one of them held at the fork would stay held in the child.
 
     On a host without a GPU, engines fork from a forkserver: one single-threaded process that imported
-    the engine's code, bitsandbytes and these models' modelling code once, when the first engine
-    started. A spawned engine imports all of that again, ~5 s of CPU at every start or restart after
-    a crash. A GPU host spawns each engine: an import in the forkserver could initialise CUDA, which
+    the engine's code and these models' modelling code once, when the first engine started. A spawned
+    engine imports all of that again, ~3 s of CPU at every start or restart after a crash. A GPU host spawns each engine: an import in the forkserver could initialise CUDA, which
     a forked child cannot use. The forkserver keeps the environment it started with; an engine takes
     its settings from its arguments (EngineLimits), never from the environment."""
     import torch
@@ -26,7 +25,7 @@ def engine_start_context(models: Iterable[str]) -> SpawnContext | ForkServerCont
 
     context = multiprocessing.get_context("forkserver")
     # Read when the forkserver starts (the first engine); modules that fail to import are skipped.
-    context.set_forkserver_preload(["app.engine_process", "bitsandbytes", *model_code_modules(models)])
+    context.set_forkserver_preload(["app.engine_process", *model_code_modules(models)])
     return context
 
 

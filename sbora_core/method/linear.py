@@ -9,6 +9,7 @@ SBoRA-FA selects input features, SBoRA-FB output features.
 
 from __future__ import annotations
 
+import sys
 from typing import cast
 
 import torch
@@ -16,9 +17,10 @@ from torch import nn
 
 
 def _bnb_linear_types() -> tuple[type, ...]:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+    # No layer can be bitsandbytes' before bitsandbytes is imported (loading a quantised model does);
+    # importing it just to ask would cost every process ~2 s (its CPU ops import torch's compiler).
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
         return ()
     return (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)
 
