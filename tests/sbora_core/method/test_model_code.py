@@ -33,3 +33,18 @@ def test_import_model_code_imports_the_modelling_module_a_first_load_would(tiny_
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["False", "True"]
+
+
+def test_asking_whether_a_layer_is_quantised_imports_no_bitsandbytes():
+    # bitsandbytes' import costs ~2 s of CPU; a process that loads no quantised model must not pay it.
+    probe = (
+        "import sys, torch\n"
+        "from sbora_core.method.linear import is_quantized_linear\n"
+        "plain = is_quantized_linear(torch.nn.Linear(4, 4))\n"
+        "imported = 'bitsandbytes' in sys.modules\n"
+        "import bitsandbytes as bnb\n"
+        "print(plain, imported, is_quantized_linear(bnb.nn.Linear4bit(64, 64)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-3:] == ["False", "False", "True"]
