@@ -97,17 +97,23 @@ async def stream_pieces(generation: Generation,
         loop.call_soon_threadsafe(inbox.put_nowait, item)
 
     handle.listen(deliver)
+    # Asked on a clock, not only when no piece came for a while: pieces of a long generation keep
+    # arriving, and a client that left must not keep its request decoding to the end.
+    next_check = loop.time() + POLL_S
     try:
         while True:
-            left = deadline - loop.time()
+            now = loop.time()
+            left = deadline - now
             if left <= 0:
                 raise RequestTimeout(f"the request ran past {timeout_s:g} s (SBORA_REQUEST_TIMEOUT_S) and was "
                                      "cancelled; ask for fewer tokens or a shorter prompt")
+            if disconnected is not None and now >= next_check:
+                next_check = now + POLL_S
+                if await disconnected():
+                    raise ClientGone("the client disconnected; the request was cancelled") from None
             try:
                 item = await asyncio.wait_for(inbox.get(), timeout=min(left, POLL_S))
             except TimeoutError:
-                if disconnected is not None and await disconnected():
-                    raise ClientGone("the client disconnected; the request was cancelled") from None
                 continue
             if isinstance(item, BaseException):
                 raise item
