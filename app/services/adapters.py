@@ -11,9 +11,9 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
-from app.errors import Invalid, NotFound
+from app.errors import Conflict, Invalid, NotFound
 from app.ids import new_id
-from app.models import Adapter, Job, Tenant
+from app.models import UNFINISHED_STATUSES, Adapter, Evaluation, Job, Tenant
 from app.services import groups
 from app.services.queries import delete_owned, owned, page
 from app.services.quotas import check_storage
@@ -57,12 +57,29 @@ def get_named_adapter(session: Session, tenant: Tenant, adapter_id: str, field: 
 
 
 def delete_adapter(session: Session, tenant: Tenant, adapter_id: str, store: ArtifactStore) -> None:
+    """Delete an adapter; Conflict while an unfinished job starts from it or an unfinished evaluation
+    scores it (either would fail later, having waited in the queue for nothing)."""
     adapter = get_adapter(session, tenant, adapter_id)
+    users = unfinished_users(session, adapter)
+    if users:
+        raise Conflict(f"adapter {adapter_id} is used by {len(users)} unfinished job(s) ({', '.join(users)}); "
+                       "cancel them or wait for them to finish first")
     key = adapter.storage_key
     groups.release_adapter(session, adapter.id)  # its group slot is free again
     delete_owned(session, Adapter, adapter, "adapter")
     session.commit()
     discard_quietly(store, key)
+
+
+def unfinished_users(session: Session, adapter: Adapter) -> list[str]:
+    """The ids of unfinished jobs that start from `adapter` and unfinished evaluations that score it."""
+    starts = session.scalars(select(Job.id).where(Job.init_adapter_id == adapter.id,
+                                                  Job.status.in_(UNFINISHED_STATUSES)).order_by(Job.id)).all()
+    # Candidates are stored as JSON; the tenant's unfinished evaluations are few (a quota bounds them).
+    evaluations = session.scalars(select(Evaluation).join(Job, Job.id == Evaluation.id).where(
+        Evaluation.tenant_id == adapter.tenant_id, Job.status.in_(UNFINISHED_STATUSES)).order_by(Evaluation.id)).all()
+    scores = [e.id for e in evaluations if any(adapter.id in c.get("adapter_ids", []) for c in e.candidates)]
+    return [*starts, *scores]
 
 
 def archive(adapter: Adapter, fmt: ArchiveFormat, store: ArtifactStore) -> tuple[Path, str]:

@@ -220,11 +220,18 @@ def test_bad_requests_answer_4xx_naming_the_field(client, alice, bob, mc_set, em
 
 
 def test_cancel_and_delete(client, alice, em_set):
-    body = {"dataset_id": em_set, "grader": "exact_match", "max_new_tokens": 40, "chunk_size": 4, "candidates": [TINY]}
+    scored = train(client, alice, upload(client, alice, "s.jsonl", [{"prompt": f"p{i}", "completion": " c"}
+                                                                    for i in range(8)]), 2)["adapter_id"]
+    body = {"dataset_id": em_set, "grader": "exact_match", "max_new_tokens": 40, "chunk_size": 4,
+            "candidates": [TINY, scored]}
     evaluation = client.post("/evaluations", headers=alice, json=body).json()
     assert client.delete(f"/evaluations/{evaluation['id']}", headers=alice).status_code == 409
+    # The adapter it scores stays while it is unfinished (409 naming it), and may go once it is cancelled.
+    in_use = client.delete(f"/adapters/{scored}", headers=alice)
+    assert in_use.status_code == 409 and evaluation["id"] in in_use.text, in_use.text
     cancelled = client.post(f"/evaluations/{evaluation['id']}/cancel", headers=alice).json()
     assert cancelled["status"] in ("cancelled", "cancelling")
     assert wait_done(client, alice, evaluation["id"])["status"] == "cancelled"
     assert client.delete(f"/evaluations/{evaluation['id']}", headers=alice).status_code == 204
     assert client.get(f"/evaluations/{evaluation['id']}", headers=alice).status_code == 404
+    assert client.delete(f"/adapters/{scored}", headers=alice).status_code == 204

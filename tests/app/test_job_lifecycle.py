@@ -7,7 +7,7 @@ import re
 from datetime import datetime
 
 import httpx
-from stack import wait_for
+from stack import train_tiny_adapter, wait_for
 
 TINY = "tiny-llama"
 UTC_Z = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
@@ -45,6 +45,21 @@ def test_cancelling_a_running_job_says_cancelling_until_the_worker_stops(client,
                                                          params={"kind": "status"}).json()["data"]]
     assert statuses == ["queued", "running", "cancelling", "cancelled"]
     assert client.get("/jobs", headers=alice, params={"status": "cancelling"}).status_code == 200
+
+
+def test_what_an_unfinished_job_uses_stays_until_it_ends(client, alice, dataset):
+    start = train_tiny_adapter(client, alice, dataset["id"])["adapter_id"]
+    job = client.post("/jobs", headers=alice, json={**long_job(dataset["id"]), "init_adapter_id": start}).json()
+    for path in (f"/adapters/{start}", f"/datasets/{dataset['id']}"):
+        refused = client.delete(path, headers=alice)
+        assert refused.status_code == 409 and "unfinished job" in refused.text, (path, refused.text)
+    assert job["id"] in client.delete(f"/adapters/{start}", headers=alice).text
+    assert client.get(f"/adapters/{start}", headers=alice).status_code == 200
+    client.post(f"/jobs/{job['id']}/cancel", headers=alice)
+    wait_for(lambda: client.get(f"/jobs/{job['id']}", headers=alice).json()["status"] == "cancelled", 60, 0.2,
+             "the job to stop")
+    assert client.delete(f"/adapters/{start}", headers=alice).status_code == 204
+    assert client.get(f"/adapters/{start}", headers=alice).status_code == 404
 
 
 def test_events_and_errors_name_no_server_path(client, alice, dataset, stack, tiny_model_dir):
