@@ -12,11 +12,12 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import and_, func, or_, select
 from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.errors import Invalid, NotFound, Unsupported
+from app.ids import well_formed_id
 from app.models import Adapter, Job, JobEvent, Tenant
 from app.openai_schemas import DpoHyperparameters, FineTuningJobCreate, OpenAIHyperparameters
 from app.schemas import HyperparametersSpec, JobCreate, MethodSpec, ResourcesSpec
@@ -118,13 +119,33 @@ def create_job(session: Session, tenant: Tenant, req: FineTuningJobCreate, setti
         raise NotFound(str(exc), param=_OPENAI_FIELD.get(exc.param or "", exc.param)) from exc
 
 
+def list_jobs_after(session: Session, tenant: Tenant, after: str | None, limit: int) -> tuple[list[Job], bool]:
+    """OpenAI's cursor pagination: up to `limit` of the tenant's training jobs, newest first, that come
+    after the job `after`, and whether more follow. Ties on creation time are broken by id, so paging
+    never skips or repeats a job."""
+    query = select(Job).where(Job.tenant_id == tenant.id, Job.kind == "train")
+    if after is not None:
+        cursor = session.get(Job, after) if well_formed_id(after) else None
+        if cursor is None or cursor.tenant_id != tenant.id or cursor.kind != "train":
+            return [], False
+        query = query.where(or_(Job.created_at < cursor.created_at,
+                                and_(Job.created_at == cursor.created_at, Job.id < cursor.id)))
+    rows = list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    return rows[:limit], len(rows) > limit
+
+
+def method_types(session: Session, rows: list[Job]) -> dict[str, str]:
+    """The OpenAI method type of each job: `dpo` for a preference job, else the type it was created with
+    (`supervised` or `sbora`; `sbora` for jobs created through POST /jobs), as its first event recorded
+    it. One query for the whole page."""
+    first_ids = select(func.min(JobEvent.id)).where(JobEvent.job_id.in_([j.id for j in rows])).group_by(JobEvent.job_id)
+    created = {e.job_id: (e.data or {}).get("openai_method", "sbora")
+               for e in session.scalars(select(JobEvent).where(JobEvent.id.in_(first_ids)))}
+    return {j.id: "dpo" if (j.objective or {}).get("type") == "dpo" else created.get(j.id, "sbora") for j in rows}
+
+
 def method_type(session: Session, job: Job) -> str:
-    """The OpenAI method type of a job: `dpo` for a preference job, else the type it was created with
-    (`supervised` or `sbora`; `sbora` for jobs created through POST /jobs), as its first event recorded it."""
-    if (job.objective or {}).get("type") == "dpo":
-        return "dpo"
-    first = session.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id).limit(1)).first()
-    return (first.data or {}).get("openai_method", "sbora") if first is not None else "sbora"
+    return method_types(session, [job])[job.id]
 
 
 def fine_tuned_model(job: Job) -> str | None:

@@ -131,7 +131,7 @@ def list_jobs(session: Session, tenant: Tenant, status: str | None, limit: int, 
     query = select(Job).where(Job.tenant_id == tenant.id, Job.kind == kind)
     if status:
         query = query.where(Job.status == status)
-    return page(session, query.order_by(Job.created_at.desc()), limit, offset)
+    return page(session, query.order_by(Job.created_at.desc(), Job.id.desc()), limit, offset)
 
 
 def get_job(session: Session, tenant: Tenant, job_id: str, kind: str = "train") -> Job:

@@ -273,6 +273,21 @@ def test_supervised_method_maps_openai_hyperparameters_and_cancels(oai):
                      and j, 60, 0.5, "cancellation")
     assert ended.status == "cancelled" and ended.fine_tuned_model is None
 
+    # The listing, newest first, each job with the method type it was created with; walking it one job
+    # at a time through the cursor gives the same jobs in the same order.
+    everything = oai.fine_tuning.jobs.list(limit=100)
+    assert not everything.has_more and len(everything.data) >= 2
+    assert everything.data[0].id == job.id and everything.data[0].method.type == "supervised"
+    assert [j.method.type for j in everything.data] == [oai.fine_tuning.jobs.retrieve(j.id).method.type
+                                                        for j in everything.data]
+    walked, page = [], oai.fine_tuning.jobs.list(limit=1)
+    while True:
+        walked += [j.id for j in page.data]
+        if not page.has_more:
+            break
+        page = oai.fine_tuning.jobs.list(limit=1, after=walked[-1])
+    assert walked == [j.id for j in everything.data]
+
 
 def test_fine_tuning_errors_name_the_openai_field(oai, live, bob):
     with pytest.raises(openai.UnprocessableEntityError) as bad_purpose:

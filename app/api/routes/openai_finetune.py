@@ -77,11 +77,12 @@ def delete_file(file_id: str, session: SessionDep, tenant: CurrentTenant, store:
 
 
 # -- jobs --------------------------------------------------------------------------------------
-def job_object(session: Session, job: Job) -> dict[str, Any]:
+def job_object(session: Session, job: Job, kind: str | None = None) -> dict[str, Any]:
+    """The OpenAI fine-tuning job; `kind` is its method type when the caller looked it up already."""
     hp = job.hyperparameters
     openai_hp = {"n_epochs": hp.get("epochs"), "batch_size": hp.get("batch_size"),
                  "learning_rate_multiplier": hp.get("learning_rate", 0) / DEFAULT_LEARNING_RATE}
-    kind = fine_tuning.method_type(session, job)  # as created: a supervised job is reported as one
+    kind = kind or fine_tuning.method_type(session, job)  # as created: a supervised job is reported as one
     progress = job.progress or {}
     # supervised and dpo jobs carry OpenAI's section for their type (dpo's with its beta)
     section = {"hyperparameters": {**openai_hp, **({"beta": (job.objective or {}).get("beta")} if kind == "dpo" else {})}}
@@ -124,9 +125,9 @@ def _after(items: list, after: str | None, key) -> list:
 @router.get("/fine_tuning/jobs")
 def list_fine_tuning_jobs(session: SessionDep, tenant: CurrentTenant, after: str | None = Query(None, max_length=64),
                           limit: Annotated[int, Query(ge=1, le=100)] = 20) -> dict[str, Any]:
-    rows, _ = jobs.list_jobs(session, tenant, None, 10_000, 0)
-    rest = _after(rows, after, lambda j: j.id)
-    return {"object": "list", "data": [job_object(session, j) for j in rest[:limit]], "has_more": len(rest) > limit}
+    rows, has_more = fine_tuning.list_jobs_after(session, tenant, after, limit)
+    kinds = fine_tuning.method_types(session, rows)
+    return {"object": "list", "data": [job_object(session, j, kinds[j.id]) for j in rows], "has_more": has_more}
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
