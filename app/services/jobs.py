@@ -176,6 +176,19 @@ def add_event_once(session: Session, job_id: str, kind: str, message: str, data:
         add_event(session, job_id, kind, message, data)
 
 
+def newest_events(session: Session, tenant: Tenant, job_id: str, before: int | None, limit: int) -> list[JobEvent]:
+    """Up to `limit` of the job's events, newest first; with `before`, those older than that event
+    (none when it is not one of this job's events)."""
+    get_job(session, tenant, job_id)
+    query = select(JobEvent).where(JobEvent.job_id == job_id)
+    if before is not None:
+        cursor = session.get(JobEvent, before)
+        if cursor is None or cursor.job_id != job_id:
+            return []
+        query = query.where(JobEvent.id < before)
+    return list(session.scalars(query.order_by(JobEvent.id.desc()).limit(limit)))
+
+
 def list_events(session: Session, tenant: Tenant, job_id: str, after: int, limit: int,
                 kind: str | None = None, job_kind: str = "train") -> tuple[list[JobEvent], int]:
     get_job(session, tenant, job_id, job_kind)

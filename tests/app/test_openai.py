@@ -230,6 +230,8 @@ def test_fine_tuning_flow_ends_in_a_model_chat_can_use(oai, client, alice):
     first_page = oai.fine_tuning.jobs.list_events(job.id, limit=2)
     assert first_page.has_more and len(first_page.data) == 2
     assert oai.fine_tuning.jobs.list_events(job.id, limit=1, after=first_page.data[0].id).data[0].id == first_page.data[1].id
+    assert [e.id for e in oai.fine_tuning.jobs.list_events(job.id, limit=100, after=events[-2].id).data] == [events[-1].id]
+    assert oai.fine_tuning.jobs.list_events(job.id, after="ftevent-0").data == []  # names no event of this job
 
     checkpoints = oai.fine_tuning.jobs.checkpoints.list(job.id).data
     assert [c.step_number for c in checkpoints] == [4, 2]  # newest first

@@ -140,25 +140,24 @@ def cancel_fine_tuning_job(job_id: str, session: SessionDep, tenant: CurrentTena
     return job_object(session, jobs.cancel_job(session, tenant, job_id))
 
 
-def _all_events(session, tenant, job_id: str, kind: str | None = None) -> list:
-    rows, _ = jobs.list_events(session, tenant, job_id, 0, 1_000_000, kind)
-    return rows[::-1]  # newest first, as OpenAI lists them
-
-
 @router.get("/fine_tuning/jobs/{job_id}/events")
 def list_fine_tuning_events(job_id: str, session: SessionDep, tenant: CurrentTenant,
                             after: str | None = Query(None, max_length=64),
                             limit: Annotated[int, Query(ge=1, le=1000)] = 20) -> dict[str, Any]:
-    rest = _after(_all_events(session, tenant, job_id), after, lambda e: f"ftevent-{e.id}")
+    before = None
+    if after is not None:  # `ftevent-<id>`; anything else names no event, and nothing follows it
+        number = after.removeprefix("ftevent-")
+        before = int(number) if number.isdigit() and len(number) < 19 else -1
+    rows = jobs.newest_events(session, tenant, job_id, before, limit + 1)  # newest first, as OpenAI lists them
     data = []
-    for e in rest[:limit]:
+    for e in rows[:limit]:
         failed = e.kind == "status" and e.data.get("status") == "failed"
         message = e.message or (f"step {e.data.get('step')}: training loss {e.data.get('loss', 0):.4f}"
                                 if e.kind == "metric" else e.kind)
         data.append({"id": f"ftevent-{e.id}", "object": "fine_tuning.job.event", "created_at": int(e.created_at.timestamp()),
                      "level": "error" if failed else "info", "message": message,
                      "type": "metrics" if e.kind in ("metric", "eval") else "message", "data": e.data})
-    return {"object": "list", "data": data, "has_more": len(rest) > limit}
+    return {"object": "list", "data": data, "has_more": len(rows) > limit}
 
 
 def checkpoint_metrics(checkpoint: Adapter, final: Adapter | None) -> dict[str, Any]:
