@@ -26,15 +26,22 @@ _ERROR_CODES = {"FloatingPointError": "training_diverged", "DatasetError": "inva
                 "AdapterFormatError": "invalid_configuration", "ValueError": "invalid_configuration"}
 
 
+def visible_gpus() -> int:
+    """The GPUs this process sees, counted without initialising CUDA (torch asks NVML). The worker's
+    main process asks, then forks a pool process for every job; `torch.cuda.is_available()` would
+    initialise the CUDA driver there, and no process forked after that can use CUDA."""
+    return torch.cuda.device_count()
+
+
 def worker_kind() -> str:
-    return "gpu" if torch.cuda.is_available() else "cpu"
+    return "gpu" if visible_gpus() else "cpu"
 
 
 def offered_devices(settings: Settings) -> int:
     """Devices this worker offers one job: the setting, else every GPU it sees, else 1 (CPU)."""
     if settings.worker_devices:
         return settings.worker_devices
-    return torch.cuda.device_count() if torch.cuda.is_available() else 1
+    return visible_gpus() or 1
 
 
 def worker_address(settings: Settings) -> str:
