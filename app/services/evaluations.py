@@ -31,9 +31,9 @@ from app.models import (
 )
 from app.queue import enqueue_job
 from app.schemas import EvalAfter
-from app.services.adapters import adapter_files, get_adapter
+from app.services.adapters import adapter_files
 from app.services.eval_sets import eval_items_of, eval_spec
-from app.services.fine_tuning import adapter_of_model
+from app.services.fine_tuning import adapter_of_model, resolve_model
 from app.services.jobs import add_event, cancel_job, get_job
 from app.services.queries import page
 from app.services.quotas import check_unfinished_jobs
@@ -59,12 +59,13 @@ def _candidate(session: Session, tenant: Tenant, spec: CandidateSpec, field: str
     if len(set(ids)) != len(ids):
         raise Invalid(f"{field}.model", f"{field}.model: an adapter is listed twice")
     adapters: list[Adapter] = []
-    for name, adapter_id in zip(names, ids, strict=True):
-        try:
-            adapters.append(get_adapter(session, tenant, adapter_id))
+    for name in names:
+        try:  # an `ft:` name must be the adapter's own, exactly as chat requests are held to it
+            adapters.append(resolve_model(session, tenant, name))
         except NotFound as exc:
+            wrong_name = f" ({exc})" if exc.param == "model" else ""
             raise Invalid(f"{field}.model", f"{field}.model: {name!r} is neither a base model nor one of your "
-                                            "adapters") from exc
+                                            f"adapters{wrong_name}") from exc
     bases = sorted({a.base_model for a in adapters})
     if len(bases) > 1:
         raise Invalid(f"{field}.model", f"{field}.model: the adapters belong to different base models: {bases}")

@@ -200,6 +200,9 @@ def test_bad_requests_answer_4xx_naming_the_field(client, alice, bob, mc_set, em
     bobs = upload(client, bob, "bob.jsonl", held_out_items(0, 4))
     field, message = refused(bob, {"dataset_id": bobs, "candidates": [task_job["adapter_id"]]})
     assert field == "candidates[0].model" and "neither a base model nor one of your adapters" in message
+    # An `ft:` name must be the adapter's own (base and suffix), as in chat requests.
+    field, message = refused(alice, {"dataset_id": mc_set, "candidates": [f"ft:{TINY}:other:{task_job['adapter_id']}"]})
+    assert field == "candidates[0].model" and f"served as 'ft:{TINY}::{task_job['adapter_id']}'" in message
     field, message = refused(alice, {"dataset_id": em_set, "candidates": [TINY]})
     assert field == "dataset_id" and "line 1: no options" in message
     field, message = refused(alice, {"dataset_id": mc_set, "candidates": [f"{task_job['adapter_id']}+{other['adapter_id']}"]})
@@ -223,7 +226,7 @@ def test_cancel_and_delete(client, alice, em_set):
     scored = train(client, alice, upload(client, alice, "s.jsonl", [{"prompt": f"p{i}", "completion": " c"}
                                                                     for i in range(8)]), 2)["adapter_id"]
     body = {"dataset_id": em_set, "grader": "exact_match", "max_new_tokens": 40, "chunk_size": 4,
-            "candidates": [TINY, scored]}
+            "candidates": [TINY, f"ft:{TINY}::{scored}"]}  # an adapter by its fine-tuned model name
     evaluation = client.post("/evaluations", headers=alice, json=body).json()
     assert client.delete(f"/evaluations/{evaluation['id']}", headers=alice).status_code == 409
     # The adapter it scores stays while it is unfinished (409 naming it), and may go once it is cancelled.
