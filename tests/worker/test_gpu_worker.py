@@ -10,9 +10,12 @@ import pytest
 
 pytestmark = pytest.mark.cuda
 
-# The main process's questions, then a fork (as the prefork pool makes one per job) that uses CUDA.
+# The main process's imports and questions, then a fork (as the prefork pool makes one per job) that
+# uses CUDA.
 FORK_AFTER_ASKING = """
 import os, sys, torch
+import worker.tasks  # all the worker's main process imports, and at worker_init the models' code
+worker.tasks._import_job_code()
 from app.core.config import get_settings
 from worker.ranks import offered_devices, worker_kind
 assert worker_kind() == "gpu" and offered_devices(get_settings()) >= 1
