@@ -17,7 +17,6 @@ from sqlalchemy.orm import Session
 
 from app.core.config import Settings
 from app.errors import Invalid, NotFound, Unsupported
-from app.ids import well_formed_id
 from app.models import Adapter, Job, JobEvent, Tenant
 from app.openai_schemas import DpoHyperparameters, FineTuningJobCreate, OpenAIHyperparameters
 from app.schemas import HyperparametersSpec, JobCreate, MethodSpec, ResourcesSpec
@@ -125,8 +124,9 @@ def list_jobs_after(session: Session, tenant: Tenant, after: str | None, limit: 
     never skips or repeats a job."""
     query = select(Job).where(Job.tenant_id == tenant.id, Job.kind == "train")
     if after is not None:
-        cursor = session.get(Job, after) if well_formed_id(after) else None
-        if cursor is None or cursor.tenant_id != tenant.id or cursor.kind != "train":
+        try:
+            cursor = jobs.get_job(session, tenant, after)
+        except NotFound:  # not one of the tenant's jobs: nothing comes after it
             return [], False
         query = query.where(or_(Job.created_at < cursor.created_at,
                                 and_(Job.created_at == cursor.created_at, Job.id < cursor.id)))
